@@ -1,0 +1,48 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# Each creates or reuses the virtualenv in .venv and installs the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tfcdisc-installed
+DEMO_DIR ?= demo
+# The embedded synthetic catalogue: a few thousand products in a few dozen categories.
+DEMO_TRAIN ?= 4000
+DEMO_TEST ?= 1000
+DEMO_CATEGORIES ?= 40
+
+.PHONY: setup demo test bench clean-demo
+.DELETE_ON_ERROR:
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "tfcdisc needs Python >= 3.10"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "== installing tfcdisc and its dependencies into $(VENV)"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,beam]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+# ---------------------------------------------------------------------------- demo
+$(DEMO_DIR)/kaggle/train.bson: | $(STAMP)
+	@echo "== [1/2] generating the synthetic catalogue in $(DEMO_DIR)/kaggle"
+	$(PY) -m tfcdisc.synth --output_dir $(DEMO_DIR)/kaggle --num_train_products $(DEMO_TRAIN) \
+	  --num_test_products $(DEMO_TEST) --num_categories $(DEMO_CATEGORIES) --seed 0
+
+$(DEMO_DIR)/inspect_train.json: $(DEMO_DIR)/kaggle/train.bson
+	@echo "== [2/2] inspecting train.bson (builds its offset index)"
+	$(PY) -m tfcdisc.inspect --bson $(DEMO_DIR)/kaggle/train.bson --progress > $@
+	@$(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print("   products:", r["products"], " images:", r["images"], " categories:", r["categories"]["count"])' $@
+
+demo: $(STAMP) $(DEMO_DIR)/inspect_train.json
+	@echo "== demo done: catalogue in $(DEMO_DIR)/kaggle, report in $(DEMO_DIR)/inspect_train.json"
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
+
+# ---------------------------------------------------------------------------- checks
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run

@@ -1,0 +1,378 @@
+"""Streaming reader and validator for Cdiscount-style BSON catalogues.
+
+A catalogue file is a plain concatenation of BSON documents
+``{_id: int, category_id: int, imgs: [{picture: <JPEG bytes>}, ...]}``; extra fields,
+and extra keys beside ``picture``, are legal and ignored. This is the only module
+that knows that layout.
+
+How it stays fast: Python only frames documents (one length prefix each) inside
+large chunks; pymongo's C decoder decodes a whole chunk of framed documents in one
+call; a small validator checks the decoded fields. Only when the C decoder rejects a
+chunk are its documents decoded one by one, to name the bad one.
+
+Error policy, for every reader here:
+  * ``errors="strict"`` (default): the first problem raises `BsonFormatError`, which
+    names the file, the byte offset, the document's position and what to do.
+  * ``errors="skip"``: an invalid but well-framed document is skipped and counted;
+    after a corrupt length prefix (which makes everything after it unreliable) the
+    reader resynchronises at the next document that parses as a product, and
+    counts the bytes it skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import BinaryIO, Iterator
+
+import bson
+import tensorflow as tf
+from bson.errors import InvalidBSON
+
+# MongoDB's maximum document size; Cdiscount documents are far smaller.
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+MIN_DOCUMENT_BYTES = 5
+CHUNK_BYTES = 1024 * 1024  # gfile reads of a few MiB are much slower (fresh mmaps)
+_MAX_RECORDED_PROBLEMS = 1000
+_INT32 = struct.Struct("<i")
+_ADVICE_DOC = ("fix or remove this document, or rerun with errors='skip' "
+               "(inspect: --errors=skip) to skip and count bad documents")
+_ADVICE_FRAME = ("nothing after this offset can be trusted: rerun with errors='skip' "
+                 "(inspect: --errors=skip) to resynchronise at the next valid document and "
+                 "count the bytes skipped, or restore the file from a good copy")
+
+
+class BsonFormatError(ValueError):
+    """A catalogue file that cannot be read as it is; says where and what to do."""
+
+    def __init__(self, path: str, offset: int, problem: str, *,
+                 position: int | None = None, product_id: int | None = None,
+                 advice: str = ""):
+        self.path, self.offset, self.problem = path, offset, problem
+        self.position, self.product_id = position, product_id
+        where = f"{path}: byte offset {offset}"
+        if position is not None:
+            where += f" (document #{position}"
+            where += f", _id {product_id})" if product_id is not None else ")"
+        super().__init__(f"{where}: {problem}" + (f". {advice}" if advice else ""))
+
+
+@dataclasses.dataclass(slots=True)
+class Product:
+    """One catalogue product. ``category_id`` is None in unlabelled (test) files."""
+
+    product_id: int
+    category_id: int | None
+    images: list[bytes]
+    offset: int
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What a read saw, including everything it skipped: nothing is dropped silently."""
+
+    documents: int = 0
+    bad_documents: int = 0
+    skipped_bytes: int = 0
+    problems: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+
+    def record(self, offset: int, problem: str) -> None:
+        if len(self.problems) < _MAX_RECORDED_PROBLEMS:
+            self.problems.append((offset, problem))
+
+    def merge(self, other: "ReadStats") -> None:
+        self.documents += other.documents
+        self.bad_documents += other.bad_documents
+        self.skipped_bytes += other.skipped_bytes
+        for offset, problem in other.problems:
+            self.record(offset, problem)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def product_problem(doc: dict, labeled: bool) -> str | None:
+    """Why a decoded document is not a valid product, or None if it is."""
+    pid = doc.get("_id")
+    if pid is None:
+        return "missing '_id'"
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return f"'_id' is not an integer ({type(pid).__name__})"
+    imgs = doc.get("imgs")
+    if imgs is None:
+        return "missing 'imgs'"
+    if type(imgs) is not list:
+        return f"'imgs' is not a list ({type(imgs).__name__})"
+    if not imgs:
+        return "'imgs' is empty"
+    for i, img in enumerate(imgs):
+        if type(img) is not dict:
+            return f"'imgs' entry {i} is not a {{picture: bytes}} document"
+        picture = img.get("picture")
+        if picture is None:
+            return f"'imgs' entry {i} has no 'picture'"
+        if not isinstance(picture, bytes):
+            return f"'imgs' entry {i}: 'picture' is not binary data ({type(picture).__name__})"
+    cid = doc.get("category_id")
+    if cid is None:
+        if labeled:
+            return "missing 'category_id' in a labelled (training) file"
+    elif labeled and (not isinstance(cid, int) or isinstance(cid, bool)):
+        return f"'category_id' is not an integer ({type(cid).__name__})"
+    return None
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def file_size(path: str) -> int:
+    return tf.io.gfile.stat(path).length
+
+
+def _open(source) -> tuple[BinaryIO, str, int | None, bool]:
+    """Opens a path through tf.io.gfile (so gs:// works) or takes a binary file object."""
+    if isinstance(source, str) or hasattr(source, "__fspath__"):
+        path = str(source)
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"{path}: no such file; check the path (local or gs://)")
+        return tf.io.gfile.GFile(path, "rb"), path, file_size(path), True
+    name = str(getattr(source, "name", "<file object>"))
+    try:
+        here = source.tell()
+        size = source.seek(0, 2)
+        source.seek(here)
+    except (AttributeError, OSError, ValueError):
+        size = None
+    return source, name, size, False
+
+
+@dataclasses.dataclass
+class Batch:
+    """Consecutive well-framed documents: ``buf[starts[i]:ends[i]]`` is document i."""
+
+    buf: bytes
+    starts: list[int]
+    ends: list[int]
+    base: int  # file offset of buf[0]
+    first_position: int
+
+    def offset(self, i: int) -> int:
+        return self.base + self.starts[i]
+
+
+class _Window:
+    """A sliding window over a file: ``buf[pos:]`` is unread; ``base`` is buf[0]'s offset."""
+
+    def __init__(self, f: BinaryIO, start: int):
+        self.f, self.buf, self.base, self.pos, self.eof = f, b"", start, 0, False
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def available(self) -> int:
+        return len(self.buf) - self.pos
+
+    def fill(self, n: int) -> bool:
+        """Makes n bytes available at pos (this may move buf); False if the file ends."""
+        while len(self.buf) - self.pos < n and not self.eof:
+            more = self.f.read(max(CHUNK_BYTES, n - (len(self.buf) - self.pos)))
+            if not more:
+                self.eof = True
+                break
+            self.buf = self.buf[self.pos:] + more
+            self.base += self.pos
+            self.pos = 0
+        return len(self.buf) - self.pos >= n
+
+    def framing_problem(self, length: int) -> str | None:
+        """Checks the document whose length prefix (already read) is at pos."""
+        if length < MIN_DOCUMENT_BYTES:
+            return f"corrupt length prefix {length} (a document has at least 5 bytes)"
+        if length > MAX_DOCUMENT_BYTES:
+            return f"corrupt length prefix {length} (over MongoDB's 16 MiB limit)"
+        if not self.fill(length):
+            return (f"length prefix {length} runs past the end of the file "
+                    f"({self.available()} bytes left): truncated file or corrupt prefix")
+        if self.buf[self.pos + length - 1] != 0:
+            return f"document of {length} bytes is missing its terminating byte"
+        return None
+
+    def resynchronise(self) -> None:
+        """Moves pos to the next offset where a whole product document parses, or to EOF.
+
+        Candidates are found by the ``_id`` element that MongoDB and pymongo write
+        first in every document.
+        """
+        self.pos += 1
+        while True:
+            hit = self.buf.find(b"_id\x00", self.pos + 5)
+            if hit < 0:
+                self.pos = max(self.pos, len(self.buf) - 8)  # a candidate may straddle chunks
+                if not self.fill(self.available() + 1):
+                    self.pos = len(self.buf)
+                    return
+                continue
+            self.pos = hit - 5
+            if self._plausible():
+                return
+            self.pos += 1
+
+    def _plausible(self) -> bool:
+        if not self.fill(5) or self.buf[self.pos + 4] not in (0x10, 0x12):
+            return False
+        length = _INT32.unpack_from(self.buf, self.pos)[0]
+        if self.framing_problem(length):
+            return False
+        try:
+            doc = bson.decode(self.buf[self.pos:self.pos + length])
+        except (InvalidBSON, ValueError, OverflowError):
+            return False
+        return product_problem(doc, labeled=False) is None
+
+
+def iter_batches(source, *, start: int = 0, end: int | None = None, first_position: int = 0,
+                 errors: str = "strict", stats: ReadStats | None = None) -> Iterator[Batch]:
+    """Frames every document whose first byte lies in [start, end), a chunk at a time.
+
+    ``start`` must be a document boundary (0, or an offset from the index). Memory is
+    bounded by one chunk (1 MiB) plus one document (at most 16 MiB).
+    """
+    if errors not in ("strict", "skip"):
+        raise ValueError(f"errors must be 'strict' or 'skip', not {errors!r}")
+    f, path, size, owned = _open(source)
+    stats = stats if stats is not None else ReadStats()
+    limit = end if end is not None else (size if size is not None else float("inf"))
+    position = first_position
+    unpack = _INT32.unpack_from
+    try:
+        if start:
+            f.seek(start)
+        w = _Window(f, start)
+        while w.offset < limit:
+            # Frame as many complete documents as the window holds, in a tight loop.
+            buf, pos, stop = w.buf, w.pos, len(w.buf)
+            starts, ends = [], []
+            room = min(stop, limit - w.base)
+            while pos + 4 <= stop and pos < room:
+                length = unpack(buf, pos)[0]
+                nxt = pos + length
+                if length < MIN_DOCUMENT_BYTES or nxt > stop or buf[nxt - 1] != 0:
+                    break
+                starts.append(pos)
+                ends.append(nxt)
+                pos = nxt
+            if starts:
+                yield Batch(buf, starts, ends, w.base, position)
+                stats.documents += len(starts)
+                position += len(starts)
+                w.pos = pos
+                continue
+            # The next document is not complete in the window: read more, or report.
+            offset = w.offset
+            if not w.fill(4):
+                trailing = w.available()
+                if not trailing:
+                    return
+                problem = f"file ends inside a length prefix ({trailing} trailing bytes)"
+                if errors == "strict":
+                    raise BsonFormatError(path, offset, problem, position=position,
+                                          advice="the file is truncated; " + _ADVICE_FRAME)
+                stats.skipped_bytes += trailing
+                stats.record(offset, problem)
+                return
+            length = unpack(w.buf, w.pos)[0]
+            problem = w.framing_problem(length)
+            if problem is None:
+                continue  # fill() brought the rest of the document in
+            if errors == "strict":
+                raise BsonFormatError(path, offset, problem, position=position,
+                                      advice=_ADVICE_FRAME)
+            w.resynchronise()
+            skipped = w.offset - offset
+            stats.skipped_bytes += skipped
+            stats.record(offset, f"{problem}; skipped {skipped} bytes to resynchronise")
+    finally:
+        if owned:
+            f.close()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def source_name(source) -> str:
+    return str(source) if isinstance(source, str) or hasattr(source, "__fspath__") else str(
+        getattr(source, "name", "<file object>"))
+
+
+def decode_batch(batch: Batch, path: str) -> list[dict | BsonFormatError]:
+    """Decodes a batch with one C call; if that fails, decodes one by one to name the bad."""
+    buf = memoryview(batch.buf)[batch.starts[0]:batch.ends[-1]]
+    try:
+        return bson.decode_all(buf)
+    except (InvalidBSON, ValueError, OverflowError):
+        pass
+    out = []
+    for i, (a, b) in enumerate(zip(batch.starts, batch.ends)):
+        try:
+            out.append(bson.decode(batch.buf[a:b]))
+        except (InvalidBSON, ValueError, OverflowError) as e:
+            out.append(BsonFormatError(path, batch.offset(i), f"invalid BSON ({e})",
+                                       position=batch.first_position + i, advice=_ADVICE_DOC))
+    return out
+
+
+def iter_documents(source, *, start: int = 0, end: int | None = None, first_position: int = 0,
+                   labeled: bool | None = None, errors: str = "strict",
+                   stats: ReadStats | None = None) -> Iterator[tuple[int, int, dict, bool]]:
+    """Yields (offset, length, document, labeled) for every valid product document.
+
+    ``labeled`` None decides from the first document (a ``category_id`` makes the
+    whole file a training file). Invalid documents raise or are counted (``errors``).
+    """
+    stats = stats if stats is not None else ReadStats()
+    path = source_name(source)
+    for batch in iter_batches(source, start=start, end=end, first_position=first_position,
+                              errors=errors, stats=stats):
+        for i, doc in enumerate(decode_batch(batch, path)):
+            if isinstance(doc, BsonFormatError):
+                problem, pid = doc.problem, None
+            else:
+                if labeled is None:
+                    labeled = doc.get("category_id") is not None
+                problem = product_problem(doc, labeled)
+                if problem is None:
+                    yield batch.offset(i), batch.ends[i] - batch.starts[i], doc, labeled
+                    continue
+                pid = doc.get("_id") if isinstance(doc.get("_id"), int) else None
+            if errors == "strict":
+                raise BsonFormatError(path, batch.offset(i), problem,
+                                      position=batch.first_position + i, product_id=pid,
+                                      advice=_ADVICE_DOC)
+            stats.bad_documents += 1
+            stats.record(batch.offset(i), problem)
+
+
+def iter_products(source, *, start: int = 0, end: int | None = None, first_position: int = 0,
+                  labeled: bool | None = None, errors: str = "strict",
+                  stats: ReadStats | None = None) -> Iterator[Product]:
+    """Streams validated products from a path (local or gs://) or binary file object.
+
+    Args:
+      source: a path or a readable binary file object.
+      start, end: read the documents whose first byte lies in [start, end); ``start``
+        must be a document boundary (take it from `tfcdisc.index.OffsetIndex`).
+      first_position: the position of the document at ``start``, for messages.
+      labeled: whether every product must carry ``category_id`` (a training file).
+        None decides from the first document; False yields ``category_id=None``.
+      errors: "strict" raises on the first problem; "skip" skips and counts.
+      stats: filled with counts of what was read and skipped.
+
+    Yields:
+      `Product`s in file order; memory is bounded by one chunk plus one document.
+    """
+    for offset, _, doc, is_labeled in iter_documents(
+            source, start=start, end=end, first_position=first_position, labeled=labeled,
+            errors=errors, stats=stats):
+        yield Product(int(doc["_id"]), int(doc["category_id"]) if is_labeled else None,
+                      [bytes(img["picture"]) for img in doc["imgs"]], offset)

@@ -1,0 +1,482 @@
+"""Synthetic Cdiscount-format catalogues for the demo, the tests and the benchmarks.
+
+The real data can no longer be downloaded, so this writes a folder in exactly the
+Kaggle layout (``train.bson``, ``test.bson``, ``category_names.csv``,
+``sample_submission.csv``) plus ``test_labels.csv`` to score the test set.
+
+The images are learnable through the hierarchy: the level-1 category decides the
+coarse look (background tint and gradient, the object's hue band), level 2 the shape
+family, level 3 the detail (exact hue, texture, mark). A product's 1-4 images are
+views of one item (position, scale, rotation, lighting, noise). Category sizes are
+long-tailed and train.bson is written in category blocks, as the real file is, so a
+sequential split would be biased.
+
+    python -m tfcdisc.synth --output_dir DIR --num_train_products N \
+        --num_test_products M [--num_categories K] [--category_names CSV] [--seed S]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import multiprocessing
+import sys
+import time
+import zlib
+from typing import Iterator, Sequence
+
+import bson
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 180
+# Real Cdiscount mix: 1-4 images per product, mean 1.75.
+IMAGES_PER_PRODUCT_P = (0.58, 0.20, 0.11, 0.11)
+MIN_PRODUCTS_PER_CATEGORY = 3
+_SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "hexagon", "star", "cross",
+           "ring", "bottle", "arch", "trapezoid", "pill")
+_TEXTURES = ("plain", "stripes", "dots", "checker", "diagonal", "grid")
+_MARKS = ("none", "disc", "bar", "corner", "band")
+_CHUNK = 128  # products per worker task
+
+_BUILTIN = {
+    "AUTO - MOTO": ["ACCESSOIRES AUTO", "PIECES MOTO", "ENTRETIEN", "EQUIPEMENT PILOTE"],
+    "BRICOLAGE - OUTILLAGE": ["OUTIL A MAIN", "ELECTRICITE", "QUINCAILLERIE", "PLOMBERIE"],
+    "JARDIN - PISCINE": ["MOBILIER DE JARDIN", "ARROSAGE", "PISCINE", "BARBECUE"],
+    "MAISON - DECORATION": ["LUMINAIRE", "LINGE DE MAISON", "DECORATION MURALE", "RANGEMENT"],
+    "INFORMATIQUE": ["STOCKAGE", "PERIPHERIQUE", "CABLE - CONNECTIQUE", "COMPOSANT"],
+    "JEUX - JOUETS": ["POUPEE", "JEU DE SOCIETE", "CONSTRUCTION", "PELUCHE"],
+    "SPORT": ["FITNESS", "CYCLISME", "RANDONNEE", "SPORTS COLLECTIFS"],
+    "BEAUTE - SANTE": ["SOIN DU VISAGE", "PARFUM", "MAQUILLAGE", "HYGIENE"],
+    "TELEPHONIE - GPS": ["COQUE - HOUSSE", "CHARGEUR", "ECOUTEUR", "SUPPORT"],
+    "LIBRAIRIE": ["ROMAN", "BANDE DESSINEE", "SCOLAIRE", "BEAUX LIVRES"],
+}
+_LEAF_STYLES = ("CLASSIQUE", "PRO", "MINI", "ENFANT", "PREMIUM")
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryStyle:
+    """What every image of a category shares; derived from the hierarchy."""
+
+    bg_hue: float
+    bg_gradient: int
+    shape: int
+    hue: float
+    saturation: float
+    texture: int
+    mark: int
+
+
+# --------------------------------------------------------------------------- taxonomy
+
+
+def builtin_taxonomy_frame():
+    """The invented 200-category taxonomy used when no category_names.csv is given."""
+    import pandas as pd
+    rows = []
+    cid = 1000000100
+    for l1, l2s in _BUILTIN.items():
+        for l2 in l2s:
+            for style in _LEAF_STYLES:
+                rows.append((cid, l1, l2, f"{l2} {style}"))
+                cid += 37
+    return pd.DataFrame(rows, columns=["category_id", "category_level1", "category_level2",
+                                       "category_level3"])
+
+
+def sample_categories(taxonomy, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Chooses k class indices spread across levels: a few level-2 nodes under each of
+    several level-1 nodes, a few leaves under each, so the hierarchy has structure."""
+    if k > taxonomy.num_classes:
+        raise ValueError(f"--num_categories={k} exceeds the {taxonomy.num_classes} "
+                         "categories of the taxonomy")
+    l2_of = taxonomy.class_to_level2
+    l1_of = taxonomy.level2_to_level1
+    chosen: list[int] = []
+    for l1 in rng.permutation(taxonomy.num_level1):
+        for l2 in [n for n in rng.permutation(taxonomy.num_level2) if l1_of[n] == l1][:3]:
+            leaves = rng.permutation(np.flatnonzero(l2_of == l2))[:3]
+            chosen.extend(int(c) for c in leaves[:k - len(chosen)])
+            if len(chosen) == k:
+                return np.sort(np.array(chosen))
+    rest = np.setdiff1d(np.arange(taxonomy.num_classes), chosen)
+    chosen.extend(rng.choice(rest, k - len(chosen), replace=False).tolist())
+    return np.sort(np.array(chosen))
+
+
+def category_styles(taxonomy) -> list[CategoryStyle]:
+    """One style per class. Stable per category id, whatever subset a catalogue uses."""
+    styles = []
+    l2_rank = {}  # rank of each level-2 node among its level-1 siblings
+    for l1 in range(taxonomy.num_level1):
+        for j, n in enumerate(np.flatnonzero(taxonomy.level2_to_level1 == l1)):
+            l2_rank[int(n)] = j
+    leaf_rank = {}
+    for n in range(taxonomy.num_level2):
+        for j, c in enumerate(np.flatnonzero(taxonomy.class_to_level2 == n)):
+            leaf_rank[int(c)] = j
+    for c in range(taxonomy.num_classes):
+        l2 = int(taxonomy.class_to_level2[c])
+        l1 = int(taxonomy.level2_to_level1[l2])
+        h1 = zlib.crc32(taxonomy.level1_names[l1].encode()) / 2**32
+        h2 = zlib.crc32(taxonomy.level2_names[l2].encode())
+        k = leaf_rank[c]
+        styles.append(CategoryStyle(
+            bg_hue=h1,
+            bg_gradient=int(h1 * 1000) % 3,
+            # Siblings step through the shapes (5 is prime to 12), so they all differ.
+            shape=(int(h1 * 2**32) + 5 * l2_rank[l2]) % len(_SHAPES),
+            hue=(h1 + 0.5 + 0.22 * ((k * 0.618) % 1.0 - 0.5)) % 1.0,
+            saturation=0.45 + 0.45 * ((k * 0.382) % 1.0),
+            texture=k % len(_TEXTURES),
+            mark=(k // len(_TEXTURES) + h2) % len(_MARKS),
+        ))
+    return styles
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    r, g, b = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _shape_mask(shape: int, size: int) -> Image.Image:
+    m = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(m)
+    s, c = size, size / 2
+    name = _SHAPES[shape]
+    if name == "ellipse":
+        d.ellipse((4, s * 0.18, s - 4, s * 0.82), fill=255)
+    elif name == "rectangle":
+        d.rectangle((s * 0.12, s * 0.2, s * 0.88, s * 0.8), fill=255)
+    elif name == "triangle":
+        d.polygon([(c, 4), (s - 4, s - 8), (4, s - 8)], fill=255)
+    elif name == "diamond":
+        d.polygon([(c, 2), (s - 2, c), (c, s - 2), (2, c)], fill=255)
+    elif name in ("hexagon", "star"):
+        n = 6 if name == "hexagon" else 10
+        pts = []
+        for i in range(n):
+            r = c - 4 if name == "hexagon" or i % 2 == 0 else c * 0.45
+            a = math.pi * 2 * i / n
+            pts.append((c + r * math.cos(a), c + r * math.sin(a)))
+        d.polygon(pts, fill=255)
+    elif name == "cross":
+        d.rectangle((s * 0.36, 4, s * 0.64, s - 4), fill=255)
+        d.rectangle((4, s * 0.36, s - 4, s * 0.64), fill=255)
+    elif name == "ring":
+        d.ellipse((4, 4, s - 4, s - 4), fill=255)
+        d.ellipse((s * 0.3, s * 0.3, s * 0.7, s * 0.7), fill=0)
+    elif name == "bottle":
+        d.rounded_rectangle((s * 0.25, s * 0.35, s * 0.75, s - 4), radius=10, fill=255)
+        d.rectangle((s * 0.42, 4, s * 0.58, s * 0.4), fill=255)
+    elif name == "arch":
+        d.pieslice((4, 4, s - 4, s * 1.4), 180, 360, fill=255)
+    elif name == "trapezoid":
+        d.polygon([(s * 0.3, s * 0.15), (s * 0.7, s * 0.15), (s - 4, s * 0.85),
+                   (4, s * 0.85)], fill=255)
+    else:  # pill
+        d.rounded_rectangle((4, s * 0.3, s - 4, s * 0.7), radius=int(s * 0.2), fill=255)
+    return m
+
+
+def _item(style: CategoryStyle, rng: np.random.Generator) -> Image.Image:
+    """Renders one product (an RGBA object); its views transform this same item."""
+    size = 128
+    hue = (style.hue + rng.normal(0, 0.015)) % 1.0
+    sat = float(np.clip(style.saturation + rng.normal(0, 0.04), 0.2, 1.0))
+    base = _hsv(hue, sat, 0.55 + 0.35 * rng.random())
+    dark = tuple(int(v * 0.55) for v in base)
+    layer = Image.new("RGBA", (size, size), base + (255,))
+    d = ImageDraw.Draw(layer)
+    step = int(rng.integers(9, 14))
+    phase = int(rng.integers(0, step))
+    texture = _TEXTURES[style.texture]
+    if texture == "stripes":
+        for x in range(phase, size, step):
+            d.line((x, 0, x, size), fill=dark, width=3)
+    elif texture == "dots":
+        for y in range(phase, size, step):
+            for x in range(phase, size, step):
+                d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=dark)
+    elif texture == "checker":
+        for y in range(0, size, step):
+            for x in range((y // step) % 2 * step, size, 2 * step):
+                d.rectangle((x, y, x + step - 1, y + step - 1), fill=dark)
+    elif texture == "diagonal":
+        for x in range(-size + phase, size, step):
+            d.line((x, 0, x + size, size), fill=dark, width=3)
+    elif texture == "grid":
+        for v in range(phase, size, step):
+            d.line((v, 0, v, size), fill=dark, width=1)
+            d.line((0, v, size, v), fill=dark, width=1)
+    light = (250, 250, 245)
+    mark = _MARKS[style.mark]
+    if mark == "disc":
+        d.ellipse((48, 48, 80, 80), fill=light)
+    elif mark == "bar":
+        d.rectangle((24, 56, 104, 70), fill=light)
+    elif mark == "corner":
+        d.rectangle((30, 30, 56, 56), fill=(30, 30, 30))
+    elif mark == "band":
+        d.rectangle((0, 88, size, 100), fill=(20, 20, 60))
+    layer.putalpha(_shape_mask(style.shape, size))
+    return layer
+
+
+def _background(style: CategoryStyle, rng: np.random.Generator) -> np.ndarray:
+    tint = np.array(_hsv(style.bg_hue, 0.08 + 0.06 * rng.random(), 0.9 + 0.1 * rng.random()),
+                    np.float32)
+    ramp = np.linspace(-10, 10, IMAGE_SIZE, dtype=np.float32)
+    bg = np.broadcast_to(tint, (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    if style.bg_gradient == 1:
+        bg += ramp[:, None, None]
+    elif style.bg_gradient == 2:
+        bg += ramp[None, :, None]
+    return bg
+
+
+def _view(item: Image.Image, style: CategoryStyle, rng: np.random.Generator) -> bytes:
+    """One photo of the item: a new pose, light and noise, JPEG at quality 70-95."""
+    scale = rng.uniform(0.75, 1.15)
+    side = int(item.width * scale)
+    obj = item.resize((side, side), Image.BILINEAR).rotate(
+        float(rng.uniform(-25, 25)), resample=Image.BILINEAR, expand=True)
+    canvas = Image.fromarray(np.clip(_background(style, rng), 0, 255).astype(np.uint8))
+    x = (IMAGE_SIZE - obj.width) // 2 + int(rng.integers(-18, 19))
+    y = (IMAGE_SIZE - obj.height) // 2 + int(rng.integers(-18, 19))
+    canvas.paste(obj, (x, y), obj)
+    pixels = np.asarray(canvas, np.int16) * rng.uniform(0.9, 1.05)
+    pixels += rng.integers(-3, 4, pixels.shape, dtype=np.int16)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        out, "JPEG", quality=int(rng.integers(70, 96)))
+    return out.getvalue()
+
+
+def render_product(style: CategoryStyle, num_images: int, seed: Sequence[int]) -> list[bytes]:
+    rng = np.random.default_rng(list(seed))
+    item = _item(style, rng)
+    return [_view(item, style, rng) for _ in range(num_images)]
+
+
+# --------------------------------------------------------------------------- catalogue plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """Which products go where, decided before any image is drawn."""
+
+    product_ids: np.ndarray
+    classes: np.ndarray
+    num_images: np.ndarray
+
+
+def plan_catalogue(num_classes: int, num_train: int, num_test: int, rng: np.random.Generator
+                   ) -> tuple[Plan, Plan]:
+    """Long-tailed category sizes, train in category blocks, ids increasing with gaps."""
+    if num_train < MIN_PRODUCTS_PER_CATEGORY * num_classes:
+        raise ValueError(f"--num_train_products={num_train} is too few for {num_classes} "
+                         f"categories: every category gets at least "
+                         f"{MIN_PRODUCTS_PER_CATEGORY}; lower --num_categories")
+    weights = 1.0 / (np.arange(num_classes) + 2.0) ** 1.1  # Zipf-like, like the real data
+    weights = rng.permutation(weights / weights.sum())
+    sizes = MIN_PRODUCTS_PER_CATEGORY + rng.multinomial(
+        num_train - MIN_PRODUCTS_PER_CATEGORY * num_classes, weights)
+    block_order = rng.permutation(num_classes)
+    train_classes = np.repeat(block_order, sizes[block_order])
+    test_classes = rng.choice(num_classes, size=num_test, p=weights)
+    # One increasing id sequence with gaps; a random part of it becomes the test ids.
+    ids = np.cumsum(rng.integers(1, 4, size=num_train + num_test)).astype(np.int64)
+    is_test = np.zeros(len(ids), bool)
+    is_test[rng.choice(len(ids), num_test, replace=False)] = True
+    counts = lambda n: rng.choice(4, size=n, p=IMAGES_PER_PRODUCT_P) + 1  # noqa: E731
+    return (Plan(ids[~is_test], train_classes, counts(num_train)),
+            Plan(ids[is_test], test_classes, counts(num_test)))
+
+
+# --------------------------------------------------------------------------- writing
+
+_WORKER_STYLES: list[CategoryStyle] = []
+
+
+def _init_worker(styles: list[CategoryStyle]) -> None:
+    global _WORKER_STYLES
+    _WORKER_STYLES = styles
+
+
+def _encode_chunk(task) -> tuple[bytes, int]:
+    """Renders and BSON-encodes a run of products (runs in a worker process).
+
+    Returns the documents and the number of JPEG bytes among them.
+    """
+    seed, split, ids, classes, counts, category_ids = task
+    out = []
+    jpeg_bytes = 0
+    for pid, cls, n, cid in zip(ids, classes, counts, category_ids):
+        pictures = render_product(_WORKER_STYLES[cls], int(n), (seed, split, int(pid)))
+        jpeg_bytes += sum(map(len, pictures))
+        doc = {"_id": int(pid), "imgs": [{"picture": p} for p in pictures]}
+        if cid is not None:
+            doc["category_id"] = int(cid)
+        out.append(bson.encode(doc))
+    return b"".join(out), jpeg_bytes
+
+
+def _tasks(plan: Plan, split: int, seed: int, category_ids, labeled: bool) -> Iterator:
+    for i in range(0, len(plan.product_ids), _CHUNK):
+        sl = slice(i, i + _CHUNK)
+        cids = (category_ids[plan.classes[sl]] if labeled else [None] * len(plan.product_ids[sl]))
+        yield (seed, split, plan.product_ids[sl], plan.classes[sl], plan.num_images[sl], cids)
+
+
+def _write_atomic(path: str, chunks, progress=None) -> int:
+    """Writes through tf.io.gfile to a temporary name, then renames (no partial files)."""
+    import tensorflow as tf
+    tmp = path + ".tmp"
+    total = 0
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+            total += len(chunk)
+            if progress:
+                progress(chunk)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return total
+
+
+def generate(output_dir: str, num_train_products: int, num_test_products: int, *,
+             num_categories: int | None = None, category_names: str | None = None,
+             seed: int = 0, workers: int | None = None, verbose: bool = False) -> dict:
+    """Writes a synthetic catalogue in the Kaggle layout; returns a summary dict.
+
+    Args:
+      output_dir: local or gs:// folder (created if missing).
+      num_train_products, num_test_products: products in train.bson / test.bson.
+      num_categories: categories actually used (default: 40, or all of a small file).
+      category_names: a category_names.csv to sample real categories from; it is
+        copied whole into the output, as a user's folder would have it.
+      seed: the catalogue is a deterministic function of its arguments and seed.
+      workers: processes rendering images (default: every core).
+    """
+    import pandas as pd
+    import tensorflow as tf
+    from tfcdisc import taxonomy as taxonomy_lib
+
+    rng = np.random.default_rng(seed)
+    if category_names:
+        full = taxonomy_lib.load(category_names)
+    else:
+        full = taxonomy_lib.from_frame(builtin_taxonomy_frame(), "built-in taxonomy")
+    k = num_categories or min(40, full.num_classes)
+    used = sample_categories(full, k, rng)
+    styles_all = category_styles(full)
+    styles = [styles_all[c] for c in used]
+    category_ids = full.category_ids[used]
+    train, test = plan_catalogue(k, num_train_products, num_test_products, rng)
+
+    tf.io.gfile.makedirs(output_dir)
+    join = lambda name: output_dir.rstrip("/") + "/" + name  # noqa: E731
+    if category_names:
+        tf.io.gfile.copy(category_names, join("category_names.csv"), overwrite=True)
+    else:
+        sub = taxonomy_lib.from_frame(builtin_taxonomy_frame().iloc[np.sort(used)], "built-in")
+        _write_text(join("category_names.csv"), sub.to_frame().to_csv(index=False))
+
+    workers = workers or multiprocessing.cpu_count()
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    start = time.perf_counter()
+    sizes = {}
+    jpeg_bytes = 0
+
+    def documents(results):
+        nonlocal jpeg_bytes
+        for blob, n in results:
+            jpeg_bytes += n
+            yield blob
+
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(styles,)) as pool:
+        for name, plan, split, labeled in (("train.bson", train, 0, True),
+                                           ("test.bson", test, 1, False)):
+            tasks = _tasks(plan, split, seed, category_ids, labeled)
+            bar = _progress(len(plan.product_ids), f"{name}", verbose)
+            sizes[name] = _write_atomic(join(name), documents(pool.imap(_encode_chunk, tasks)),
+                                        lambda _: bar.update(min(_CHUNK, bar.total - bar.n)))
+            bar.close()
+    elapsed = time.perf_counter() - start
+
+    test_cids = category_ids[test.classes]
+    _write_text(join("test_labels.csv"), pd.DataFrame(
+        {"_id": test.product_ids, "category_id": test_cids}).to_csv(index=False))
+    most_frequent = int(category_ids[np.bincount(train.classes, minlength=k).argmax()])
+    _write_text(join("sample_submission.csv"), pd.DataFrame(
+        {"_id": test.product_ids, "category_id": most_frequent}).to_csv(index=False))
+    total_products = num_train_products + num_test_products
+    images = int(train.num_images.sum() + test.num_images.sum())
+    return {
+        "output_dir": output_dir,
+        "train_products": num_train_products,
+        "test_products": num_test_products,
+        "categories": k,
+        "images": images,
+        "bytes": sizes,
+        "seconds": round(elapsed, 2),
+        "products_per_second": round(total_products / max(elapsed, 1e-9), 1),
+        "mean_jpeg_bytes": round(jpeg_bytes / max(images, 1), 1),
+    }
+
+
+def _write_text(path: str, text: str) -> None:
+    _write_atomic(path, [text.encode("utf-8")])
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="product", disable=not enabled, file=sys.stderr,
+                mininterval=1.0)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str]) -> None:
+    import json
+    from absl import flags
+    del argv
+    f = flags.FLAGS
+    summary = generate(f.output_dir, f.num_train_products, f.num_test_products,
+                       num_categories=f.num_categories, category_names=f.category_names,
+                       seed=f.seed, workers=f.workers, verbose=True)
+    print(json.dumps(summary, indent=2))
+
+
+def _define_flags() -> None:
+    from absl import flags
+    flags.DEFINE_string("output_dir", None, "Folder (local or gs://) to write the catalogue to.",
+                        required=True)
+    flags.DEFINE_integer("num_train_products", 2000, "Products in train.bson.", lower_bound=1)
+    flags.DEFINE_integer("num_test_products", 500, "Products in test.bson.", lower_bound=0)
+    flags.DEFINE_integer("num_categories", None, "Categories used (default 40, fewer if the "
+                         "taxonomy is smaller).", lower_bound=1)
+    flags.DEFINE_string("category_names", None, "A category_names.csv to sample real "
+                        "categories from (copied whole into the output). Default: a built-in "
+                        "invented taxonomy.")
+    flags.DEFINE_integer("seed", 0, "Random seed; the catalogue is deterministic for a seed.")
+    flags.DEFINE_integer("workers", None, "Rendering processes (default: every core).")
+
+
+def run() -> None:
+    from absl import app
+    _define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
