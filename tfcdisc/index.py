@@ -153,16 +153,16 @@ def build(path: str, *, errors: str = "strict",
     pids, cids, nimgs = array.array("q"), array.array("q"), array.array("h")
     labeled = False
     next_report = 0
-    for offset, length, doc, labeled in bsonfile.iter_documents(path, errors=errors,
-                                                                 stats=stats):
-        offsets.append(offset)
-        lengths.append(length)
-        pids.append(doc["_id"])
-        cids.append(doc["category_id"] if labeled else -1)
-        nimgs.append(len(doc["imgs"]))
-        if progress and offset >= next_report:
-            progress(offset)
-            next_report = offset + (64 << 20)
+    for labeled, docs in bsonfile.iter_documents(path, errors=errors, stats=stats):
+        for offset, length, doc in docs:
+            offsets.append(offset)
+            lengths.append(length)
+            pids.append(doc["_id"])
+            cids.append(doc["category_id"] if labeled else -1)
+            nimgs.append(len(doc["imgs"]))
+        if progress and docs and docs[-1][0] >= next_report:
+            progress(docs[-1][0])
+            next_report = docs[-1][0] + (64 << 20)
     index = OffsetIndex(
         path, np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int32),
         np.frombuffer(pids, np.int64), np.frombuffer(cids, np.int64),

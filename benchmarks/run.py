@@ -1,0 +1,23 @@
+"""Runs the benchmarks and rewrites their sections of benchmarks/RESULTS.md.
+
+    python -m benchmarks.run            # all
+    python -m benchmarks.run bson tfds  # some
+"""
+
+import importlib
+import sys
+
+SUITES = ["bson"]
+
+
+def main() -> None:
+    names = sys.argv[1:] or SUITES
+    unknown = set(names) - set(SUITES)
+    if unknown:
+        sys.exit(f"unknown benchmark(s) {sorted(unknown)}; choose from {SUITES}")
+    for name in names:
+        importlib.import_module(f"benchmarks.bench_{name}").run()
+
+
+if __name__ == "__main__":
+    main()
