@@ -59,6 +59,7 @@ class OffsetIndex:
     bad_documents: int = 0
     skipped_bytes: int = 0
     problems: list = dataclasses.field(default_factory=list)
+    stored_at: str | None = None  # where load_or_build read or wrote it
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -67,7 +68,8 @@ class OffsetIndex:
     def num_images_total(self) -> int:
         return int(self.num_images.sum(dtype=np.int64))
 
-    def _shard(self, lo: int, hi: int) -> Shard:
+    def positions(self, lo: int, hi: int) -> Shard:
+        """The documents at index positions [lo, hi)."""
         if hi <= lo:
             start = int(self.offsets[lo]) if lo < len(self) else self.fingerprint["size"]
             return Shard(lo, lo, start, start)
@@ -83,12 +85,12 @@ class OffsetIndex:
         first = int(self.offsets[0])
         total = int(self.offsets[-1]) + int(self.lengths[-1]) - first
         cut = lambda k: int(np.searchsorted(self.offsets, first + total * k // n))  # noqa: E731
-        return self._shard(cut(i), len(self) if i == n - 1 else cut(i + 1))
+        return self.positions(cut(i), len(self) if i == n - 1 else cut(i + 1))
 
     def byte_range(self, start: int, end: int) -> Shard:
         """The documents whose first byte lies in [start, end), for arbitrary ranges."""
         lo, hi = np.searchsorted(self.offsets, [start, end])
-        return self._shard(int(lo), int(hi))
+        return self.positions(int(lo), int(hi))
 
     def iter_products(self, shard: Shard | None = None, source=None
                       ) -> Iterator[bsonfile.Product]:
@@ -97,7 +99,7 @@ class OffsetIndex:
         Documents the index left out (bad ones and duplicates skipped in "skip" mode)
         are passed over here too: they were counted when the index was built.
         """
-        shard = shard or self._shard(0, len(self))
+        shard = shard or self.positions(0, len(self))
         if not shard.num_products:
             return
         expected = self.offsets[shard.lo:shard.hi].tolist()
@@ -245,12 +247,21 @@ def load_or_build(path: str, *, index_path: str | None = None, errors: str = "st
                   progress: Callable[[int], None] | None = None) -> OffsetIndex:
     """Returns the file's index, reusing a stored one while the file is unchanged.
 
+    Without ``index_path`` the index is kept beside the BSON (``train.bson.idx.npz``)
+    or, where that folder is read-only, in a local cache. With ``index_path`` (say a
+    gs:// folder that Beam workers can read) a fresh index beside the BSON is still
+    reused, but a new one is written only to ``index_path``. The result's
+    ``stored_at`` says where it lives.
+
     An index built in "skip" mode that skipped something is not reused in "strict"
     mode: the first recorded problem is raised instead, as a fresh build would.
     """
-    candidates = [index_path] if index_path else [default_index_path(path), _cache_path(path)]
+    if index_path:
+        readable, writable = [index_path, default_index_path(path)], [index_path]
+    else:
+        readable = writable = [default_index_path(path), _cache_path(path)]
     fp = fingerprint(path)
-    for candidate in candidates:
+    for candidate in readable:
         if not tf.io.gfile.exists(candidate):
             continue
         try:
@@ -265,13 +276,16 @@ def load_or_build(path: str, *, index_path: str | None = None, errors: str = "st
             offset, problem = index.problems[0]
             raise bsonfile.BsonFormatError(path, int(offset), problem,
                                            advice="rerun with errors='skip' to skip and count")
+        index.stored_at = candidate
         return index
     index = build(path, errors=errors, progress=progress)
-    for candidate in candidates:
+    for candidate in writable:
         try:
-            if "/" in candidate and not candidate.startswith("gs://"):
-                tf.io.gfile.makedirs(os.path.dirname(candidate))
+            parent = os.path.dirname(candidate)
+            if parent:
+                tf.io.gfile.makedirs(parent)
             save(index, candidate)
+            index.stored_at = candidate
             return index
         except (OSError, tf.errors.OpError) as e:
             logging.warning("cannot write index %s (%s); trying the next place", candidate, e)
