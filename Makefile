@@ -25,17 +25,24 @@ setup: $(STAMP)
 
 # ---------------------------------------------------------------------------- demo
 $(DEMO_DIR)/kaggle/train.bson: | $(STAMP)
-	@echo "== [1/2] generating the synthetic catalogue in $(DEMO_DIR)/kaggle"
+	@echo "== [1/3] generating the synthetic catalogue in $(DEMO_DIR)/kaggle"
 	$(PY) -m tfcdisc.synth --output_dir $(DEMO_DIR)/kaggle --num_train_products $(DEMO_TRAIN) \
 	  --num_test_products $(DEMO_TEST) --num_categories $(DEMO_CATEGORIES) --seed 0
 
 $(DEMO_DIR)/inspect_train.json: $(DEMO_DIR)/kaggle/train.bson
-	@echo "== [2/2] inspecting train.bson (builds its offset index)"
+	@echo "== [2/3] inspecting train.bson (builds its offset index)"
 	$(PY) -m tfcdisc.inspect --bson $(DEMO_DIR)/kaggle/train.bson --progress > $@
 	@$(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print("   products:", r["products"], " images:", r["images"], " categories:", r["categories"]["count"])' $@
 
-demo: $(STAMP) $(DEMO_DIR)/inspect_train.json
-	@echo "== demo done: catalogue in $(DEMO_DIR)/kaggle, report in $(DEMO_DIR)/inspect_train.json"
+# tfds writes dataset_info.json last, so its presence means a finished build.
+$(DEMO_DIR)/data/cdiscount/default/1.0.0/dataset_info.json: $(DEMO_DIR)/kaggle/train.bson
+	@echo "== [3/3] building the TFDS dataset with tfds build (one process per core)"
+	$(VENV)/bin/tfds build tfds_builder/cdiscount --manual_dir $(DEMO_DIR)/kaggle \
+	  --data_dir $(DEMO_DIR)/data
+
+demo: $(STAMP) $(DEMO_DIR)/inspect_train.json $(DEMO_DIR)/data/cdiscount/default/1.0.0/dataset_info.json
+	@echo "== demo done: catalogue in $(DEMO_DIR)/kaggle, inspect report in $(DEMO_DIR)/inspect_train.json,"
+	@echo "   TFDS dataset in $(DEMO_DIR)/data (tfds.builder_from_directory('$(DEMO_DIR)/data/cdiscount/default/1.0.0'))"
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -7,7 +7,7 @@
 import importlib
 import sys
 
-SUITES = ["bson"]
+SUITES = ["bson", "tfds"]
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """Shared fixtures: small synthetic catalogues made by the tests themselves."""
 
+import io
 import os
 import pathlib
+import sys
 
 import bson
 import pytest
@@ -9,6 +11,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tfds_builder.cdiscount
 REAL_CATEGORY_NAMES = REPO.parent / "shared" / "data" / "category_names.csv"
 
 
@@ -45,3 +48,45 @@ def write(tmp_path, *docs: bytes, name="train.bson") -> str:
     path = tmp_path / name
     path.write_bytes(b"".join(docs))
     return str(path)
+
+
+def jpeg_bytes(mode="RGB", size=(180, 180), progressive=False, seed=0) -> bytes:
+    """A real JPEG in any PIL mode (L: grayscale, CMYK, RGB), optionally progressive."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "CMYK": 4}[mode]
+    pixels = rng.integers(0, 255, (size[0], size[1], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85, progressive=progressive)
+    return out.getvalue()
+
+
+def write_taxonomy(folder, category_ids) -> None:
+    rows = ["category_id,category_level1,category_level2,category_level3"]
+    rows += [f"{c},L1-{i % 2},L2-{i % 3},LEAF {c}" for i, c in enumerate(category_ids)]
+    (folder / "category_names.csv").write_text("\n".join(rows) + "\n")
+
+
+def build_dataset(manual_dir, data_dir, **config):
+    """Builds the cdiscount dataset with the TFDS builder; returns the builder."""
+    import tensorflow_datasets as tfds
+    from tfds_builder.cdiscount import cdiscount_dataset_builder as cdb
+    builder = cdb.Builder(data_dir=str(data_dir),
+                          config=cdb.CdiscountConfig(name="test", **config) if config else None)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    return builder
+
+
+def read_split(builder, split) -> dict:
+    """{product_id: example} with image bytes as stored (no decoding)."""
+    import tensorflow_datasets as tfds
+    ds = builder.as_dataset(split=split, decoders={"images": tfds.decode.SkipDecoding()})
+    out = {}
+    for ex in tfds.as_numpy(ds):
+        ex = dict(ex)
+        ex["images"] = [bytes(b) for b in ex["images"]]
+        out[int(ex["product_id"])] = ex
+    return out

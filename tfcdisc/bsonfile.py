@@ -55,6 +55,16 @@ class BsonFormatError(ValueError):
             where += f" (document #{position}"
             where += f", _id {product_id})" if product_id is not None else ")"
         super().__init__(f"{where}: {problem}" + (f". {advice}" if advice else ""))
+        self.advice = advice
+
+    def __reduce__(self):  # so that worker processes can send it back whole
+        return (_rebuild_error, (self.path, self.offset, self.problem, self.position,
+                                 self.product_id, self.advice))
+
+
+def _rebuild_error(path, offset, problem, position, product_id, advice) -> BsonFormatError:
+    return BsonFormatError(path, offset, problem, position=position, product_id=product_id,
+                           advice=advice)
 
 
 @dataclasses.dataclass(slots=True)
