@@ -139,7 +139,8 @@ def test_fail_policy_names_the_image(tmp_path, monkeypatch, workers):
     monkeypatch.setenv("TFCDISC_BUILD_WORKERS", workers)  # "2": raised in a worker process
     train = [doc(i, imgs=[{"picture": jpeg_bytes()}]) for i in range(3)]
     train.append(doc(9, imgs=[{"picture": b"garbage"}]))
-    folder = _small_catalogue(tmp_path / "kaggle", train, [doc(20, cid=None)])
+    test = [doc(20, cid=None, imgs=[{"picture": jpeg_bytes()}])]
+    folder = _small_catalogue(tmp_path / "kaggle", train, test)
     with pytest.raises(ValueError, match=r"train.bson: byte offset \d+ \(_id 9\) image 0: not a"):
         build_dataset(folder, tmp_path / "data", bad_images="fail")
 
