@@ -1,0 +1,216 @@
+"""Keras models: a backbone by name, float32 heads, and the product-level combination.
+
+The image model takes float32 RGB in [0, 255] (what `tfcdisc.input_pipeline` makes)
+and applies its backbone's own scaling inside, so a SavedModel needs nothing else.
+Heads emit float32 logits even under mixed precision: ``label`` (the category) and,
+optionally, ``label_level1`` / ``label_level2`` for the taxonomy's upper levels.
+
+A product's images are combined by the masked mean of their log-probabilities
+(`combine_log_probs`), the one function that evaluation, export and prediction share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+_APPS = keras.applications
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """How to build one backbone: constructor, input scaling, smallest input side."""
+
+    make: Callable
+    scaling: str  # "tf": [-1, 1]; "caffe": BGR minus ImageNet means; "raw": [0, 255]
+    min_size: int = 32
+    preprocessing_flag: bool = False  # takes include_preprocessing=True
+
+
+BACKBONES: dict[str, Backbone] = {
+    "xception": Backbone(_APPS.Xception, "tf", 71),
+    **{f"efficientnet_b{i}": Backbone(getattr(_APPS, f"EfficientNetB{i}"), "raw")
+       for i in range(8)},
+    **{f"efficientnetv2_b{i}": Backbone(getattr(_APPS, f"EfficientNetV2B{i}"), "raw",
+                                        preprocessing_flag=True) for i in range(4)},
+    **{f"efficientnetv2_{s}": Backbone(getattr(_APPS, f"EfficientNetV2{s.upper()}"), "raw",
+                                       preprocessing_flag=True) for s in "sml"},
+    "resnet50": Backbone(_APPS.ResNet50, "caffe"),
+    "mobilenetv3_small": Backbone(_APPS.MobileNetV3Small, "raw", preprocessing_flag=True),
+    "mobilenetv3_large": Backbone(_APPS.MobileNetV3Large, "raw", preprocessing_flag=True),
+    "small_cnn": Backbone(None, "unit", 16),
+}
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class CaffeScaling(layers.Layer):
+    """ResNet50's ImageNet preprocessing (RGB -> BGR, minus the channel means)."""
+
+    def call(self, x):
+        return ops.flip(x, axis=-1) - ops.convert_to_tensor([103.939, 116.779, 123.68],
+                                                            dtype=x.dtype)
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class SparseCrossentropy(keras.losses.Loss):
+    """Sparse categorical cross-entropy from logits, with label smoothing, in float32.
+
+    Keras's sparse loss has no label smoothing; one-hot labels would cost the input
+    pipeline (and a TPU host) num_classes floats per image, so they are made here.
+    """
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0,
+                 name: str = "sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.cast(y_pred, "float32")
+        y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
+        if not self.label_smoothing:
+            return keras.losses.sparse_categorical_crossentropy(y_true, y_pred,
+                                                                from_logits=True)
+        return keras.losses.categorical_crossentropy(
+            ops.one_hot(y_true, self.num_classes), y_pred, from_logits=True,
+            label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "label_smoothing": self.label_smoothing}
+
+
+def _small_cnn(input_shape, widths=(32, 64, 128, 256)) -> keras.Model:
+    """A fast CNN for CPU demos and tests: conv-BN-ReLU blocks, then global pooling."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, w in enumerate(widths):
+        x = layers.Conv2D(w, 3, strides=2 if i else 1, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.Conv2D(w, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x) if i < len(widths) - 1 else x
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+def _scaling(kind: str):
+    if kind == "tf":
+        return layers.Rescaling(1 / 127.5, offset=-1.0, name="scaling")
+    if kind == "unit":
+        return layers.Rescaling(1 / 255.0, name="scaling")
+    if kind == "caffe":
+        return CaffeScaling(name="scaling")
+    return None
+
+
+def _set_bn_momentum(model: keras.Model, momentum: float) -> None:
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = momentum
+        elif isinstance(layer, keras.Model):
+            _set_bn_momentum(layer, momentum)
+
+
+def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
+                      weights: str = "none", num_level1: int = 0, num_level2: int = 0,
+                      dropout: float = 0.2, bn_momentum: float | None = None) -> keras.Model:
+    """The per-image classifier: backbone, pooling, dropout, float32 logit heads.
+
+    Args:
+      backbone: a key of `BACKBONES`.
+      num_classes: categories of the ``label`` head.
+      image_size: side of the square input (Xception needs >= 71).
+      weights: "none", "imagenet" (downloaded by Keras; needs a network) or the path of
+        weights saved by a previous run (.weights.h5 or .keras).
+      num_level1, num_level2: sizes of the auxiliary heads (0: no head).
+      dropout: before the heads.
+      bn_momentum: overrides BatchNormalization momentum. Short runs want a lower one
+        (0.9), or the moving statistics lag the weights and inference mode scores far
+        below training mode.
+
+    Raises:
+      ValueError: unknown backbone, too small an input, unknown weights.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+    spec = BACKBONES[backbone]
+    if image_size < spec.min_size:
+        raise ValueError(f"{backbone} needs --image_size >= {spec.min_size}, not {image_size}")
+    if weights not in ("none", "imagenet") and not tf.io.gfile.exists(weights):
+        raise ValueError(f"--weights={weights}: not 'none', 'imagenet' nor an existing file")
+    shape = (image_size, image_size, 3)
+    inputs = keras.Input(shape, name="image")
+    x = inputs
+    scaling = _scaling(spec.scaling)
+    if scaling is not None:
+        x = scaling(x)
+    if spec.make is None:
+        if weights == "imagenet":
+            raise ValueError("small_cnn has no ImageNet weights; use --weights=none")
+        base = _small_cnn(shape)
+    else:
+        kwargs = dict(include_top=False, weights="imagenet" if weights == "imagenet" else None,
+                      input_shape=shape, pooling="avg")
+        if spec.preprocessing_flag:
+            kwargs["include_preprocessing"] = True
+        base = spec.make(**kwargs)
+    features = base(x)
+    if dropout:
+        features = layers.Dropout(dropout, name="dropout")(features)
+    outputs = {"label": layers.Dense(num_classes, dtype="float32", name="label")(features)}
+    if num_level1:
+        outputs["label_level1"] = layers.Dense(num_level1, dtype="float32",
+                                               name="label_level1")(features)
+    if num_level2:
+        outputs["label_level2"] = layers.Dense(num_level2, dtype="float32",
+                                               name="label_level2")(features)
+    model = keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+    if bn_momentum is not None:
+        _set_bn_momentum(model, bn_momentum)
+    if weights not in ("none", "imagenet"):
+        model.load_weights(weights) if weights.endswith(".weights.h5") else \
+            model.set_weights(keras.saving.load_model(weights, compile=False).get_weights())
+    return model
+
+
+# --------------------------------------------------------------------------- products
+
+
+def combine_log_probs(log_probs: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Masked mean over a product's images: [B, N, C] log-probs, [B, N] mask -> [B, C].
+
+    A product with no valid image gets all zeros (callers treat it as unscored).
+    """
+    mask = tf.cast(mask, log_probs.dtype)
+    total = tf.reduce_sum(log_probs * mask[..., None], axis=1)
+    return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)[:, None]
+
+
+def image_log_probs(image_model: keras.Model, images: tf.Tensor) -> tf.Tensor:
+    """[B, N, S, S, 3] -> [B, N, C] float32 log-probabilities, in inference mode."""
+    shape = tf.shape(images)
+    flat = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
+    logits = image_model(flat, training=False)["label"]
+    log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+    return tf.reshape(log_probs, tf.stack([shape[0], shape[1], -1]))
+
+
+def product_predictions(image_model: keras.Model, images: tf.Tensor, mask: tf.Tensor,
+                        k: int = 5) -> dict[str, tf.Tensor]:
+    """What evaluation and export need, kept small: top-k classes and probabilities of
+    each product, and each image's own top class."""
+    per_image = image_log_probs(image_model, images)
+    combined = combine_log_probs(per_image, mask)
+    top_log_probs, top_classes = tf.math.top_k(combined, k=k)
+    # exp of the mean log-probability is a geometric mean; renormalise over classes.
+    log_norm = tf.reduce_logsumexp(combined, axis=-1, keepdims=True)
+    return {"top_k_classes": top_classes,
+            "top_k_probabilities": tf.exp(top_log_probs - log_norm),
+            "image_top1": tf.argmax(per_image, axis=-1, output_type=tf.int32)}
