@@ -24,6 +24,13 @@ def catalogue(tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="session")
+def dataset(catalogue, tmp_path_factory):
+    """The catalogue built into a TFDS dataset; returns the builder."""
+    folder, _ = catalogue
+    return build_dataset(folder, tmp_path_factory.mktemp("data"))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Index files that cannot sit beside a BSON go to a per-test cache."""

@@ -14,10 +14,9 @@ from tfcdisc.bsonfile import BsonFormatError
 
 
 @pytest.fixture(scope="module")
-def built(catalogue, tmp_path_factory):
+def built(catalogue, dataset):
     folder, _ = catalogue
-    builder = build_dataset(folder, tmp_path_factory.mktemp("data"))
-    return folder, builder, {s: read_split(builder, s) for s in ("train", "validation", "test")}
+    return folder, dataset, {s: read_split(dataset, s) for s in ("train", "validation", "test")}
 
 
 def test_examples_are_the_bson_products_untouched(built):

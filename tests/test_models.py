@@ -1,0 +1,77 @@
+"""Backbones, heads and the product-level combination."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcdisc import models
+
+
+@pytest.mark.parametrize("backbone", sorted(models.BACKBONES))
+def test_every_backbone_builds_at_180(backbone):
+    model = models.build_image_model(backbone, 7, image_size=180, num_level1=3, num_level2=5)
+    assert model.input_shape == (None, 180, 180, 3)
+    assert {k: tuple(v.shape) for k, v in model.output.items()} == {
+        "label": (None, 7), "label_level1": (None, 3), "label_level2": (None, 5)}
+    assert all(model.get_layer(k).dtype_policy.compute_dtype == "float32"
+               for k in model.output)
+
+
+def test_heads_stay_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build_image_model("small_cnn", 4, image_size=32)
+        out = model(np.zeros((2, 32, 32, 3), np.float32))
+        assert out["label"].dtype == tf.float32
+        assert model.get_layer("small_cnn").compute_dtype == "bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_bad_arguments_say_why(tmp_path):
+    with pytest.raises(ValueError, match="xception needs --image_size >= 71"):
+        models.build_image_model("xception", 3, image_size=64)
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+        models.build_image_model("vgg", 3)
+    with pytest.raises(ValueError, match="not 'none', 'imagenet' nor an existing file"):
+        models.build_image_model("small_cnn", 3, weights=str(tmp_path / "missing.h5"))
+
+
+def test_weights_from_a_path(tmp_path):
+    a = models.build_image_model("small_cnn", 3, image_size=32)
+    path = str(tmp_path / "w.weights.h5")
+    a.save_weights(path)
+    b = models.build_image_model("small_cnn", 3, image_size=32, weights=path)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(a(x)["label"], b(x)["label"], rtol=1e-5)
+
+
+def test_product_combination_is_the_masked_mean_of_log_probabilities():
+    model = models.build_image_model("small_cnn", 6, image_size=32, dropout=0.0)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (3, 4, 32, 32, 3)).astype(np.float32)
+    mask = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
+    logits = model(images.reshape(12, 32, 32, 3), training=False)["label"].numpy()
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    log_probs = log_probs.reshape(3, 4, 6)
+    expected = (log_probs * mask[..., None]).sum(1) / mask.sum(1)[:, None]
+    combined = models.combine_log_probs(models.image_log_probs(model, images), mask)
+    np.testing.assert_allclose(combined, expected, rtol=1e-4, atol=1e-5)
+    out = models.product_predictions(model, images, mask, k=3)
+    assert out["top_k_classes"].numpy()[:, 0].tolist() == expected.argmax(1).tolist()
+    probs = np.exp(expected) / np.exp(expected).sum(1, keepdims=True)
+    np.testing.assert_allclose(out["top_k_probabilities"][:, 0], probs.max(1), rtol=1e-4)
+    assert out["image_top1"].numpy().tolist() == log_probs.argmax(-1).tolist()
+
+
+def test_label_smoothing_loss():
+    loss = models.SparseCrossentropy(4, label_smoothing=0.1)
+    y, logits = np.array([1, 3]), np.random.default_rng(2).normal(size=(2, 4)).astype("float32")
+    expected = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)(
+        np.eye(4)[y], logits)
+    np.testing.assert_allclose(loss(y, logits), expected, rtol=1e-5)
+    plain = models.SparseCrossentropy(4)
+    np.testing.assert_allclose(plain(y, logits), keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True)(y, logits), rtol=1e-5)
+    assert models.SparseCrossentropy.from_config(loss.get_config()).label_smoothing == 0.1

@@ -1,0 +1,157 @@
+"""Training: strategies, precision, inference-mode parity, resume after a crash."""
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import pytest
+
+from conftest import REPO
+from tfcdisc import distribute, input_pipeline, product_eval, train
+
+
+def _config(dataset, model_dir, **overrides):
+    base = dict(data_dir=dataset.data_dir, model_dir=str(model_dir), backbone="small_cnn",
+                image_size=32, global_batch_size=32, epochs=1, steps_per_epoch=4,
+                optimizer="adamw", learning_rate=0.004, warmup_epochs=0.2,
+                weight_decay=1e-4, label_smoothing=0.1, bn_momentum=0.9,
+                strategy="default", mixed_precision="float32", shuffle_buffer=512,
+                eval_batch_size=8, seed=0, verbose=0)
+    base.update(overrides)
+    return train.TrainConfig(**base)
+
+
+def _inference_accuracy(dataset, model, image_size):
+    """Image accuracy on the training split, in inference mode (moving BN statistics)."""
+    ds = input_pipeline.product_dataset(dataset, "train", 32,
+                                        input_pipeline.PipelineOptions(image_size=image_size))
+    return product_eval.accuracy_report(product_eval.ProductPredictor(model)(ds))
+
+
+def test_short_run_evaluates_in_inference_mode_as_well_as_it_trains(dataset, tmp_path):
+    result = train.train(_config(dataset, tmp_path, epochs=5, steps_per_epoch=14,
+                                 level1_loss_weight=0.2, level2_loss_weight=0.2))
+    train_accuracy = result["history"]["label_accuracy"][-1]
+    assert train_accuracy > 0.6  # it learned
+    # The same images score about as well with moving BatchNorm statistics (inference)
+    # as with batch statistics (training).
+    inference = _inference_accuracy(dataset, result["model"], 32)
+    assert inference["image_accuracy"] >= train_accuracy - 0.1
+    validation = result["validation"]
+    assert validation["products"] == dataset.info.splits["validation"].num_examples
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "history.csv", "checkpoints", "logs"} <= files
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"best.keras", "last.keras"}
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert "val_product_accuracy" in rows[0] and "val_top5_accuracy" in rows[0]
+    best = keras.saving.load_model(tmp_path / "checkpoints" / "best.keras")
+    assert set(best.output) == {"label", "label_level1", "label_level2"}
+
+
+def test_default_batchnorm_momentum_lags_in_short_runs(dataset, tmp_path):
+    """The control for the test above: Keras's default momentum (0.99) after 70 steps
+    leaves the moving statistics far from the weights, and inference mode suffers."""
+    result = train.train(_config(dataset, tmp_path, epochs=5, steps_per_epoch=14,
+                                 bn_momentum=None))
+    history = result["history"]  # one head: Keras drops the "label_" prefix
+    train_accuracy = history.get("label_accuracy", history.get("accuracy"))[-1]
+    inference = _inference_accuracy(dataset, result["model"], 32)
+    assert inference["image_accuracy"] < train_accuracy - 0.2
+
+
+class _Crash(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("preempted")
+
+
+class _Epochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def test_a_run_killed_after_its_first_epoch_resumes_at_epoch_1(dataset, tmp_path):
+    cfg = _config(dataset, tmp_path, epochs=3, steps_per_epoch=3)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, callbacks=[_Crash()])
+    epochs = _Epochs()
+    train.train(cfg, callbacks=[epochs])
+    assert epochs.seen == [1, 2]
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+
+
+def test_mixed_bfloat16_trains_on_cpu(dataset, tmp_path):
+    try:
+        result = train.train(_config(dataset, tmp_path, mixed_precision="mixed_bfloat16"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert json.load(open(tmp_path / "config.json"))["policy"] == "mixed_bfloat16"
+    assert all(v == v for v in result["history"]["loss"])  # finite, not NaN
+
+
+def test_mirrored_strategy_on_two_logical_cpus(dataset, tmp_path):
+    # Logical devices must be set before TensorFlow starts: a fresh process.
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from tfcdisc import train
+        cfg = train.TrainConfig(**json.loads(sys.argv[1]))
+        result = train.train(cfg)
+        print(json.dumps({{"loss": result["history"]["loss"],
+                          "products": result["validation"]["products"]}}))
+    """)
+    cfg = _config(dataset, tmp_path, strategy="mirrored", steps_per_epoch=3)
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(cfg.__dict__)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["replicas"] == 2 and saved["strategy"] == "MirroredStrategy"
+    assert len(result["loss"]) == 1
+    assert result["products"] == dataset.info.splits["validation"].num_examples
+
+
+def test_strategy_and_precision_choices_explain_impossible_combinations(monkeypatch):
+    with pytest.raises(ValueError, match="unknown strategy 'gpu'"):
+        distribute.get_strategy("gpu")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs the TF_CONFIG"):
+        distribute.get_strategy("multi_worker_mirrored")
+    with pytest.raises(ValueError, match="use --strategy=tpu"):
+        distribute.get_strategy("mirrored", tpu="grpc://10.0.0.1:8470")
+    with pytest.raises(ValueError, match="no TPU found"):
+        distribute.get_strategy("tpu")
+    strategy = distribute.get_strategy("auto")
+    assert strategy.num_replicas_in_sync == 1
+    assert distribute.set_precision("auto", strategy) == "float32"
+    with pytest.raises(ValueError, match="unknown mixed precision"):
+        distribute.set_precision("float64", strategy)
+
+
+def test_cli_writes_flags_and_reports(dataset, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "tfcdisc.train", f"--flagfile={REPO}/experiments/demo_cpu.cfg",
+         f"--data_dir={dataset.data_dir}", f"--model_dir={tmp_path}", "--epochs=1",
+         "--steps_per_epoch=2", "--image_size=32", "--verbose=0"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--backbone=small_cnn" in (tmp_path / "flags.txt").read_text()
+    assert json.loads(out.stdout[out.stdout.index("{"):])["validation"]["products"] > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "tfcdisc.train", f"--data_dir={dataset.data_dir}",
+         f"--model_dir={tmp_path / 'x'}", "--backbone=xception", "--image_size=32"],
+        capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "xception needs --image_size >= 71" in bad.stderr
