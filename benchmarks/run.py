@@ -7,7 +7,7 @@
 import importlib
 import sys
 
-SUITES = ["bson", "tfds"]
+SUITES = ["bson", "tfds", "train"]
 
 
 def main() -> None:

@@ -194,8 +194,8 @@ class ShardSpec:
         return _generate(self)
 
 
-def plan(manual_dir: str, work_dir: str, options: BuildOptions,
-         indexes: dict | None = None) -> tuple[dict[str, list[ShardSpec]], taxonomy_lib.Taxonomy]:
+def plan(manual_dir: str, work_dir: str, options: BuildOptions, indexes: dict | None = None
+         ) -> tuple[dict[str, list[ShardSpec]], taxonomy_lib.Taxonomy, np.ndarray]:
     """Indexes the BSON files (or reuses their indexes) and lays out every shard.
 
     Args:
@@ -205,7 +205,8 @@ def plan(manual_dir: str, work_dir: str, options: BuildOptions,
       indexes: already-loaded indexes by file name (tests), else built or reused.
 
     Returns:
-      ({split: [ShardSpec, ...]}, taxonomy). Shards without products are left out.
+      ({split: [ShardSpec, ...]}, taxonomy, class_counts). Shards without products are
+      left out; class_counts[c] is the number of training products of class c.
     """
     paths = check_manual_dir(manual_dir)
     taxonomy = taxonomy_lib.load(paths["category_names.csv"])
@@ -224,6 +225,8 @@ def plan(manual_dir: str, work_dir: str, options: BuildOptions,
                          "test file?")
     _check_categories(train, taxonomy)
     holdout = validation_mask(train, options)
+    class_counts = np.bincount(taxonomy.class_index(train.category_ids[~holdout]),
+                               minlength=taxonomy.num_classes)
     specs: dict[str, list[ShardSpec]] = {}
     layouts = ((TRAIN, train, "train", ~holdout, options.runs_per_shard),
                (VALIDATION, train, "validation", holdout, options.runs_per_shard),
@@ -243,7 +246,7 @@ def plan(manual_dir: str, work_dir: str, options: BuildOptions,
                 split, k, index.path, index.stored_at or "", paths["category_names.csv"],
                 tuple(runs), members, options,
                 _join(work_dir, f"{split}-{k:05d}.stats.json"), num))
-    return specs, taxonomy
+    return specs, taxonomy, class_counts
 
 
 def check_manual_dir(manual_dir: str) -> dict[str, str]:

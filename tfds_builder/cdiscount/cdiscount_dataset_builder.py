@@ -86,10 +86,11 @@ class Builder(tfds.core.ShardBasedBuilder):
     def _plan(self, dl_manager: tfds.download.DownloadManager):
         if getattr(self, "_specs", None) is None:
             work_dir = str(dl_manager.download_dir).rstrip("/") + "/cdiscount_work"
-            specs, taxonomy = examples.plan(str(dl_manager.manual_dir), work_dir,
-                                            self.builder_config.options())
+            specs, taxonomy, class_counts = examples.plan(
+                str(dl_manager.manual_dir), work_dir, self.builder_config.options())
             examples.set_label_names(self.info.features, taxonomy)
             self.info.metadata["taxonomy"] = taxonomy.to_dict()
+            self.info.metadata["class_counts"] = class_counts.tolist()  # train split
             self.info.metadata["build_options"] = dataclasses.asdict(
                 self.builder_config.options())
             self._specs = specs
