@@ -18,6 +18,7 @@ row (the export's fallback category, the most frequent in training) and is count
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -136,18 +137,12 @@ def run_predictions(model, batches: tf.data.Dataset, stats: PredictStats, total:
 
 
 def _count(bson_path: str | None) -> int | None:
-    """Products in the file, from a stored offset index if there is one (no new scan)."""
+    """Products in the file, from its offset index (built once, reused after): the
+    progress bar gets an ETA, and a corrupt file fails before any prediction."""
     if not bson_path:
         return None
     from tfcdisc import index as index_lib
-    for candidate in (index_lib.default_index_path(bson_path), index_lib._cache_path(bson_path)):
-        try:
-            idx = index_lib.load(candidate, bson_path)
-            if idx.fingerprint == index_lib.fingerprint(bson_path):
-                return len(idx)
-        except (OSError, ValueError, KeyError, tf.errors.OpError):
-            continue
-    return None
+    return len(index_lib.load_or_build(bson_path))
 
 
 def predict(saved_model: str, output: str, *, bson: str | None = None,
@@ -194,11 +189,13 @@ def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:
     for j in range(ids.shape[1]):
         frame[f"category_id_{j + 1}"] = ids[:, j]
         frame[f"probability_{j + 1}"] = probs[:, j]
+    buf = io.BytesIO()
+    if path.endswith(".parquet"):
+        frame.to_parquet(buf, index=False)
+    else:
+        buf.write(frame.to_csv(index=False).encode())
     with tf.io.gfile.GFile(path, "wb") as f:
-        if path.endswith(".parquet"):
-            frame.to_parquet(f, index=False)
-        else:
-            f.write(frame.to_csv(index=False).encode())
+        f.write(buf.getvalue())
 
 
 def main(argv: Sequence[str]) -> None:
