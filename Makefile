@@ -24,25 +24,53 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # ---------------------------------------------------------------------------- demo
-$(DEMO_DIR)/kaggle/train.bson: | $(STAMP)
-	@echo "== [1/3] generating the synthetic catalogue in $(DEMO_DIR)/kaggle"
-	$(PY) -m tfcdisc.synth --output_dir $(DEMO_DIR)/kaggle --num_train_products $(DEMO_TRAIN) \
+# Every stage writes a file that the next depends on, so a rerun reuses what is built.
+K := $(DEMO_DIR)/kaggle
+TFDS_INFO := $(DEMO_DIR)/data/cdiscount/default/1.0.0/dataset_info.json
+RUN := $(DEMO_DIR)/run
+EXPORT := $(DEMO_DIR)/export
+
+$(K)/train.bson: | $(STAMP)
+	@echo "== [1/8] generating the synthetic catalogue in $(K)"
+	$(PY) -m tfcdisc.synth --output_dir $(K) --num_train_products $(DEMO_TRAIN) \
 	  --num_test_products $(DEMO_TEST) --num_categories $(DEMO_CATEGORIES) --seed 0
 
-$(DEMO_DIR)/inspect_train.json: $(DEMO_DIR)/kaggle/train.bson
-	@echo "== [2/3] inspecting train.bson (builds its offset index)"
-	$(PY) -m tfcdisc.inspect --bson $(DEMO_DIR)/kaggle/train.bson --progress > $@
+$(DEMO_DIR)/inspect_train.json: $(K)/train.bson
+	@echo "== [2/8] inspecting train.bson (builds its offset index)"
+	$(PY) -m tfcdisc.inspect --bson $(K)/train.bson --progress > $@
 	@$(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print("   products:", r["products"], " images:", r["images"], " categories:", r["categories"]["count"])' $@
 
 # tfds writes dataset_info.json last, so its presence means a finished build.
-$(DEMO_DIR)/data/cdiscount/default/1.0.0/dataset_info.json: $(DEMO_DIR)/kaggle/train.bson
-	@echo "== [3/3] building the TFDS dataset with tfds build (one process per core)"
-	$(VENV)/bin/tfds build tfds_builder/cdiscount --manual_dir $(DEMO_DIR)/kaggle \
-	  --data_dir $(DEMO_DIR)/data
+$(TFDS_INFO): $(K)/train.bson
+	@echo "== [3/8] building the TFDS dataset with tfds build (one process per core)"
+	$(VENV)/bin/tfds build tfds_builder/cdiscount --manual_dir $(K) --data_dir $(DEMO_DIR)/data
 
-demo: $(STAMP) $(DEMO_DIR)/inspect_train.json $(DEMO_DIR)/data/cdiscount/default/1.0.0/dataset_info.json
-	@echo "== demo done: catalogue in $(DEMO_DIR)/kaggle, inspect report in $(DEMO_DIR)/inspect_train.json,"
-	@echo "   TFDS dataset in $(DEMO_DIR)/data (tfds.builder_from_directory('$(DEMO_DIR)/data/cdiscount/default/1.0.0'))"
+$(RUN)/checkpoints/best.keras: $(TFDS_INFO) experiments/demo_cpu.cfg
+	@echo "== [4/8] training experiments/demo_cpu.cfg (a few minutes on 2 cores)"
+	$(PY) -m tfcdisc.train --flagfile=experiments/demo_cpu.cfg --data_dir=$(DEMO_DIR)/data \
+	  --model_dir=$(RUN)
+
+$(EXPORT)/saved_model.pb: $(RUN)/checkpoints/best.keras
+	@echo "== [5/8] exporting the SavedModel"
+	$(PY) -m tfcdisc.export --model_dir=$(RUN) --export_dir=$(EXPORT)
+
+$(DEMO_DIR)/report_validation.json: $(EXPORT)/saved_model.pb
+	@echo "== [6/8] evaluating on the validation split"
+	$(PY) -m tfcdisc.evaluate --saved_model=$(EXPORT) --data_dir=$(DEMO_DIR)/data \
+	  --split=validation --output=$@ > /dev/null
+
+$(DEMO_DIR)/report_test.json: $(EXPORT)/saved_model.pb
+	@echo "== [7/8] evaluating on the scored test set (test.bson + test_labels.csv)"
+	$(PY) -m tfcdisc.evaluate --saved_model=$(EXPORT) --bson=$(K)/test.bson \
+	  --labels=$(K)/test_labels.csv --output=$@ --plot=$(DEMO_DIR)/report_test.png > /dev/null
+
+$(DEMO_DIR)/submission.csv: $(EXPORT)/saved_model.pb
+	@echo "== [8/8] predicting submission.csv for test.bson"
+	$(PY) -m tfcdisc.predict --saved_model=$(EXPORT) --bson=$(K)/test.bson --output=$@ > /dev/null
+
+demo: $(STAMP) $(DEMO_DIR)/inspect_train.json $(DEMO_DIR)/report_validation.json \
+      $(DEMO_DIR)/report_test.json $(DEMO_DIR)/submission.csv
+	@$(PY) -m tfcdisc.demo_summary --demo_dir=$(DEMO_DIR)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -31,6 +31,21 @@ def dataset(catalogue, tmp_path_factory):
     return build_dataset(folder, tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="session")
+def exported(dataset, tmp_path_factory):
+    """A small model trained for a few steps on the dataset and exported: (run, export)."""
+    from tfcdisc import export, train
+    run = tmp_path_factory.mktemp("run")
+    train.train(train.TrainConfig(
+        data_dir=dataset.data_dir, model_dir=str(run), backbone="small_cnn", image_size=32,
+        global_batch_size=32, epochs=2, steps_per_epoch=8, optimizer="adamw",
+        learning_rate=0.004, bn_momentum=0.9, strategy="default", mixed_precision="float32",
+        shuffle_buffer=256, eval_batch_size=16, seed=0, verbose=0))
+    out = tmp_path_factory.mktemp("export") / "model"
+    export.export(str(run), str(out))
+    return run, out
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Index files that cannot sit beside a BSON go to a per-test cache."""

@@ -1,0 +1,169 @@
+"""Export, batch prediction and evaluation."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import doc, jpeg_bytes, write
+from tfcdisc import bsonfile, evaluate, export, input_pipeline, models, predict
+
+
+def _products(path, n=None):
+    return [p for i, p in enumerate(bsonfile.iter_products(str(path))) if n is None or i < n]
+
+
+def test_savedmodel_runs_without_tfcdisc_and_matches_keras(catalogue, exported, tmp_path):
+    folder, _ = catalogue
+    run, saved = exported
+    products = _products(folder / "test.bson", 9)
+    images = [p.images[:4] + [b""] * (4 - len(p.images[:4])) for p in products]
+    # Expected answers from the Keras checkpoint, through the library's own functions.
+    import tensorflow as tf
+    model = keras.saving.load_model(export.checkpoint_path(str(run)), compile=False)
+    decoded = tf.stack([input_pipeline.decode_product(tf.constant(i), 32) for i in images])
+    mask = tf.constant([[1.0 if b else 0.0 for b in i] for i in images])
+    expected = models.product_predictions(model, decoded, mask, k=5)
+    script = textwrap.dedent("""
+        import json, sys
+        sys.modules["tfcdisc"] = None  # any import of tfcdisc now fails
+        try:
+            import tfcdisc  # noqa
+            raise SystemExit("tfcdisc imported")
+        except ImportError:
+            pass
+        import tensorflow as tf
+        images = json.loads(sys.stdin.read())
+        model = tf.saved_model.load(sys.argv[1])
+        out = model.signatures["serving_default"](
+            images=tf.constant([[bytes.fromhex(b) for b in p] for p in images]))
+        meta = model.signatures["metadata"]()
+        print(json.dumps({k: v.numpy().tolist() for k, v in out.items()} |
+                         {"taxonomy": meta["taxonomy_json"].numpy().decode()}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(saved)], capture_output=True,
+                          text=True, timeout=300,
+                          input=json.dumps([[b.hex() for b in i] for i in images]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    taxonomy = json.loads(got["taxonomy"])
+    ids = np.array(taxonomy["category_ids"])
+    assert got["category_id"] == ids[expected["top_k_classes"].numpy()[:, 0]].tolist()
+    assert got["top_k_category_id"] == ids[expected["top_k_classes"].numpy()].tolist()
+    np.testing.assert_allclose(got["top_k_probability"], expected["top_k_probabilities"],
+                               rtol=1e-4, atol=1e-6)
+    assert np.array(got["top_k_category_id"]).shape == (9, 5)
+
+
+def test_cli_show_lists_the_signature(exported):
+    out = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli",
+                          "show", "--dir", str(exported[1]), "--all"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("serving_default", "inputs['images']", "outputs['category_id']",
+                 "outputs['top_k_probability']", "DT_STRING"):
+        assert name in out.stdout
+
+
+def test_submission_has_every_product_in_order(catalogue, exported, tmp_path):
+    folder, _ = catalogue
+    out = tmp_path / "submission.csv"
+    stats = predict.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
+                            batch_size=16, top_k_output=str(tmp_path / "top.parquet"),
+                            progress=False)
+    sub = pd.read_csv(out)
+    sample = pd.read_csv(folder / "sample_submission.csv")
+    assert list(sub.columns) == ["_id", "category_id"]
+    assert sub["_id"].tolist() == sample["_id"].tolist() and stats.products == len(sample)
+    top = pd.read_parquet(tmp_path / "top.parquet")
+    assert top["_id"].tolist() == sub["_id"].tolist()
+    assert (top["category_id_1"] == sub["category_id"]).all()
+
+
+def test_every_product_gets_a_row_whatever_its_images(exported, tmp_path):
+    run, saved = exported
+    good = jpeg_bytes(seed=1)
+    pics = lambda *b: [{"picture": x} for x in b]  # noqa: E731
+    products = [doc(11, cid=None, imgs=pics(good, jpeg_bytes(seed=2), jpeg_bytes(seed=3),
+                                            jpeg_bytes(seed=4))),
+                doc(12, cid=None, imgs=pics(jpeg_bytes("L"))),
+                doc(13, cid=None, imgs=pics(b"\xff\xd8corrupt", good)),
+                doc(14, cid=None, imgs=pics(b"garbage bytes", b"<html>")),
+                doc(15, cid=None, imgs=pics(jpeg_bytes("CMYK")))]
+    path = write(tmp_path, *products, name="test.bson")
+    out = tmp_path / "submission.csv"
+    stats = predict.predict(str(saved), str(out), bson=path, progress=False)
+    sub = pd.read_csv(out)
+    assert sub["_id"].tolist() == [11, 12, 13, 14, 15]
+    _, meta = predict.load_model(str(saved))
+    assert sub["category_id"].iloc[3] == meta["fallback_category_id"]
+    assert set(sub["category_id"]) <= set(meta["taxonomy"]["category_ids"])
+    assert stats.corrupt_images == 3 and stats.products_without_images == 1
+    assert any("_id 14 image 0: not a JPEG" in e for e in stats.examples)
+
+
+def test_interrupted_prediction_leaves_no_partial_submission(catalogue, exported, tmp_path,
+                                                           monkeypatch):
+    folder, _ = catalogue
+    real = predict.run_predictions
+
+    def crash_after_first(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        yield next(gen)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(predict, "run_predictions", crash_after_first)
+    out = tmp_path / "submission.csv"
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
+                        batch_size=8, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_equals_the_scored_submission(catalogue, exported, tmp_path):
+    folder, _ = catalogue
+    out = tmp_path / "submission.csv"
+    predict.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"), progress=False)
+    labels = pd.read_csv(folder / "test_labels.csv")
+    scored = (pd.read_csv(out)["category_id"] == labels["category_id"]).mean()
+    report = evaluate.evaluate(str(exported[1]), bson=str(folder / "test.bson"),
+                               labels=str(folder / "test_labels.csv"), progress=False)
+    assert report["product_accuracy"] == pytest.approx(scored)
+    assert report["products"] == len(labels)
+    for key in ("image_accuracy", "top5_accuracy", "level1_accuracy", "level2_accuracy"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["level1_accuracy"] >= report["level2_accuracy"] >= report["product_accuracy"]
+    assert sum(v["products"] for v in report["accuracy_by_num_images"].values()) == len(labels)
+    assert all(len(w["names"]) == 3 for w in report["worst_categories"])
+    evaluate.plot(report, str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+    json.loads(evaluate.to_json(report))
+
+
+def test_evaluate_on_a_labelled_bson_and_a_tfds_split(catalogue, dataset, exported):
+    folder, _ = catalogue
+    on_train = evaluate.evaluate(str(exported[1]), bson=str(folder / "train.bson"),
+                                 progress=False)
+    assert on_train["products"] == 240
+    on_val = evaluate.evaluate(str(exported[1]), data_dir=dataset.data_dir,
+                               split="validation", progress=False)
+    assert on_val["products"] == dataset.info.splits["validation"].num_examples
+    with pytest.raises(ValueError, match="give --labels"):
+        evaluate.evaluate(str(exported[1]), bson=str(folder / "test.bson"), progress=False)
+
+
+def test_predict_from_a_tfds_split_and_argument_errors(dataset, exported, tmp_path):
+    out = tmp_path / "s.csv"
+    stats = predict.predict(str(exported[1]), str(out), data_dir=dataset.data_dir,
+                            split="test", progress=False)
+    assert stats.products == dataset.info.splits["test"].num_examples
+    assert len(pd.read_csv(out)) == stats.products
+    with pytest.raises(ValueError, match="exactly one of --bson and --data_dir"):
+        predict.predict(str(exported[1]), str(out), progress=False)
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+        export.checkpoint_path(str(tmp_path))

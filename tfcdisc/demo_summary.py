@@ -1,0 +1,39 @@
+"""Prints where `make demo` put everything and how well it did."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def summary(demo_dir: str) -> str:
+    def load(name):
+        with open(os.path.join(demo_dir, name)) as f:
+            return json.load(f)
+
+    test, val = load("report_test.json"), load("report_validation.json")
+    with open(os.path.join(demo_dir, "submission.csv")) as f:
+        rows = sum(1 for _ in f) - 1
+    d = os.path.abspath(demo_dir)
+    return f"""
+== demo finished
+   product accuracy on the scored test set: {test['product_accuracy']:.4f} ({test['products']} products)
+   product accuracy on the validation split: {val['product_accuracy']:.4f} ({val['products']} products)
+   submission:  {d}/submission.csv ({rows} rows)
+   SavedModel:  {d}/export   (saved_model_cli show --dir {d}/export --all)
+   reports:     {d}/report_test.json, {d}/report_test.png, {d}/report_validation.json
+   training:    {d}/run (history.csv, checkpoints/)
+   TensorBoard: .venv/bin/tensorboard --logdir {d}/run/logs
+"""
+
+
+def main() -> None:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--demo_dir", default="demo")
+    print(summary(parser.parse_args().demo_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
