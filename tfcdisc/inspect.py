@@ -122,9 +122,8 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    from absl import app
-    _define_flags()
-    app.run(main)
+    from tfcdisc import cli
+    cli.run(_define_flags, main)
 
 
 if __name__ == "__main__":
