@@ -7,7 +7,7 @@
 import importlib
 import sys
 
-SUITES = ["bson", "tfds", "train"]
+SUITES = ["bson", "tfds", "train", "predict"]
 
 
 def main() -> None:

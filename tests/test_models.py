@@ -75,3 +75,17 @@ def test_label_smoothing_loss():
     np.testing.assert_allclose(plain(y, logits), keras.losses.SparseCategoricalCrossentropy(
         from_logits=True)(y, logits), rtol=1e-5)
     assert models.SparseCrossentropy.from_config(loss.get_config()).label_smoothing == 0.1
+
+
+def test_skipping_padded_slots_changes_no_answer():
+    model = models.build_image_model("small_cnn", 5, image_size=32, dropout=0.0)
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, (4, 4, 32, 32, 3)).astype(np.float32)
+    mask = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], np.float32)
+    full = models.product_predictions(model, images, mask, k=3)
+    skip = models.product_predictions(model, images, mask, k=3, skip_padding=True)
+    for key in ("top_k_classes", "image_top1"):
+        valid = mask.sum(1) > 0 if key == "top_k_classes" else mask > 0
+        np.testing.assert_array_equal(full[key].numpy()[valid], skip[key].numpy()[valid])
+    np.testing.assert_allclose(full["top_k_probabilities"].numpy()[mask.sum(1) > 0],
+                               skip["top_k_probabilities"].numpy()[mask.sum(1) > 0], rtol=1e-5)

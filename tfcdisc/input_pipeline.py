@@ -94,19 +94,25 @@ def decode_train(jpeg: tf.Tensor, image_size: int,
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
-def decode_eval(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
-    """The centre view: the whole image, resized; an empty string decodes to padding."""
+def decode_eval(jpeg: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """The centre view: the whole image, resized; an empty string decodes to padding.
+
+    ``tf.uint8`` rounds the resized pixels: a quarter of the memory for batches that
+    travel (prediction), at a difference of under half a grey level.
+    """
     jpeg = tf.where(tf.strings.length(jpeg) > 0, jpeg, _BLANK_JPEG)
     image = tf.io.decode_jpeg(jpeg, channels=3)
     image = tf.image.resize(image, [image_size, image_size])
+    if dtype == tf.uint8:
+        image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
-def decode_product(images: tf.Tensor, image_size: int) -> tf.Tensor:
-    """[MAX_IMAGES] JPEG strings (empty = padding) -> [MAX_IMAGES, S, S, 3] float32."""
-    return tf.map_fn(lambda j: decode_eval(j, image_size), images,
-                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
-                                                       tf.float32))
+def decode_product(images: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32
+                   ) -> tf.Tensor:
+    """[MAX_IMAGES] JPEG strings (empty = padding) -> [MAX_IMAGES, S, S, 3]."""
+    return tf.map_fn(lambda j: decode_eval(j, image_size, dtype), images,
+                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], dtype))
 
 
 def pad_images(images: tf.Tensor, max_images: int = MAX_IMAGES) -> tuple[tf.Tensor, tf.Tensor]:

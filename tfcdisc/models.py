@@ -193,20 +193,35 @@ def combine_log_probs(log_probs: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)[:, None]
 
 
-def image_log_probs(image_model: keras.Model, images: tf.Tensor) -> tf.Tensor:
-    """[B, N, S, S, 3] -> [B, N, C] float32 log-probabilities, in inference mode."""
+def image_log_probs(image_model: keras.Model, images: tf.Tensor,
+                    mask: tf.Tensor | None = None) -> tf.Tensor:
+    """[B, N, S, S, 3] -> [B, N, C] float32 log-probabilities, in inference mode.
+
+    With a ``mask``, the model runs only on the real images (padding is ~55% of the
+    slots at 1.75 images a product) and padded slots get zeros. That shape is dynamic:
+    leave ``mask`` out where XLA needs static shapes (TPU evaluation).
+    """
+    images = tf.cast(images, tf.float32)
     shape = tf.shape(images)
     flat = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
-    logits = image_model(flat, training=False)["label"]
-    log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+    if mask is None:
+        logits = image_model(flat, training=False)["label"]
+        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+    else:
+        where = tf.where(tf.reshape(mask > 0, [-1]))
+        logits = image_model(tf.gather_nd(flat, where), training=False)["label"]
+        log_probs = tf.scatter_nd(where, tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1),
+                                  tf.stack([tf.shape(flat, out_type=tf.int64)[0],
+                                            tf.shape(logits, out_type=tf.int64)[1]]))
     return tf.reshape(log_probs, tf.stack([shape[0], shape[1], -1]))
 
 
 def product_predictions(image_model: keras.Model, images: tf.Tensor, mask: tf.Tensor,
-                        k: int = 5) -> dict[str, tf.Tensor]:
+                        k: int = 5, skip_padding: bool = False) -> dict[str, tf.Tensor]:
     """What evaluation and export need, kept small: top-k classes and probabilities of
-    each product, and each image's own top class."""
-    per_image = image_log_probs(image_model, images)
+    each product, and each image's own top class. ``skip_padding`` runs the model on
+    real images only (dynamic shapes: for CPU/GPU inference, not for TPUs)."""
+    per_image = image_log_probs(image_model, images, mask if skip_padding else None)
     combined = combine_log_probs(per_image, mask)
     top_log_probs, top_classes = tf.math.top_k(combined, k=k)
     # exp of the mean log-probability is a geometric mean; renormalise over classes.

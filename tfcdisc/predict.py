@@ -96,8 +96,8 @@ def tfds_products(data_dir: str, split: str, stats: PredictStats) -> Iterator[di
 
 def product_batches(products: Iterator[dict], image_size: int, batch_size: int
                     ) -> tf.data.Dataset:
-    """(product_id, images [B, 4, S, S, 3], mask [B, 4], category_id) batches, decoded in
-    parallel; the last batch is smaller (predict_decoded takes any batch size)."""
+    """(product_id, images uint8 [B, 4, S, S, 3], mask [B, 4], category_id) batches,
+    decoded in parallel; the last batch is smaller (predict_decoded takes any size)."""
     def gen():
         for p in products:
             padded = list(p["images"]) + [b""] * (input_pipeline.MAX_IMAGES - len(p["images"]))
@@ -109,7 +109,8 @@ def product_batches(products: Iterator[dict], image_size: int, batch_size: int
 
     def decode(pid, images, category_id):
         mask = tf.cast(tf.strings.length(images) > 0, tf.float32)
-        return pid, input_pipeline.decode_product(images, image_size), mask, category_id
+        return (pid, input_pipeline.decode_product(images, image_size, tf.uint8), mask,
+                category_id)
 
     opts = tf.data.Options()
     opts.deterministic = True  # rows in file order
@@ -145,17 +146,18 @@ def _count(bson_path: str | None) -> int | None:
     return len(index_lib.load_or_build(bson_path))
 
 
-def predict(saved_model: str, output: str, *, bson: str | None = None,
+def predict(saved_model, output: str, *, bson: str | None = None,
             data_dir: str | None = None, split: str = "test", batch_size: int = 256,
             top_k_output: str | None = None, progress: bool = True) -> PredictStats:
     """Writes ``output`` (``_id,category_id``, one row per product, file order) atomically.
 
+    ``saved_model`` is a path, or a `load_model` result to reuse across calls.
     ``top_k_output`` (.parquet or .csv) adds the top-k category ids and probabilities per
     product, for ensembling.
     """
     if bool(bson) == bool(data_dir):
         raise ValueError("give exactly one of --bson and --data_dir")
-    model, meta = load_model(saved_model)
+    model, meta = load_model(saved_model) if isinstance(saved_model, str) else saved_model
     stats = PredictStats()
     products = (bson_products(bson, stats, labeled=False) if bson
                 else tfds_products(data_dir, split, stats))
