@@ -195,3 +195,11 @@ def test_fast_serializer_matches_tfds(catalogue):
         theirs = tfds_serializer.serialize_example(feature_dict.encode_example(ex))
         assert tf.train.Example.FromString(examples.serialize(ex)) == \
             tf.train.Example.FromString(theirs)
+
+
+def test_tfds_load_by_name_after_importing_the_builder(dataset):
+    import tensorflow_datasets as tfds
+    import tfds_builder.cdiscount.cdiscount_dataset_builder  # noqa: F401  (registers it)
+    data_dir = str(pathlib.Path(dataset.data_dir).parents[2])
+    ds = tfds.load("cdiscount", split="validation", data_dir=data_dir)
+    assert sum(1 for _ in ds) == dataset.info.splits["validation"].num_examples

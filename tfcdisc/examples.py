@@ -279,18 +279,29 @@ def _join(folder: str, name: str) -> str:
 # --------------------------------------------------------------------------- generation
 
 
-@functools.lru_cache(maxsize=4)
 def _index(index_path: str, bson_path: str) -> index_lib.OffsetIndex:
+    """The shard's index, loaded once per process while the index file is unchanged."""
+    stamp = tf.io.gfile.stat(index_path).mtime_nsec if index_path else 0
+    return _cached_index(index_path, bson_path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_index(index_path: str, bson_path: str, stamp: int) -> index_lib.OffsetIndex:
+    del stamp  # part of the cache key: a rebuilt index has a new one
     if index_path:
         return index_lib.load(index_path, bson_path)
     return index_lib.load_or_build(bson_path)
 
 
-@functools.lru_cache(maxsize=4)
 def _members(index_path: str, bson_path: str, members: str, options: BuildOptions):
     if members == "all":
         return None
-    holdout = validation_mask(_index(index_path, bson_path), options)
+    return _holdout(_index(index_path, bson_path), options, members)
+
+
+@functools.lru_cache(maxsize=4)
+def _holdout(index: index_lib.OffsetIndex, options: BuildOptions, members: str) -> np.ndarray:
+    holdout = validation_mask(index, options)
     return holdout if members == "validation" else ~holdout
 
 
