@@ -95,7 +95,6 @@ def score(truth: np.ndarray, top_k: np.ndarray, image_pred: np.ndarray,
     t_cls[known] = taxonomy.class_index(truth[known])
     p_cls = taxonomy.class_index(pred)
     l2, l1 = taxonomy.class_to_level2, taxonomy.class_to_level1
-    level_ok = known
     by_images = {str(n): {"products": int((num_images == n).sum()),
                           "product_accuracy": float(hit[num_images == n].mean())}
                  for n in sorted(set(num_images.tolist()))}
@@ -105,20 +104,23 @@ def score(truth: np.ndarray, top_k: np.ndarray, image_pred: np.ndarray,
         if valid_images.any() else 0.0,
         f"top{min(5, top_k.shape[1])}_accuracy": float(
             (top_k[:, :5] == truth[:, None]).any(axis=1).mean()) if len(hit) else 0.0,
-        "level1_accuracy": float((l1[t_cls[level_ok]] == l1[p_cls[level_ok]]).mean())
-        if level_ok.any() else 0.0,
-        "level2_accuracy": float((l2[t_cls[level_ok]] == l2[p_cls[level_ok]]).mean())
-        if level_ok.any() else 0.0,
+        "level1_accuracy": float((l1[t_cls[known]] == l1[p_cls[known]]).mean())
+        if known.any() else 0.0,
+        "level2_accuracy": float((l2[t_cls[known]] == l2[p_cls[known]]).mean())
+        if known.any() else 0.0,
         "products": int(len(truth)),
         "images": int(valid_images.sum()),
         "accuracy_by_num_images": by_images,
     }
-    names = lambda c: list(taxonomy.names(int(taxonomy.class_index(c))))  # noqa: E731
+    known_ids = set(taxonomy.category_ids.tolist())
+
+    def names(c: int) -> list[str] | None:
+        return list(taxonomy.names(int(taxonomy.class_index(c)))) if c in known_ids else None
+
     wrong = collections.Counter(zip(truth[~hit].tolist(), pred[~hit].tolist()))
     report["most_confused"] = [
-        {"true": t, "predicted": p, "count": n, "true_names": names(t) if t in set(
-            taxonomy.category_ids.tolist()) else None, "predicted_names": names(p)}
-        for (t, p), n in wrong.most_common(_TOP)]
+        {"true": t, "predicted": p, "count": n, "true_names": names(t),
+         "predicted_names": names(p)} for (t, p), n in wrong.most_common(_TOP)]
     frame = pd.DataFrame({"category_id": truth, "hit": hit})
     per_cat = frame.groupby("category_id")["hit"].agg(["mean", "size"])
     report["categories"] = int(len(per_cat))
@@ -126,8 +128,7 @@ def score(truth: np.ndarray, top_k: np.ndarray, image_pred: np.ndarray,
                                                                ascending=[True, False])
     report["worst_categories"] = [
         {"category_id": int(c), "products": int(r["size"]), "accuracy": float(r["mean"]),
-         "names": names(int(c)) if int(c) in set(taxonomy.category_ids.tolist()) else None}
-        for c, r in ranked.head(_TOP).iterrows()]
+         "names": names(int(c))} for c, r in ranked.head(_TOP).iterrows()]
     report["_per_category"] = per_cat  # for the plot; dropped from the JSON
     return report
 
