@@ -27,8 +27,7 @@ def test_savedmodel_runs_without_tfcdisc_and_matches_keras(catalogue, exported, 
     import tensorflow as tf
     model = keras.saving.load_model(export.checkpoint_path(str(run)), compile=False)
     # The export's own computation: uint8 decoding, padded slots skipped.
-    decoded = tf.stack([input_pipeline.decode_product(tf.constant(i), 32, tf.uint8)
-                        for i in images])
+    decoded = input_pipeline.decode_products(tf.constant(images), 32, tf.uint8)
     mask = tf.constant([[1.0 if b else 0.0 for b in i] for i in images])
     expected = models.product_predictions(model, decoded, mask, k=5, skip_padding=True)
     script = textwrap.dedent("""

@@ -146,7 +146,7 @@ def _open(source) -> tuple[BinaryIO, str, int | None, bool]:
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(f"{path}: no such file; check the path (local or gs://)")
         return tf.io.gfile.GFile(path, "rb"), path, file_size(path), True
-    name = str(getattr(source, "name", "<file object>"))
+    name = source_name(source)
     try:
         here = source.tell()
         size = source.seek(0, 2)

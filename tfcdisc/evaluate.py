@@ -52,19 +52,14 @@ def evaluate(saved_model: str, *, bson: str | None = None, labels: str | None = 
              data_dir: str | None = None, split: str = "validation", batch_size: int = 256,
              progress: bool = True) -> dict:
     """Predicts every product and compares with its category; returns the report dict."""
-    if bool(bson) == bool(data_dir):
-        raise ValueError("give exactly one of --bson and --data_dir")
+    stats = predict_lib.PredictStats()
+    products, total = predict_lib.open_products(bson=bson, data_dir=data_dir, split=split,
+                                                stats=stats,
+                                                labeled=False if labels else None)
+    if labels:
+        products = _with_labels(products, read_labels(labels), labels)
     model, meta = predict_lib.load_model(saved_model)
     taxonomy = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
-    stats = predict_lib.PredictStats()
-    if bson:
-        products = predict_lib.bson_products(bson, stats, labeled=None if not labels else False)
-        if labels:
-            products = _with_labels(products, read_labels(labels), labels)
-        total = predict_lib._count(bson)
-    else:
-        products = predict_lib.tfds_products(data_dir, split, stats)
-        total = None
     batches = predict_lib.product_batches(products, meta["image_size"], batch_size)
     cols = collections.defaultdict(list)
     for out in predict_lib.run_predictions(model, batches, stats, total, progress):

@@ -56,14 +56,8 @@ class ProductClassifier(tf.Module):
         self.metadata = tf.function(self._metadata, input_signature=[])
 
     def _serve(self, images):
-        mask = tf.cast(tf.strings.length(images) > 0, tf.float32)
-        flat = tf.reshape(images, [-1])
-        decoded = tf.map_fn(lambda j: input_pipeline.decode_eval(j, self.image_size, tf.uint8),
-                            flat, fn_output_signature=tf.TensorSpec(
-                                [self.image_size, self.image_size, 3], tf.uint8))
-        decoded = tf.reshape(decoded, [-1, input_pipeline.MAX_IMAGES, self.image_size,
-                                       self.image_size, 3])
-        return self._predict(decoded, mask)
+        decoded = input_pipeline.decode_products(images, self.image_size, tf.uint8)
+        return self._predict(decoded, input_pipeline.padding_mask(images))
 
     def _predict(self, images, mask):
         out = models.product_predictions(self.image_model, images, mask, self.top_k,
@@ -100,11 +94,11 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
            ) -> dict:
     """Writes the SavedModel; returns a summary (paths, classes, fallback category)."""
     config = train.load_config(model_dir)
-    cfg, info = config["train"], config["dataset"]
-    builder = input_pipeline.load_builder(cfg["data_dir"])
+    cfg, info = train.TrainConfig(**config["train"]), config["dataset"]
+    builder = input_pipeline.load_builder(cfg.data_dir)
     meta = builder.info.metadata or {}
     if "taxonomy" not in meta:
-        raise ValueError(f"{cfg['data_dir']}: the dataset's metadata has no taxonomy; rebuild "
+        raise ValueError(f"{cfg.data_dir}: the dataset's metadata has no taxonomy; rebuild "
                          "it with this version's tfds_builder/cdiscount")
     taxonomy = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
     counts = np.asarray(meta.get("class_counts") or [], np.int64)
@@ -115,20 +109,16 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
     previous = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy("float32")  # portable serving on any device
     try:
-        image_model = models.build_image_model(
-            cfg["backbone"], info["num_classes"], image_size=cfg["image_size"],
-            num_level1=info["num_level1"] if cfg["level1_loss_weight"] > 0 else 0,
-            num_level2=info["num_level2"] if cfg["level2_loss_weight"] > 0 else 0,
-            dropout=cfg["dropout"], weights=checkpoint_path(model_dir, checkpoint))
+        image_model = train.image_model(cfg, info, checkpoint_path(model_dir, checkpoint))
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    module = ProductClassifier(image_model, taxonomy, cfg["image_size"], top_k,
+    module = ProductClassifier(image_model, taxonomy, cfg.image_size, top_k,
                                int(np.argmax(counts)))
     tf.saved_model.save(module, export_dir, signatures={
         "serving_default": module.serve, "predict_decoded": module.predict_decoded,
         "metadata": module.metadata})
     return {"export_dir": export_dir, "checkpoint": checkpoint, "classes": taxonomy.num_classes,
-            "image_size": cfg["image_size"], "top_k": top_k,
+            "image_size": cfg.image_size, "top_k": top_k,
             "fallback_category_id": int(taxonomy.category_ids[int(np.argmax(counts))])}
 
 

@@ -108,11 +108,24 @@ def decode_eval(jpeg: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32) 
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
-def decode_product(images: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32
-                   ) -> tf.Tensor:
-    """[MAX_IMAGES] JPEG strings (empty = padding) -> [MAX_IMAGES, S, S, 3]."""
-    return tf.map_fn(lambda j: decode_eval(j, image_size, dtype), images,
+def padding_mask(images: tf.Tensor) -> tf.Tensor:
+    """1.0 for a real image, 0.0 for a padded slot (an empty string)."""
+    return tf.cast(tf.strings.length(images) > 0, tf.float32)
+
+
+def decode_products(images: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32
+                    ) -> tf.Tensor:
+    """[..., MAX_IMAGES] JPEG strings (empty = padding) -> [..., MAX_IMAGES, S, S, 3].
+
+    One map over every image of one product or of a whole batch; the static shape of
+    ``images`` is kept, so TPU batches stay static.
+    """
+    flat = tf.map_fn(lambda j: decode_eval(j, image_size, dtype), tf.reshape(images, [-1]),
+                     parallel_iterations=16,
                      fn_output_signature=tf.TensorSpec([image_size, image_size, 3], dtype))
+    pixels = tf.reshape(flat, tf.concat([tf.shape(images), [image_size, image_size, 3]], 0))
+    pixels.set_shape(images.shape.concatenate([image_size, image_size, 3]))
+    return pixels
 
 
 def pad_images(images: tf.Tensor, max_images: int = MAX_IMAGES) -> tuple[tf.Tensor, tf.Tensor]:
@@ -265,7 +278,7 @@ def batch_products(ds: tf.data.Dataset, batch_size: int, image_size: int,
     ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(filler))
 
     def decode(features, labels):
-        features = dict(features, images=decode_product(features["images"], image_size))
+        features = dict(features, images=decode_products(features["images"], image_size))
         return features, labels
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)

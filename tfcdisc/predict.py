@@ -122,11 +122,8 @@ def product_batches(products: Iterator[dict], image_size: int, batch_size: int
         tf.TensorSpec([None], tf.int64)))
 
     def decode(pid, images, category_id):
-        mask = tf.cast(tf.strings.length(images) > 0, tf.float32)
-        flat = tf.map_fn(lambda j: input_pipeline.decode_eval(j, image_size, tf.uint8),
-                         tf.reshape(images, [-1]), parallel_iterations=16,
-                         fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
-        return pid, tf.reshape(flat, [-1, n, image_size, image_size, 3]), mask, category_id
+        return (pid, input_pipeline.decode_products(images, image_size, tf.uint8),
+                input_pipeline.padding_mask(images), category_id)
 
     opts = tf.data.Options()
     opts.deterministic = True  # rows in file order
@@ -152,13 +149,21 @@ def run_predictions(model, batches: tf.data.Dataset, stats: PredictStats, total:
     stats.seconds = time.perf_counter() - start
 
 
-def _count(bson_path: str | None) -> int | None:
-    """Products in the file, from its offset index (built once, reused after): the
-    progress bar gets an ETA, and a corrupt file fails before any prediction."""
-    if not bson_path:
-        return None
-    from tfcdisc import index as index_lib
-    return len(index_lib.load_or_build(bson_path))
+def open_products(*, bson: str | None, data_dir: str | None, split: str,
+                  stats: PredictStats, labeled: bool | None = False
+                  ) -> tuple[Iterator[dict], int | None]:
+    """The products to score, from a BSON file or a built TFDS split, and their number.
+
+    For a BSON file the number comes from its offset index (built once, reused after):
+    the progress bar gets an ETA, and a corrupt file fails before any prediction.
+    """
+    if bool(bson) == bool(data_dir):
+        raise ValueError("give exactly one of --bson and --data_dir")
+    if bson:
+        from tfcdisc import index as index_lib
+        return bson_products(bson, stats, labeled), len(index_lib.load_or_build(bson))
+    builder = input_pipeline.load_builder(data_dir)
+    return tfds_products(data_dir, split, stats), builder.info.splits[split].num_examples
 
 
 def predict(saved_model, output: str, *, bson: str | None = None,
@@ -170,14 +175,9 @@ def predict(saved_model, output: str, *, bson: str | None = None,
     ``top_k_output`` (.parquet or .csv) adds the top-k category ids and probabilities per
     product, for ensembling.
     """
-    if bool(bson) == bool(data_dir):
-        raise ValueError("give exactly one of --bson and --data_dir")
-    model, meta = load_model(saved_model) if isinstance(saved_model, str) else saved_model
     stats = PredictStats()
-    products = (bson_products(bson, stats, labeled=False) if bson
-                else tfds_products(data_dir, split, stats))
-    total = _count(bson) if bson else input_pipeline.load_builder(data_dir).info.splits[
-        split].num_examples
+    products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats)
+    model, meta = load_model(saved_model) if isinstance(saved_model, str) else saved_model
     batches = product_batches(products, meta["image_size"], batch_size)
     tmp = output + ".tmp"
     top_rows = [] if top_k_output else None

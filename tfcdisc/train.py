@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
 from typing import Sequence
 
@@ -108,14 +107,21 @@ def _optimizer(cfg: TrainConfig, total_steps: int, steps_per_epoch: int):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
-def build_and_compile(cfg: TrainConfig, info: dict, total_steps: int,
-                      steps_per_epoch: int) -> keras.Model:
-    """The image model for ``info`` (class counts), compiled; call inside strategy.scope()."""
-    model = models.build_image_model(
-        cfg.backbone, info["num_classes"], image_size=cfg.image_size, weights=cfg.weights,
+def image_model(cfg: TrainConfig, info: dict, weights: str | None = None) -> keras.Model:
+    """The run's image model for ``info`` (class counts): the heads its loss weights ask
+    for. ``weights`` overrides cfg.weights (export loads a checkpoint this way)."""
+    return models.build_image_model(
+        cfg.backbone, info["num_classes"], image_size=cfg.image_size,
+        weights=weights or cfg.weights,
         num_level1=info["num_level1"] if cfg.level1_loss_weight > 0 else 0,
         num_level2=info["num_level2"] if cfg.level2_loss_weight > 0 else 0,
         dropout=cfg.dropout, bn_momentum=cfg.bn_momentum)
+
+
+def build_and_compile(cfg: TrainConfig, info: dict, total_steps: int,
+                      steps_per_epoch: int) -> keras.Model:
+    """The image model for ``info`` (class counts), compiled; call inside strategy.scope()."""
+    model = image_model(cfg, info)
     losses, weights = {}, {}
     for key, n, w in (("label", info["num_classes"], 1.0),
                       ("label_level1", info["num_level1"], cfg.level1_loss_weight),
