@@ -10,7 +10,6 @@ peak memory flat from 1,000 to 20,000 products. Extrapolates the real test set.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -69,7 +68,6 @@ def _stage_predict(saved_model: str, bson: str, warmup: str) -> dict:
 
 
 def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
-    import tensorflow as tf
     from tfcdisc import predict
     model, meta = predict.load_model(saved_model)
     stats = predict.PredictStats()
@@ -87,7 +85,7 @@ def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
 
 def run() -> None:
     files = _test_files()
-    rows, notes = [], []
+    rows = []
     for name, (_, label) in MODELS.items():
         saved = str(_export(name))
         n = 2048 if name == "demo" else 768

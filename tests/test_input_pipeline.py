@@ -68,7 +68,7 @@ def test_product_batches_score_every_product(dataset):
     ds = ip.product_dataset(dataset, "validation", 5, ip.PipelineOptions(image_size=32))
     features, labels = ds.element_spec
     assert features["images"].shape == (5, 4, 32, 32, 3) and features["mask"].shape == (5, 4)
-    ids, valid, masks, counts = [], 0, [], []
+    ids, valid, masks = [], 0, []
     for f, y in ds:
         ids += f["product_id"].numpy()[f["valid"].numpy() > 0].tolist()
         valid += int(f["valid"].numpy().sum())

@@ -73,7 +73,7 @@ def test_category_blocks_long_tail_and_image_counts(tmp_path):
 def test_deterministic_for_a_seed(tmp_path):
     a = synth.generate(str(tmp_path / "a"), 30, 5, num_categories=5, seed=3, workers=2)
     b = synth.generate(str(tmp_path / "b"), 30, 5, num_categories=5, seed=3, workers=1)
-    c = synth.generate(str(tmp_path / "c"), 30, 5, num_categories=5, seed=4, workers=1)
+    synth.generate(str(tmp_path / "c"), 30, 5, num_categories=5, seed=4, workers=1)
     for name in ("train.bson", "test.bson", "category_names.csv", "test_labels.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a/train.bson").read_bytes() != (tmp_path / "c/train.bson").read_bytes()
