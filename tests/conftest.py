@@ -34,15 +34,15 @@ def dataset(catalogue, tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported(dataset, tmp_path_factory):
     """A small model trained for a few steps on the dataset and exported: (run, export)."""
-    from tfcdisc import export, train
+    from tfcdisc import serving, training
     run = tmp_path_factory.mktemp("run")
-    train.train(train.TrainConfig(
+    training.train(training.TrainConfig(
         data_dir=dataset.data_dir, model_dir=str(run), backbone="small_cnn", image_size=32,
         global_batch_size=32, epochs=2, steps_per_epoch=8, optimizer="adamw",
         learning_rate=0.004, bn_momentum=0.9, strategy="default", mixed_precision="float32",
         shuffle_buffer=256, eval_batch_size=16, seed=0, verbose=0))
     out = tmp_path_factory.mktemp("export") / "model"
-    export.export(str(run), str(out))
+    serving.export(str(run), str(out))
     return run, out
 
 
@@ -112,3 +112,62 @@ def read_split(builder, split) -> dict:
         ex["images"] = [bytes(b) for b in ex["images"]]
         out[int(ex["product_id"])] = ex
     return out
+
+
+_TRAIN_SCRIPT = """
+import json, os, signal, sys
+sys.path.insert(0, {repo!r})
+import keras
+import tensorflow as tf
+cpus = int(sys.argv[2])
+if cpus > 1:  # logical devices must be set before TensorFlow starts
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * cpus)
+from tfcdisc import training
+kill_at = int(sys.argv[3])
+
+
+class Kill(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # a preemption: no clean-up of any kind
+
+
+class Steps(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        if not hasattr(self, "first"):
+            self.first = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.last = int(self.model.optimizer.iterations.numpy())
+
+
+steps = Steps()
+result = training.train(training.TrainConfig(**json.loads(sys.argv[1])),
+                        callbacks=[steps] + ([Kill()] if kill_at >= 0 else []))
+print(json.dumps({{"loss": result["history"].get("loss", []), "validation": result["validation"],
+                  "resumed": result["resumed"], "first_step": getattr(steps, "first", None),
+                  "last_step": getattr(steps, "last", None),
+                  "global_batch_size": result["global_batch_size"]}}))
+"""
+
+
+def run_training(cfg, *, logical_cpus: int = 1, env: dict | None = None,
+                 kill_at_step: int = -1, timeout: int = 600, wait: bool = True):
+    """`training.train(cfg)` in a fresh process (logical CPUs, environment, a SIGKILL at a
+    global step); returns the CompletedProcess, or the Popen with ``wait=False``."""
+    import dataclasses
+    import json
+    import subprocess
+    args = [sys.executable, "-c", _TRAIN_SCRIPT.format(repo=str(REPO)),
+            json.dumps(dataclasses.asdict(cfg)), str(logical_cpus), str(kill_at_step)]
+    full_env = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=full_env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def last_json(text: str) -> dict:
+    import json
+    return json.loads(text.strip().splitlines()[-1])

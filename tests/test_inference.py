@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import doc, jpeg_bytes, write
-from tfcdisc import bsonfile, evaluate, export, input_pipeline, models, predict
+from tfcdisc import bsonfile, inference, input_pipeline, models, scoring, serving
 
 
 def _products(path, n=None):
@@ -25,9 +25,9 @@ def test_savedmodel_runs_without_tfcdisc_and_matches_keras(catalogue, exported, 
     images = [p.images[:4] + [b""] * (4 - len(p.images[:4])) for p in products]
     # Expected answers from the Keras checkpoint, through the library's own functions.
     import tensorflow as tf
-    model = keras.saving.load_model(export.checkpoint_path(str(run)), compile=False)
+    model = keras.saving.load_model(serving.checkpoint_path(str(run)), compile=False)
     # The export's own computation: uint8 decoding, padded slots skipped.
-    decoded = input_pipeline.decode_products(tf.constant(images), 32, tf.uint8)
+    decoded = input_pipeline.decode_products(tf.constant(images), 32)
     mask = tf.constant([[1.0 if b else 0.0 for b in i] for i in images])
     expected = models.product_predictions(model, decoded, mask, k=5, skip_padding=True)
     script = textwrap.dedent("""
@@ -74,7 +74,7 @@ def test_cli_show_lists_the_signature(exported):
 def test_submission_has_every_product_in_order(catalogue, exported, tmp_path):
     folder, _ = catalogue
     out = tmp_path / "submission.csv"
-    stats = predict.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
+    stats = inference.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
                             batch_size=16, top_k_output=str(tmp_path / "top.parquet"),
                             progress=False)
     sub = pd.read_csv(out)
@@ -98,12 +98,12 @@ def test_every_product_gets_a_row_whatever_its_images(exported, tmp_path):
                 doc(15, cid=None, imgs=pics(jpeg_bytes("CMYK")))]
     path = write(tmp_path, *products, name="test.bson")
     out = tmp_path / "submission.csv"
-    stats = predict.predict(str(saved), str(out), bson=path, progress=False)
+    stats = inference.predict(str(saved), str(out), bson=path, progress=False)
     sub = pd.read_csv(out)
     assert sub["_id"].tolist() == [11, 12, 13, 14, 15]
-    _, meta = predict.load_model(str(saved))
-    assert sub["category_id"].iloc[3] == meta["fallback_category_id"]
-    assert set(sub["category_id"]) <= set(meta["taxonomy"]["category_ids"])
+    export = serving.load(str(saved))
+    assert sub["category_id"].iloc[3] == export.category_ids[export.fallback_class]
+    assert set(sub["category_id"]) <= set(export.category_ids.tolist())
     assert stats.corrupt_images == 3 and stats.products_without_images == 1
     assert any("_id 14 image 0: not a JPEG" in e for e in stats.examples)
 
@@ -111,17 +111,17 @@ def test_every_product_gets_a_row_whatever_its_images(exported, tmp_path):
 def test_interrupted_prediction_leaves_no_partial_submission(catalogue, exported, tmp_path,
                                                            monkeypatch):
     folder, _ = catalogue
-    real = predict.run_predictions
+    real = inference.run_predictions
 
     def crash_after_first(*args, **kwargs):
         gen = real(*args, **kwargs)
         yield next(gen)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(predict, "run_predictions", crash_after_first)
+    monkeypatch.setattr(inference, "run_predictions", crash_after_first)
     out = tmp_path / "submission.csv"
     with pytest.raises(KeyboardInterrupt):
-        predict.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
+        inference.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
                         batch_size=8, progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -129,10 +129,10 @@ def test_interrupted_prediction_leaves_no_partial_submission(catalogue, exported
 def test_evaluate_equals_the_scored_submission(catalogue, exported, tmp_path):
     folder, _ = catalogue
     out = tmp_path / "submission.csv"
-    predict.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"), progress=False)
+    inference.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"), progress=False)
     labels = pd.read_csv(folder / "test_labels.csv")
     scored = (pd.read_csv(out)["category_id"] == labels["category_id"]).mean()
-    report = evaluate.evaluate(str(exported[1]), bson=str(folder / "test.bson"),
+    report = scoring.evaluate(str(exported[1]), bson=str(folder / "test.bson"),
                                labels=str(folder / "test_labels.csv"), progress=False)
     assert report["product_accuracy"] == pytest.approx(scored)
     assert report["products"] == len(labels)
@@ -141,30 +141,30 @@ def test_evaluate_equals_the_scored_submission(catalogue, exported, tmp_path):
     assert report["level1_accuracy"] >= report["level2_accuracy"] >= report["product_accuracy"]
     assert sum(v["products"] for v in report["accuracy_by_num_images"].values()) == len(labels)
     assert all(len(w["names"]) == 3 for w in report["worst_categories"])
-    evaluate.plot(report, str(tmp_path / "report.png"))
+    scoring.plot(report, str(tmp_path / "report.png"))
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
-    json.loads(evaluate.to_json(report))
+    json.loads(scoring.to_json(report))
 
 
 def test_evaluate_on_a_labelled_bson_and_a_tfds_split(catalogue, dataset, exported):
     folder, _ = catalogue
-    on_train = evaluate.evaluate(str(exported[1]), bson=str(folder / "train.bson"),
+    on_train = scoring.evaluate(str(exported[1]), bson=str(folder / "train.bson"),
                                  progress=False)
     assert on_train["products"] == 240
-    on_val = evaluate.evaluate(str(exported[1]), data_dir=dataset.data_dir,
+    on_val = scoring.evaluate(str(exported[1]), data_dir=dataset.data_dir,
                                split="validation", progress=False)
     assert on_val["products"] == dataset.info.splits["validation"].num_examples
     with pytest.raises(ValueError, match="give --labels"):
-        evaluate.evaluate(str(exported[1]), bson=str(folder / "test.bson"), progress=False)
+        scoring.evaluate(str(exported[1]), bson=str(folder / "test.bson"), progress=False)
 
 
 def test_predict_from_a_tfds_split_and_argument_errors(dataset, exported, tmp_path):
     out = tmp_path / "s.csv"
-    stats = predict.predict(str(exported[1]), str(out), data_dir=dataset.data_dir,
+    stats = inference.predict(str(exported[1]), str(out), data_dir=dataset.data_dir,
                             split="test", progress=False)
     assert stats.products == dataset.info.splits["test"].num_examples
     assert len(pd.read_csv(out)) == stats.products
     with pytest.raises(ValueError, match="exactly one of --bson and --data_dir"):
-        predict.predict(str(exported[1]), str(out), progress=False)
+        inference.predict(str(exported[1]), str(out), progress=False)
     with pytest.raises(FileNotFoundError, match="no best checkpoint"):
-        export.checkpoint_path(str(tmp_path))
+        serving.checkpoint_path(str(tmp_path))

@@ -17,29 +17,38 @@ def _ops(dataset) -> set:
     return ops
 
 
-def test_train_batches_are_static_and_tensorflow_only(dataset):
-    options = ip.PipelineOptions(image_size=48, shuffle_buffer=64, seed=1)
+def test_train_batches_are_static_uint8_and_tensorflow_only(dataset):
+    options = ip.PipelineOptions(image_size=48, decode_size=64, shuffle_buffer=64, seed=1)
     ds = ip.train_dataset(dataset, 16, options)
     images, labels = ds.element_spec
-    assert images.shape == (16, 48, 48, 3) and images.dtype == tf.float32
-    assert all(spec.shape == (16,) for spec in labels.values())
+    # uint8 at the decode size: the model crops and resizes on the device.
+    assert images.shape == (16, 64, 64, 3) and images.dtype == tf.uint8
+    assert all(spec.shape == (16,) and spec.dtype == tf.int32 for spec in labels.values())
     ops = _ops(ds)
-    assert "DecodeAndCropJpeg" in ops and "ExtractJpegShape" in ops
-    assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
+    assert "DecodeJpeg" in ops
+    assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless", "DecodeAndCropJpeg"}
     x, y = next(iter(ds))
-    assert x.shape == (16, 48, 48, 3) and 0 <= float(tf.reduce_min(x))
-    assert float(tf.reduce_max(x)) <= 255.0 and y["label"].dtype == tf.int64
+    assert x.shape == (16, 64, 64, 3) and x.dtype == tf.uint8 and y["label"].dtype == tf.int32
+
+
+def test_a_resumed_pipeline_does_not_replay_epoch_0(dataset):
+    options = ip.PipelineOptions(decode_size=32, shuffle_buffer=64, seed=3, deterministic=True)
+    first = lambda step: next(iter(ip.train_dataset(dataset, 16, options, start_step=step)))  # noqa
+    a, b, c = first(0), first(0), first(40)
+    np.testing.assert_array_equal(a[1]["label"].numpy(), b[1]["label"].numpy())
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+    assert not np.array_equal(a[0].numpy(), c[0].numpy())
 
 
 def test_one_training_example_per_image(dataset):
     images = dataset.info.metadata["build_stats"]["splits"]["train"]["images"]
-    options = ip.PipelineOptions(image_size=32, shuffle_buffer=16)
+    options = ip.PipelineOptions(decode_size=32, shuffle_buffer=16)
     ds = ip.train_dataset(dataset, 1, options, repeat=False)
     assert sum(1 for _ in ds) == images
 
 
 def test_deterministic_option_repeats_itself(dataset):
-    options = ip.PipelineOptions(image_size=32, shuffle_buffer=64, seed=3, deterministic=True)
+    options = ip.PipelineOptions(decode_size=32, shuffle_buffer=64, seed=3, deterministic=True)
     a, b = (next(iter(ip.train_dataset(dataset, 8, options))) for _ in range(2))
     np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
 
@@ -47,33 +56,53 @@ def test_deterministic_option_repeats_itself(dataset):
 @pytest.mark.parametrize("mode,progressive", [("L", False), ("CMYK", False), ("RGB", True)])
 def test_grayscale_cmyk_progressive_decode_to_rgb(mode, progressive):
     jpeg = tf.constant(jpeg_bytes(mode, progressive=progressive))
+    native = ip.decode_train(jpeg, 180)  # the catalogue's size: decoded, not resized
+    np.testing.assert_array_equal(native, tf.io.decode_jpeg(jpeg, channels=3))
     assert ip.decode_train(jpeg, 64).shape == (64, 64, 3)
-    assert ip.decode_train(jpeg, 64, seed=tf.constant([1, 2], tf.int64)).shape == (64, 64, 3)
     eval_image = ip.decode_eval(jpeg, 90)
-    assert eval_image.shape == (90, 90, 3)
+    assert eval_image.shape == (90, 90, 3) and eval_image.dtype == tf.uint8
     if mode == "L":  # grey stays grey: the three channels are equal
         np.testing.assert_allclose(eval_image[..., 0], eval_image[..., 2])
 
 
 def test_padding_and_masks():
-    padded, mask = ip.pad_images(tf.constant([b"a", b"b"]))
+    padded = ip.pad_images(tf.constant([b"a", b"b"]))
     assert padded.numpy().tolist() == [b"a", b"b", b"", b""]
-    assert mask.numpy().tolist() == [1, 1, 0, 0]
-    padded, mask = ip.pad_images(tf.constant([b"1", b"2", b"3", b"4", b"5"]))
-    assert padded.numpy().tolist() == [b"1", b"2", b"3", b"4"] and mask.numpy().sum() == 4
+    assert ip.padding_mask(padded).numpy().tolist() == [1, 1, 0, 0]
+    padded = ip.pad_images(tf.constant([b"1", b"2", b"3", b"4", b"5"]))
+    assert padded.numpy().tolist() == [b"1", b"2", b"3", b"4"]
 
 
 def test_product_batches_score_every_product(dataset):
     n = dataset.info.splits["validation"].num_examples
     ds = ip.product_dataset(dataset, "validation", 5, ip.PipelineOptions(image_size=32))
-    features, labels = ds.element_spec
-    assert features["images"].shape == (5, 4, 32, 32, 3) and features["mask"].shape == (5, 4)
+    spec = ds.element_spec
+    assert spec["images"].shape == (5, 4, 32, 32, 3) and spec["images"].dtype == tf.uint8
+    assert spec["mask"].shape == (5, 4) and spec["label"].dtype == tf.int32
     ids, valid, masks = [], 0, []
-    for f, y in ds:
-        ids += f["product_id"].numpy()[f["valid"].numpy() > 0].tolist()
-        valid += int(f["valid"].numpy().sum())
-        masks.append(f["mask"].numpy())
+    for b in ds:
+        ids += b["product_id"].numpy()[b["valid"].numpy() > 0].tolist()
+        valid += int(b["valid"].numpy().sum())
+        masks.append(b["mask"].numpy())
     expected = sorted(int(ex["product_id"]) for ex in dataset.as_dataset(
         split="validation").as_numpy_iterator())
     assert sorted(ids) == expected and valid == n and len(ids) == n
     assert len(masks) == -(-n // 5)  # the last batch was filled, not dropped
+
+
+@pytest.mark.parametrize("n,pipelines,replicas", [(13, 1, 1), (13, 1, 2), (13, 2, 2),
+                                                  (13, 3, 3), (4, 2, 4)])
+def test_every_input_pipeline_makes_the_same_number_of_batches(n, pipelines, replicas):
+    """Workers of a multi-worker run must step together: equal batch counts, each
+    product exactly once across all of them."""
+    products = tf.data.Dataset.range(n).map(
+        lambda i: {"images": tf.fill([4], ""), "product_id": i})
+    seen, counts = [], []
+    for p in range(pipelines):
+        ctx = tf.distribute.InputContext(pipelines, p, replicas)
+        batches = list(ip.batch_products(products, 2 * replicas, 8, n, ctx))
+        counts.append(len(batches))
+        assert all(b["images"].shape[0] == 2 for b in batches)
+        seen += [int(i) for b in batches for i, v in zip(b["product_id"], b["valid"]) if v]
+    assert len(set(counts)) == 1 and counts[0] % (replicas // pipelines) == 0
+    assert sorted(seen) == list(range(n))

@@ -11,7 +11,7 @@ from tfcdisc import models
 @pytest.mark.parametrize("backbone", sorted(models.BACKBONES))
 def test_every_backbone_builds_at_180(backbone):
     model = models.build_image_model(backbone, 7, image_size=180, num_level1=3, num_level2=5)
-    assert model.input_shape == (None, 180, 180, 3)
+    assert model.input_shape == (None, None, None, 3) and model.input.dtype == "uint8"
     assert {k: tuple(v.shape) for k, v in model.output.items()} == {
         "label": (None, 7), "label_level1": (None, 3), "label_level2": (None, 5)}
     assert all(model.get_layer(k).dtype_policy.compute_dtype == "float32"
@@ -22,7 +22,7 @@ def test_heads_stay_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         model = models.build_image_model("small_cnn", 4, image_size=32)
-        out = model(np.zeros((2, 32, 32, 3), np.float32))
+        out = model(np.zeros((2, 32, 32, 3), np.uint8))
         assert out["label"].dtype == tf.float32
         assert model.get_layer("small_cnn").compute_dtype == "bfloat16"
     finally:
@@ -43,14 +43,14 @@ def test_weights_from_a_path(tmp_path):
     path = str(tmp_path / "w.weights.h5")
     a.save_weights(path)
     b = models.build_image_model("small_cnn", 3, image_size=32, weights=path)
-    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(a(x)["label"], b(x)["label"], rtol=1e-5)
 
 
 def test_product_combination_is_the_masked_mean_of_log_probabilities():
     model = models.build_image_model("small_cnn", 6, image_size=32, dropout=0.0)
     rng = np.random.default_rng(1)
-    images = rng.uniform(0, 255, (3, 4, 32, 32, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (3, 4, 32, 32, 3), dtype=np.uint8)
     mask = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
     logits = model(images.reshape(12, 32, 32, 3), training=False)["label"].numpy()
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -80,7 +80,7 @@ def test_label_smoothing_loss():
 def test_skipping_padded_slots_changes_no_answer():
     model = models.build_image_model("small_cnn", 5, image_size=32, dropout=0.0)
     rng = np.random.default_rng(3)
-    images = rng.uniform(0, 255, (4, 4, 32, 32, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (4, 4, 32, 32, 3), dtype=np.uint8)
     mask = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], np.float32)
     full = models.product_predictions(model, images, mask, k=3)
     skip = models.product_predictions(model, images, mask, k=3, skip_padding=True)
@@ -89,3 +89,43 @@ def test_skipping_padded_slots_changes_no_answer():
         np.testing.assert_array_equal(full[key].numpy()[valid], skip[key].numpy()[valid])
     np.testing.assert_allclose(full["top_k_probabilities"].numpy()[mask.sum(1) > 0],
                                skip["top_k_probabilities"].numpy()[mask.sum(1) > 0], rtol=1e-5)
+
+
+def _smooth_images(n=4, size=48, seed=0):
+    """Smooth uint8 images (bilinear resampling of noise would only measure aliasing)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (n, 6, 6, 3)).astype(np.float32)
+    return tf.cast(tf.image.resize(small, [size, size]), tf.uint8)
+
+
+def test_the_view_in_inference_is_a_plain_resize():
+    view = models.ResizedCrop(32)
+    images = _smooth_images()
+    same = models.ResizedCrop(48)(images, training=False)
+    np.testing.assert_array_equal(same, tf.cast(images, tf.float32))  # untouched at size
+    expected = tf.image.resize(tf.cast(images, tf.float32), [32, 32])
+    np.testing.assert_allclose(view(images, training=False), expected, atol=0.02)
+
+
+def test_the_training_view_crops_flips_and_varies():
+    images = _smooth_images()
+    view = models.ResizedCrop(32, min_area=1.0, max_aspect=1.0, seed=4)  # only flips vary
+    out = view(tf.concat([images] * 4, 0), training=True).numpy()
+    plain = tf.image.resize(tf.cast(images, tf.float32), [32, 32]).numpy()
+    flips = []
+    for got, want in zip(out, np.concatenate([plain] * 4)):
+        flips.append(np.allclose(got, want[:, ::-1], atol=0.02))
+        assert flips[-1] or np.allclose(got, want, atol=0.02)
+    assert 0 < sum(flips) < len(flips)
+    crops = models.ResizedCrop(32, min_area=0.3, seed=5)
+    a, b = crops(images, training=True).numpy(), crops(images, training=True).numpy()
+    assert a.shape == (4, 32, 32, 3) and not np.allclose(a, b)
+    assert a.min() >= 0.0 and a.max() <= 255.0
+
+
+def test_the_view_compiles_with_xla():
+    view = models.ResizedCrop(40, seed=1)
+    train = tf.function(lambda x: view(x, training=True), jit_compile=True)
+    infer = tf.function(lambda x: view(x, training=False), jit_compile=True)
+    images = _smooth_images(size=64)
+    assert train(images).shape == (4, 40, 40, 3) and infer(images).shape == (4, 40, 40, 3)

@@ -1,20 +1,91 @@
-"""Runs an entry point's absl main, with its flags shown by ``--help``.
+"""Runs an entry point: its flags, a quick ``--help``, quiet start-up, flags.txt.
 
-absl's ``--help`` lists the flags of the program's main module; for a console script
-(``tfcdisc-train``) that is the generated wrapper, so the command's own flags are
-registered under it too.
+Entry modules define their flags without importing TensorFlow and import their library
+inside ``main``, so ``--help`` answers at once (exit 0) and TensorFlow's C++ start-up
+messages can be silenced before TensorFlow loads. ``--verbosity=0`` (absl's flag) brings
+them and the library's INFO logs back (absl's flag: 0 INFO, 1 DEBUG).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import textwrap
 from typing import Callable, Sequence
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+_OWN: list[str] = []  # the names of the flags the running command defined
+_REQUIRED: set[str] = set()
 
-def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None]) -> None:
+
+def own_flags(flag_values=None) -> list:
+    """The flags this command defined (absl's own left out), each once."""
+    from absl import flags
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    return [fv[name] for name in _OWN if name in fv]
+
+
+def flags_text(flag_values=None) -> str:
+    """Every flag of the command with its value, one per line (a reusable --flagfile)."""
+    return "".join(f.serialize() + "\n" for f in own_flags(flag_values) if f.value is not None)
+
+
+def _help(program: str, doc: str | None) -> str:
+    lines = [textwrap.dedent(doc or "").strip(), "", f"flags of {program}:"]
+    for f in own_flags():
+        default = "" if f.default is None else f" (default: {f.default_as_str})"
+        req = " (required)" if f.name in _REQUIRED else ""
+        lines.append(f"  --{f.name}: " + textwrap.fill(
+            f.help + default + req, width=92, subsequent_indent="    "))
+    lines.append("  --flagfile: read flags from a file (experiments/*.cfg)")
+    lines.append("  --verbosity: 0 shows TensorFlow's start-up messages and INFO logs, 1 DEBUG")
+    return "\n".join(lines) + "\n"
+
+
+def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
+        doc: str | None = None) -> None:
     from absl import app, flags
+    fv = flags.FLAGS
+    before = set(fv)
     define_flags()
-    program = sys.argv[0]
-    for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
-        flags.FLAGS.register_flag_by_module(program, flag)
-    app.run(main)
+    _OWN[:] = [n for n in fv if n not in before and fv[n].name == n]
+    _REQUIRED.update(_required(fv))
+    program = os.path.basename(sys.argv[0])
+    if any(a in _HELP for a in sys.argv[1:]):
+        sys.stdout.write(_help(program, doc))
+        sys.exit(0)
+
+    def quiet_main(argv: Sequence[str]) -> None:
+        import logging
+        from absl import logging as absl_logging
+        if not fv["verbosity"].present:  # quiet unless asked: our warnings and errors
+            # Level 3: CUDA builds log a C++ error on every machine without a GPU.
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            absl_logging.set_verbosity(absl_logging.WARNING)
+            logging.getLogger("tensorflow").setLevel(logging.ERROR)
+            for handler in logging.getLogger().handlers:  # absl's, installed by app.run
+                handler.addFilter(_no_library_deprecations)
+        main(argv)
+
+    app.run(quiet_main)
+
+
+def _no_library_deprecations(record) -> bool:
+    """Drops other libraries' notices about their own APIs (tfds's TensorInfo.dtype...)."""
+    return "deprecated" not in record.getMessage() or "tfcdisc" in record.pathname
+
+
+def _required(fv) -> set[str]:
+    # absl keeps required flags as validators named after the flag; their message says so.
+    names = set()
+    for name in _OWN:
+        for v in fv[name].validators:
+            if "must have a value other than None" in str(getattr(v, "message", "")):
+                names.add(name)
+    return names
+
+
+def fail(command: str, message: str) -> None:
+    """One line on stderr naming what is wrong and the fix; exit status 2."""
+    print(f"{command}: {message}", file=sys.stderr)
+    sys.exit(2)

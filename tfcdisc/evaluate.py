@@ -1,203 +1,54 @@
-"""Scores an exported model on labelled products: one JSON report (and a plot).
+"""Scores an export on labelled products: one JSON report (and a plot).
 
     python -m tfcdisc.evaluate --saved_model=EXPORT --bson=test.bson --labels=test_labels.csv
     python -m tfcdisc.evaluate --saved_model=EXPORT --bson=LABELLED.bson
     python -m tfcdisc.evaluate --saved_model=EXPORT --data_dir=DATA --split=validation \
-        [--output=report.json] [--plot=report.png]
+        [--output=report.json] [--plot=report.png] [--strategy=auto] [--tpu=local]
 
-It runs the same prediction path as `tfcdisc.predict`, so its ``product_accuracy`` is
-exactly the submission's score against the labels.
+It runs the same prediction path as `tfcdisc.predict` (and as training's validation), so
+its ``product_accuracy`` is exactly the submission's score against the labels.
 """
 
 from __future__ import annotations
 
-import collections
-import json
-import sys
 from typing import Sequence
 
-import numpy as np
-import pandas as pd
-import tensorflow as tf
-
-from tfcdisc import predict as predict_lib
-from tfcdisc import taxonomy as taxonomy_lib
-
-_TOP = 20
-MIN_SUPPORT = 5  # products a category needs to be ranked among the worst
-
-
-def read_labels(path: str) -> dict[int, int]:
-    """``_id,category_id`` CSV (test_labels.csv) -> {product id: category id}."""
-    with tf.io.gfile.GFile(path, "rb") as f:
-        frame = pd.read_csv(f)
-    missing = {"_id", "category_id"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected _id,category_id")
-    if frame["_id"].duplicated().any():
-        raise ValueError(f"{path}: duplicate _id {int(frame['_id'][frame['_id'].duplicated()].iloc[0])}")
-    return dict(zip(frame["_id"].astype(np.int64).tolist(),
-                    frame["category_id"].astype(np.int64).tolist()))
-
-
-def _with_labels(products, labels: dict[int, int], path: str):
-    for p in products:
-        if p["product_id"] not in labels:
-            raise ValueError(f"{path}: no label for product _id {p['product_id']}")
-        p["category_id"] = labels[p["product_id"]]
-        yield p
-
-
-def evaluate(saved_model: str, *, bson: str | None = None, labels: str | None = None,
-             data_dir: str | None = None, split: str = "validation", batch_size: int = 256,
-             progress: bool = True) -> dict:
-    """Predicts every product and compares with its category; returns the report dict."""
-    stats = predict_lib.PredictStats()
-    products, total = predict_lib.open_products(bson=bson, data_dir=data_dir, split=split,
-                                                stats=stats,
-                                                labeled=False if labels else None)
-    if labels:
-        products = _with_labels(products, read_labels(labels), labels)
-    model, meta = predict_lib.load_model(saved_model)
-    taxonomy = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
-    batches = predict_lib.product_batches(products, meta["image_size"], batch_size)
-    cols = collections.defaultdict(list)
-    for out in predict_lib.run_predictions(model, batches, stats, total, progress):
-        for key in ("label_category_id", "top_k_category_id", "image_category_id",
-                    "num_images", "product_id"):
-            cols[key].append(out[key])
-    data = {k: np.concatenate(v) for k, v in cols.items()}
-    truth = data["label_category_id"]
-    if (truth < 0).any():
-        raise ValueError(f"{bson or data_dir}: product _id "
-                         f"{int(data['product_id'][truth < 0][0])} has no category; give "
-                         "--labels for a test file")
-    report = score(truth, data["top_k_category_id"], data["image_category_id"],
-                   data["num_images"], taxonomy)
-    report["input"] = {"saved_model": saved_model, "source": bson or f"{data_dir}[{split}]",
-                       "labels": labels, **stats.as_dict()}
-    return report
-
-
-def score(truth: np.ndarray, top_k: np.ndarray, image_pred: np.ndarray,
-          num_images: np.ndarray, taxonomy: taxonomy_lib.Taxonomy) -> dict:
-    """The report's numbers from category ids (true [N], top-k [N, k], per image [N, 4])."""
-    pred = top_k[:, 0]
-    hit = pred == truth
-    valid_images = image_pred >= 0
-    known = np.isin(truth, taxonomy.category_ids)
-    t_cls = np.full(len(truth), -1)
-    t_cls[known] = taxonomy.class_index(truth[known])
-    p_cls = taxonomy.class_index(pred)
-    l2, l1 = taxonomy.class_to_level2, taxonomy.class_to_level1
-    by_images = {str(n): {"products": int((num_images == n).sum()),
-                          "product_accuracy": float(hit[num_images == n].mean())}
-                 for n in sorted(set(num_images.tolist()))}
-    report = {
-        "product_accuracy": float(hit.mean()) if len(hit) else 0.0,
-        "image_accuracy": float((image_pred == truth[:, None])[valid_images].mean())
-        if valid_images.any() else 0.0,
-        f"top{min(5, top_k.shape[1])}_accuracy": float(
-            (top_k[:, :5] == truth[:, None]).any(axis=1).mean()) if len(hit) else 0.0,
-        "level1_accuracy": float((l1[t_cls[known]] == l1[p_cls[known]]).mean())
-        if known.any() else 0.0,
-        "level2_accuracy": float((l2[t_cls[known]] == l2[p_cls[known]]).mean())
-        if known.any() else 0.0,
-        "products": int(len(truth)),
-        "images": int(valid_images.sum()),
-        "accuracy_by_num_images": by_images,
-    }
-    known_ids = set(taxonomy.category_ids.tolist())
-
-    def names(c: int) -> list[str] | None:
-        return list(taxonomy.names(int(taxonomy.class_index(c)))) if c in known_ids else None
-
-    wrong = collections.Counter(zip(truth[~hit].tolist(), pred[~hit].tolist()))
-    report["most_confused"] = [
-        {"true": t, "predicted": p, "count": n, "true_names": names(t),
-         "predicted_names": names(p)} for (t, p), n in wrong.most_common(_TOP)]
-    frame = pd.DataFrame({"category_id": truth, "hit": hit})
-    per_cat = frame.groupby("category_id")["hit"].agg(["mean", "size"])
-    report["categories"] = int(len(per_cat))
-    ranked = per_cat[per_cat["size"] >= MIN_SUPPORT].sort_values(["mean", "size"],
-                                                               ascending=[True, False])
-    report["worst_categories"] = [
-        {"category_id": int(c), "products": int(r["size"]), "accuracy": float(r["mean"]),
-         "names": names(int(c))} for c, r in ranked.head(_TOP).iterrows()]
-    report["_per_category"] = per_cat  # for the plot; dropped from the JSON
-    return report
-
-
-def plot(report: dict, path: str) -> None:
-    """Accuracy by category size and by level, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    per_cat = report["_per_category"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    sizes = per_cat["size"].to_numpy()
-    bins = np.unique(np.geomspace(1, max(sizes.max(), 2), 12).astype(int))
-    which = np.digitize(sizes, bins)
-    xs, ys = [], []
-    for k in np.unique(which):
-        sel = which == k
-        xs.append(sizes[sel].mean())
-        ys.append(np.average(per_cat["mean"].to_numpy()[sel], weights=sizes[sel]))
-    a.semilogx(xs, ys, "o-")
-    a.set_xlabel("products in the category (evaluation set)")
-    a.set_ylabel("product accuracy")
-    a.set_ylim(0, 1.02)
-    a.set_title("Accuracy by category size")
-    levels = ["level1_accuracy", "level2_accuracy", "product_accuracy"]
-    b.bar(["level 1", "level 2", "category"], [report[k] for k in levels])
-    b.set_ylim(0, 1.02)
-    b.set_title("Accuracy by taxonomy level")
-    fig.tight_layout()
-    with tf.io.gfile.GFile(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
-def to_json(report: dict) -> str:
-    return json.dumps({k: v for k, v in report.items() if not k.startswith("_")}, indent=2,
-                      ensure_ascii=False)
+from tfcdisc import cli
+from tfcdisc.predict import define_inference_flags
 
 
 def main(argv: Sequence[str]) -> None:
     from absl import flags
     del argv
+    import tensorflow as tf
+    from tfcdisc import bsonfile, scoring
     f = flags.FLAGS
     try:
-        report = evaluate(f.saved_model, bson=f.bson, labels=f.labels, data_dir=f.data_dir,
-                          split=f.split, batch_size=f.batch_size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        sys.exit(2)
-    text = to_json(report)
+        report = scoring.evaluate(f.saved_model, bson=f.bson, labels=f.labels,
+                                  data_dir=f.data_dir, split=f.split, batch_size=f.batch_size,
+                                  strategy=f.strategy, tpu=f.tpu)
+    except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
+        cli.fail("evaluate", str(e))
+    text = scoring.to_json(report)
     if f.output:
         with tf.io.gfile.GFile(f.output, "w") as out:
             out.write(text + "\n")
     if f.plot:
-        plot(report, f.plot)
+        scoring.plot(report, f.plot)
     print(text)
 
 
 def _define_flags() -> None:
     from absl import flags
-    flags.DEFINE_string("saved_model", None, "Folder written by tfcdisc.export.", required=True)
-    flags.DEFINE_string("bson", None, "A BSON file: labelled (train-style), or with --labels.")
+    define_inference_flags("validation")
     flags.DEFINE_string("labels", None, "_id,category_id CSV for an unlabelled --bson "
                         "(test_labels.csv of a synthetic catalogue).")
-    flags.DEFINE_string("data_dir", None, "A built TFDS cdiscount dataset (instead of --bson).")
-    flags.DEFINE_string("split", "validation", "The TFDS split, with --data_dir.")
-    flags.DEFINE_integer("batch_size", 256, "Products per model call.", lower_bound=1)
     flags.DEFINE_string("output", None, "Also write the report to this JSON file.")
     flags.DEFINE_string("plot", None, "Save a PNG: accuracy by category size and by level.")
 
 
 def run() -> None:
-    from tfcdisc import cli
-    cli.run(_define_flags, main)
+    cli.run(_define_flags, main, __doc__)
 
 
 if __name__ == "__main__":

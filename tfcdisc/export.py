@@ -2,135 +2,28 @@
 
     python -m tfcdisc.export --model_dir=RUN --export_dir=EXPORT [--top_k=5]
 
-The SavedModel needs neither tfcdisc nor category_names.csv: JPEG decoding, resizing,
-the product-level combination and the class -> category_id table are in the graph,
-and the taxonomy is embedded. Signatures:
-
-  serving_default(images: string [N, 4]) -> category_id int64 [N], probability [N],
-      top_k_category_id int64 [N, k], top_k_probability [N, k], image_category_id [N, 4]
-      A product's JPEG bytes, padded with empty strings. A product with no image gets
-      the most frequent training category and probability 0.
-  predict_decoded(images: uint8 [N, 4, S, S, 3], mask: float32 [N, 4]) -> the same
-      For callers that decode in their own parallel pipeline (`tfcdisc.predict`); uint8
-      keeps decoded batches a quarter of the size of float32.
-  metadata() -> taxonomy_json, image_size, top_k, fallback_category_id.
-
-The model is rebuilt outside any distribution strategy in float32 and the run's weights
-are loaded into it, so a model trained on a TPU in bfloat16 exports the same way.
+The SavedModel needs neither tfcdisc nor category_names.csv (`tfcdisc.serving` says what
+its signatures take and return); `tfcdisc.predict` and `tfcdisc.evaluate` read it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from typing import Sequence
 
-import keras
-import numpy as np
-import tensorflow as tf
-
-from tfcdisc import input_pipeline, models, train
-from tfcdisc import taxonomy as taxonomy_lib
-
-
-class ProductClassifier(tf.Module):
-    """The exported module: image model + decoding + product combination + id table."""
-
-    def __init__(self, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy,
-                 image_size: int, top_k: int, fallback_class: int):
-        super().__init__()
-        self.image_model = image_model
-        self.image_size = image_size
-        self.top_k = top_k
-        self._category_ids = tf.constant(taxonomy.category_ids, tf.int64)
-        self._fallback_id = tf.constant(int(taxonomy.category_ids[fallback_class]), tf.int64)
-        self._taxonomy_json = tf.constant(json.dumps(taxonomy.to_dict(), ensure_ascii=False))
-        s = image_size
-        self.serve = tf.function(self._serve, input_signature=[
-            tf.TensorSpec([None, input_pipeline.MAX_IMAGES], tf.string, name="images")])
-        self.predict_decoded = tf.function(self._predict, input_signature=[
-            tf.TensorSpec([None, input_pipeline.MAX_IMAGES, s, s, 3], tf.uint8,
-                          name="images"),
-            tf.TensorSpec([None, input_pipeline.MAX_IMAGES], tf.float32, name="mask")])
-        self.metadata = tf.function(self._metadata, input_signature=[])
-
-    def _serve(self, images):
-        decoded = input_pipeline.decode_products(images, self.image_size, tf.uint8)
-        return self._predict(decoded, input_pipeline.padding_mask(images))
-
-    def _predict(self, images, mask):
-        out = models.product_predictions(self.image_model, images, mask, self.top_k,
-                                         skip_padding=True)
-        has_image = tf.reduce_sum(mask, axis=1) > 0
-        top_ids = tf.gather(self._category_ids, out["top_k_classes"])
-        top_probs = tf.where(has_image[:, None], out["top_k_probabilities"], 0.0)
-        image_ids = tf.where(mask > 0, tf.gather(self._category_ids, out["image_top1"]),
-                             tf.constant(-1, tf.int64))
-        return {
-            "category_id": tf.where(has_image, top_ids[:, 0], self._fallback_id),
-            "probability": top_probs[:, 0],
-            "top_k_category_id": tf.where(has_image[:, None], top_ids, self._fallback_id),
-            "top_k_probability": top_probs,
-            "image_category_id": image_ids,
-        }
-
-    def _metadata(self):
-        return {"taxonomy_json": self._taxonomy_json,
-                "image_size": tf.constant(self.image_size, tf.int32),
-                "top_k": tf.constant(self.top_k, tf.int32),
-                "fallback_category_id": self._fallback_id}
-
-
-def checkpoint_path(model_dir: str, which: str = "best") -> str:
-    path = f"{model_dir.rstrip('/')}/checkpoints/{which}.keras"
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path}: no {which} checkpoint; has `python -m tfcdisc.train "
-                                f"--model_dir={model_dir}` finished an epoch?")
-    return path
-
-
-def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str = "best"
-           ) -> dict:
-    """Writes the SavedModel; returns a summary (paths, classes, fallback category)."""
-    config = train.load_config(model_dir)
-    cfg, info = train.TrainConfig(**config["train"]), config["dataset"]
-    builder = input_pipeline.load_builder(cfg.data_dir)
-    meta = builder.info.metadata or {}
-    if "taxonomy" not in meta:
-        raise ValueError(f"{cfg.data_dir}: the dataset's metadata has no taxonomy; rebuild "
-                         "it with this version's tfds_builder/cdiscount")
-    taxonomy = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
-    counts = np.asarray(meta.get("class_counts") or [], np.int64)
-    if counts.size != taxonomy.num_classes:
-        logging.warning("no class counts in the dataset metadata: falling back to class 0 for "
-                        "products without images")
-        counts = np.zeros(taxonomy.num_classes)
-    previous = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy("float32")  # portable serving on any device
-    try:
-        image_model = train.image_model(cfg, info, checkpoint_path(model_dir, checkpoint))
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    module = ProductClassifier(image_model, taxonomy, cfg.image_size, top_k,
-                               int(np.argmax(counts)))
-    tf.saved_model.save(module, export_dir, signatures={
-        "serving_default": module.serve, "predict_decoded": module.predict_decoded,
-        "metadata": module.metadata})
-    return {"export_dir": export_dir, "checkpoint": checkpoint, "classes": taxonomy.num_classes,
-            "image_size": cfg.image_size, "top_k": top_k,
-            "fallback_category_id": int(taxonomy.category_ids[int(np.argmax(counts))])}
+from tfcdisc import cli
 
 
 def main(argv: Sequence[str]) -> None:
     from absl import flags
     del argv
+    from tfcdisc import serving
     f = flags.FLAGS
     try:
-        summary = export(f.model_dir, f.export_dir, top_k=f.top_k, checkpoint=f.checkpoint)
+        summary = serving.export(f.model_dir, f.export_dir, top_k=f.top_k,
+                                 checkpoint=f.checkpoint)
     except (FileNotFoundError, ValueError) as e:
-        print(f"export: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("export", str(e))
     print(json.dumps(summary, indent=2))
 
 
@@ -146,8 +39,7 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    from tfcdisc import cli
-    cli.run(_define_flags, main)
+    cli.run(_define_flags, main, __doc__)
 
 
 if __name__ == "__main__":

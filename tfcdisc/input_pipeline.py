@@ -47,18 +47,19 @@ class PipelineOptions:
     """Knobs of the input pipeline; the defaults are the fast ones.
 
     Attributes:
-      image_size: side of the square model input.
+      image_size: side of the model input; evaluation images are resized to it here.
+      decode_size: side of the uint8 training images (the catalogue's own 180: decoding
+        is all the host does; the model crops and resizes on the accelerator).
       shuffle_buffer: training examples shuffled in memory (images, not products).
       deterministic: reproducible element order (slower with parallel maps).
-      crop_area: range of the fraction of the image a training crop covers.
-      seed: for file order, shuffling and crops when ``deterministic``.
+      seed: for file order and shuffling.
       data_service: address of a tf.data service dispatcher to offload decoding.
     """
 
     image_size: int = 180
+    decode_size: int = 180
     shuffle_buffer: int = 16384
     deterministic: bool = False
-    crop_area: tuple[float, float] = (0.5, 1.0)
     seed: int | None = None
     data_service: str | None = None
 
@@ -66,45 +67,27 @@ class PipelineOptions:
 # --------------------------------------------------------------------------- decoders
 
 
-def decode_train(jpeg: tf.Tensor, image_size: int,
-                 crop_area: tuple[float, float] = (0.5, 1.0),
-                 seed: tf.Tensor | None = None) -> tf.Tensor:
-    """Random crop decoded straight from the JPEG bytes, random flip, resize.
-
-    Returns float32 RGB in [0, 255] of shape [image_size, image_size, 3]; the model
-    applies its backbone's own scaling.
-    """
-    shape = tf.image.extract_jpeg_shape(jpeg)
-    # Sample a box covering crop_area of the image with a near-square aspect ratio.
-    kwargs = dict(bounding_boxes=tf.zeros([1, 0, 4]), min_object_covered=0.0,
-                  aspect_ratio_range=(3 / 4, 4 / 3), area_range=crop_area,
-                  max_attempts=10, use_image_if_no_bounding_boxes=True)
-    if seed is None:
-        begin, size, _ = tf.image.sample_distorted_bounding_box(shape, **kwargs)
-    else:
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape, seed=seed, **kwargs)
-    window = tf.stack([begin[0], begin[1], size[0], size[1]])
-    image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
-    image = tf.image.resize(image, [image_size, image_size])
-    if seed is None:
-        image = tf.image.random_flip_left_right(image)
-    else:
-        image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
-    return tf.ensure_shape(image, [image_size, image_size, 3])
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
-def decode_eval(jpeg: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32) -> tf.Tensor:
-    """The centre view: the whole image, resized; an empty string decodes to padding.
+def decode_train(jpeg: tf.Tensor, size: int) -> tf.Tensor:
+    """A training image as uint8 RGB [size, size, 3]: a plain decode when the JPEG is
+    already that size (the catalogue's 180x180), a resize otherwise. Crops, flips and
+    the resize to the model's size happen on the accelerator (`models.ResizedCrop`)."""
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    shape = tf.shape(image)
+    image = tf.cond(tf.logical_and(shape[0] == size, shape[1] == size),
+                    lambda: image, lambda: _to_uint8(tf.image.resize(image, [size, size])))
+    return tf.ensure_shape(image, [size, size, 3])
 
-    ``tf.uint8`` rounds the resized pixels: a quarter of the memory for batches that
-    travel (prediction), at a difference of under half a grey level.
-    """
+
+def decode_eval(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+    """The centre view as uint8 [image_size, image_size, 3]: the whole image, resized
+    (rounded to whole grey levels); an empty string decodes to padding."""
     jpeg = tf.where(tf.strings.length(jpeg) > 0, jpeg, _BLANK_JPEG)
     image = tf.io.decode_jpeg(jpeg, channels=3)
-    image = tf.image.resize(image, [image_size, image_size])
-    if dtype == tf.uint8:
-        image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+    image = _to_uint8(tf.image.resize(image, [image_size, image_size]))
     return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
@@ -113,31 +96,28 @@ def padding_mask(images: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.strings.length(images) > 0, tf.float32)
 
 
-def decode_products(images: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32
-                    ) -> tf.Tensor:
-    """[..., MAX_IMAGES] JPEG strings (empty = padding) -> [..., MAX_IMAGES, S, S, 3].
+def decode_products(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """[..., MAX_IMAGES] JPEG strings (empty = padding) -> uint8 [..., MAX_IMAGES, S, S, 3].
 
     One map over every image of one product or of a whole batch; the static shape of
     ``images`` is kept, so TPU batches stay static.
     """
-    flat = tf.map_fn(lambda j: decode_eval(j, image_size, dtype), tf.reshape(images, [-1]),
+    flat = tf.map_fn(lambda j: decode_eval(j, image_size), tf.reshape(images, [-1]),
                      parallel_iterations=16,
-                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], dtype))
+                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
     pixels = tf.reshape(flat, tf.concat([tf.shape(images), [image_size, image_size, 3]], 0))
     pixels.set_shape(images.shape.concatenate([image_size, image_size, 3]))
     return pixels
 
 
-def pad_images(images: tf.Tensor, max_images: int = MAX_IMAGES) -> tuple[tf.Tensor, tf.Tensor]:
-    """A product's variable-length JPEG list -> ([max_images] strings, [max_images] mask).
+def pad_images(images: tf.Tensor, max_images: int = MAX_IMAGES) -> tf.Tensor:
+    """A product's variable-length JPEG list -> [max_images] strings, "" as padding.
 
     A product with more images than ``max_images`` keeps its first ones.
     """
     images = images[:max_images]
-    n = tf.shape(images)[0]
-    padded = tf.concat([images, tf.fill([max_images - n], "")], axis=0)
-    mask = tf.cast(tf.range(max_images) < n, tf.float32)
-    return tf.ensure_shape(padded, [max_images]), mask
+    padded = tf.concat([images, tf.fill([max_images - tf.shape(images)[0]], "")], axis=0)
+    return tf.ensure_shape(padded, [max_images])
 
 
 # --------------------------------------------------------------------------- datasets
@@ -171,6 +151,12 @@ _PARSE_SPEC = {"images": tf.io.RaggedFeature(tf.string),
                **{k: tf.io.FixedLenFeature([], tf.int64) for k in LABEL_KEYS}}
 
 
+def _labels(ex: dict, count=None) -> dict:
+    """int32 labels: half the bytes of int64, and what the device computes with."""
+    return {k: tf.cast(ex[k] if count is None else tf.repeat(ex[k], count), tf.int32)
+            for k in LABEL_KEYS}
+
+
 def _image_records(builder, split: str, options: PipelineOptions,
                    input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
     """(jpeg, labels) per image: files shuffled and interleaved, products parsed a few
@@ -179,19 +165,22 @@ def _image_records(builder, split: str, options: PipelineOptions,
     files = [f"{builder.data_dir}/{name}" for name in builder.info.splits[split].filenames]
     if builder.info.file_format.value != "tfrecord":  # other formats: TFDS's own reader
         ds = _read(builder, split, True, options, input_context)
-        return ds.map(lambda ex: (ex["images"], {k: tf.fill([tf.shape(ex["images"])[0]], ex[k])
-                                                 for k in LABEL_KEYS})).unbatch()
+        return ds.map(lambda ex: (ex["images"], _labels(ex, tf.shape(ex["images"])[0]))
+                      ).unbatch()
     ds = tf.data.Dataset.from_tensor_slices(files)
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    pipelines = input_context.num_input_pipelines if input_context is not None else 1
+    by_file = pipelines > 1 and len(files) >= pipelines
+    if by_file:  # each worker reads its own files
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
     ds = ds.shuffle(len(files), seed=options.seed).interleave(
         tf.data.TFRecordDataset, cycle_length=min(16, len(files)),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=options.deterministic)
+    if pipelines > 1 and not by_file:  # fewer files than workers: every n-th product
+        ds = ds.shard(pipelines, input_context.input_pipeline_id)
 
     def flatten(records):
         ex = tf.io.parse_example(records, _PARSE_SPEC)
-        counts = ex["images"].row_lengths()
-        return ex["images"].flat_values, {k: tf.repeat(ex[k], counts) for k in LABEL_KEYS}
+        return ex["images"].flat_values, _labels(ex, ex["images"].row_lengths())
 
     return ds.batch(256).map(flatten, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
@@ -206,30 +195,27 @@ def _tf_options(options: PipelineOptions) -> tf.data.Options:
 def train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
                   options: PipelineOptions = PipelineOptions(), split: str = "train",
                   input_context: tf.distribute.InputContext | None = None,
-                  repeat: bool = True) -> tf.data.Dataset:
-    """Batches of (images [B, S, S, 3] float32, {label, label_level1, label_level2}).
+                  repeat: bool = True, start_step: int = 0) -> tf.data.Dataset:
+    """Batches of (uint8 images [B, D, D, 3], int32 {label, label_level1, label_level2}).
 
+    The host only reads, shuffles and decodes; the model crops on the accelerator.
     ``batch_size`` is global; with an ``input_context`` (from
     `strategy.distribute_datasets_from_function`) this pipeline reads its share of the
-    files and makes per-replica batches.
+    files and makes per-replica batches. A run resumed at ``start_step`` draws its file
+    order and shuffle from a seed moved on by that step, so it does not replay epoch 0.
     """
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
+    if start_step and options.seed is not None:
+        options = dataclasses.replace(options, seed=options.seed + 1_000_003 * start_step)
     ds = _image_records(builder, split, options, input_context)
     # Shuffle before repeat, so that every epoch sees every image once.
     ds = ds.shuffle(options.shuffle_buffer, seed=options.seed)
     if repeat:
         ds = ds.repeat()
-    if options.deterministic and options.seed is not None:
-        ds = ds.enumerate().map(
-            lambda i, x: (tf.stack([tf.cast(options.seed, tf.int64), i]), x))
-
-        def decode(seed, x):
-            return decode_train(x[0], options.image_size, options.crop_area, seed), x[1]
-    else:
-        def decode(jpeg, labels):
-            return decode_train(jpeg, options.image_size, options.crop_area), labels
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    size = options.decode_size
+    ds = ds.map(lambda jpeg, labels: (decode_train(jpeg, size), labels),
+                num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True).with_options(_tf_options(options))
     if options.data_service:
         ds = ds.apply(tf.data.experimental.service.distribute(
@@ -237,52 +223,84 @@ def train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def split_products(builder: tfds.core.DatasetBuilder, split: str,
+                   category_ids: tf.Tensor | None = None) -> tf.data.Dataset:
+    """A built split as padded product elements (see `batch_products`), in stored order.
+
+    ``category_ids`` (class index -> category id) fills ``category_id``; -1 otherwise.
+    """
+    ds = _read(builder, split, False, PipelineOptions(), None)
+
+    def product(ex):
+        out = {"images": pad_images(ex["images"]),
+               "product_id": tf.cast(ex["product_id"], tf.int64), **_labels(ex)}
+        out["category_id"] = tf.constant(-1, tf.int64)
+        if category_ids is not None:  # an unlabelled split stores label -1
+            label = ex["label"]
+            out["category_id"] = tf.where(label >= 0, tf.gather(category_ids,
+                                                                tf.maximum(label, 0)), -1)
+        return out
+
+    return ds.map(product, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def product_dataset(builder: tfds.core.DatasetBuilder, split: str, batch_size: int,
                     options: PipelineOptions = PipelineOptions(),
                     input_context: tf.distribute.InputContext | None = None
                     ) -> tf.data.Dataset:
-    """Batches of ({images [B, 4, S, S, 3], mask [B, 4], valid [B], product_id [B]}, labels).
+    """The decoded, statically batched products of a built split (`batch_products`)."""
+    return batch_products(split_products(builder, split), batch_size, options.image_size,
+                          builder.info.splits[split].num_examples, input_context)
 
-    Every product appears exactly once; the last batch is filled with dummy products
-    whose ``valid`` is 0, so shapes stay static and nothing is dropped.
+
+def batch_products(products: tf.data.Dataset, batch_size: int, image_size: int,
+                   num_products: int | None = None,
+                   input_context: tf.distribute.InputContext | None = None
+                   ) -> tf.data.Dataset:
+    """Static batches of products for evaluation and prediction under any strategy.
+
+    ``products`` yields dicts with ``images`` ([MAX_IMAGES] JPEG strings, "" as padding)
+    and any other scalars (product_id, labels, ...). Batches add the decoded uint8
+    ``images`` [b, 4, S, S, 3], ``mask`` [b, 4] and ``valid`` [b]. Every product appears
+    exactly once: the last batch is filled with dummy products (``valid`` 0) instead of
+    being dropped. ``batch_size`` is global; with an ``input_context`` each input
+    pipeline reads every n-th product, and all pipelines make the same number of batches
+    (collectives across workers must line up), each split into per-replica batches.
     """
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline = input_context.input_pipeline_id if input_context else 0
     if input_context is not None:
-        batch_size = input_context.get_per_replica_batch_size(batch_size)
-    ds = _read(builder, split, False, options, input_context)
-    return batch_products(ds, batch_size, options.image_size,
-                          num_products=None if input_context else
-                          builder.info.splits[split].num_examples)
-
-
-def batch_products(ds: tf.data.Dataset, batch_size: int, image_size: int,
-                   num_products: int | None = None) -> tf.data.Dataset:
-    """Pads, decodes and batches a dataset of product dicts (``images`` as JPEG strings,
-    ``product_id``, optional labels); see `product_dataset`."""
-
-    def parse(ex):
-        padded, mask = pad_images(ex["images"])
-        features = {"images": padded, "mask": mask, "valid": tf.constant(1.0),
-                    "product_id": tf.cast(ex["product_id"], tf.int64)}
-        labels = {k: tf.cast(ex.get(k, tf.constant(-1, tf.int64)), tf.int64)
-                  for k in LABEL_KEYS}
-        return features, labels
-
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        per_replica = input_context.get_per_replica_batch_size(batch_size)
+        local = per_replica * (input_context.num_replicas_in_sync // pipelines)
+    else:
+        per_replica = local = batch_size
+    if pipelines > 1:
+        if num_products is None:
+            raise ValueError("products of unknown number cannot be split across input "
+                             "pipelines; give their number")
+        products = products.shard(pipelines, pipeline)
     if num_products is not None:
-        filler = (-num_products) % batch_size
-    else:  # unknown length: pad with one full batch of dummies, dropped by remainder
-        filler = batch_size - 1
-    dummy = ({"images": tf.fill([MAX_IMAGES], ""), "mask": tf.zeros([MAX_IMAGES]),
-              "valid": tf.constant(0.0), "product_id": tf.constant(-1, tf.int64)},
-             {k: tf.constant(-1, tf.int64) for k in LABEL_KEYS})
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(filler))
+        most = -(-num_products // pipelines)
+        mine = num_products // pipelines + (1 if pipeline < num_products % pipelines else 0)
+        filler = -(-most // local) * local - mine
+    else:  # unknown length: one batch of dummies at most, the rest dropped by remainder
+        filler = local - 1
+    products = products.map(lambda p: {**p, "valid": tf.constant(1.0)})
+    dummy = tf.nest.map_structure(
+        lambda spec: tf.fill(spec.shape, "") if spec.dtype == tf.string else
+        tf.zeros(spec.shape, spec.dtype) - (0 if spec.dtype == tf.float32 else 1),
+        products.element_spec)
+    dummy["valid"] = tf.constant(0.0)
+    ds = products.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(filler))
+    ds = ds.batch(local, drop_remainder=True)
+    if per_replica != local:
+        ds = ds.rebatch(per_replica, drop_remainder=True)
 
-    def decode(features, labels):
-        features = dict(features, images=decode_products(features["images"], image_size))
-        return features, labels
+    def decode(batch):
+        return {**batch, "images": decode_products(batch["images"], image_size),
+                "mask": padding_mask(batch["images"])}
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     opts = tf.data.Options()
     opts.deterministic = True  # predictions come back in file order
-    return ds.batch(batch_size, drop_remainder=True).with_options(opts).prefetch(
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).with_options(opts).prefetch(
         tf.data.AUTOTUNE)

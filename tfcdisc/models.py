@@ -1,7 +1,10 @@
 """Keras models: a backbone by name, float32 heads, and the product-level combination.
 
-The image model takes float32 RGB in [0, 255] (what `tfcdisc.input_pipeline` makes)
-and applies its backbone's own scaling inside, so a SavedModel needs nothing else.
+The image model takes uint8 RGB (what `tfcdisc.input_pipeline` makes: a quarter of the
+bytes of float32 over the host-to-device link) of any size. Its first layer,
+`ResizedCrop`, makes the model's view on the accelerator: in training a random resized
+crop with a random flip, in inference the whole image resized to ``image_size``. Then the
+backbone's own scaling, so a SavedModel needs nothing else.
 Heads emit float32 logits even under mixed precision: ``label`` (the category) and,
 optionally, ``label_level1`` / ``label_level2`` for the taxonomy's upper levels.
 
@@ -15,8 +18,11 @@ import dataclasses
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers, ops
+
+from tfcdisc import config
 
 _APPS = keras.applications
 
@@ -44,6 +50,72 @@ BACKBONES: dict[str, Backbone] = {
     "mobilenetv3_large": Backbone(_APPS.MobileNetV3Large, "raw", preprocessing_flag=True),
     "small_cnn": Backbone(None, "unit", 16),
 }
+assert tuple(BACKBONES) == config.BACKBONE_NAMES, "config.BACKBONE_NAMES is out of date"
+
+
+def _interpolation(start, end, size: int, out: int):
+    """[B, out, size] bilinear weights sampling [start, end) (fractions of ``size``)
+    at ``out`` evenly spaced pixel centres; end < start mirrors the axis."""
+    size = ops.cast(size, "float32")
+    centres = (ops.arange(out, dtype="float32") + 0.5) / out  # [out]
+    pos = (start[:, None] + centres[None, :] * (end - start)[:, None]) * size - 0.5
+    pos = ops.clip(pos, 0.0, size - 1.0)
+    grid = ops.arange(ops.cast(size, "int32"), dtype="float32")
+    return ops.maximum(0.0, 1.0 - ops.abs(pos[:, :, None] - grid[None, None, :]))
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class ResizedCrop(layers.Layer):
+    """The model's view of a uint8 image batch, computed on the accelerator.
+
+    Training: an Inception-style random resized crop (area fraction in
+    ``[min_area, 1]``, aspect ratio in [1/max_aspect, max_aspect]) with a random
+    left-right flip.
+    Inference: the whole image, resized. Either way bilinear, as two small matrix
+    products per image (XLA compiles them; ``crop_and_resize`` does not compile), to
+    ``size`` x ``size`` float32 in [0, 255]. An input already of that size passes through
+    untouched in inference.
+    """
+
+    def __init__(self, size: int, min_area: float = 0.5, max_aspect: float = 4 / 3,
+                 seed: int | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # pixels stay exact under mixed precision
+        super().__init__(**kwargs)
+        self.size, self.min_area, self.max_aspect, self.seed = size, min_area, max_aspect, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        images = ops.cast(images, "float32")
+        if not training and tuple(images.shape[1:3]) == (self.size, self.size):
+            return images
+        # Static on accelerators (fixed decode size); dynamic only in traced signatures.
+        height = images.shape[1] or ops.shape(images)[1]
+        width = images.shape[2] or ops.shape(images)[2]
+        batch = ops.shape(images)[0]
+        if training:
+            u = keras.random.uniform((5, batch), seed=self.seed_generator)
+            area = self.min_area + (1.0 - self.min_area) * u[0]
+            log_ratio = (u[1] * 2.0 - 1.0) * float(np.log(self.max_aspect))
+            h = ops.minimum(ops.sqrt(area / ops.exp(log_ratio)), 1.0)
+            w = ops.minimum(ops.sqrt(area * ops.exp(log_ratio)), 1.0)
+            y0, x0 = u[2] * (1.0 - h), u[3] * (1.0 - w)
+            y1, x1 = y0 + h, x0 + w
+            flip = u[4] < 0.5
+            x0, x1 = ops.where(flip, x1, x0), ops.where(flip, x0, x1)
+        else:
+            y0 = x0 = ops.zeros((batch,))
+            y1 = x1 = ops.ones((batch,))
+        wy = _interpolation(y0, y1, height, self.size)  # [B, S, H]
+        wx = _interpolation(x0, x1, width, self.size)  # [B, S, W]
+        rows = ops.einsum("bsh,bhwc->bswc", wy, images)
+        return ops.einsum("btw,bswc->bstc", wx, rows)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.size, self.size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "min_area": self.min_area,
+                "max_aspect": self.max_aspect, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable("tfcdisc")
@@ -120,8 +192,9 @@ def _set_bn_momentum(model: keras.Model, momentum: float) -> None:
 
 def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
                       weights: str = "none", num_level1: int = 0, num_level2: int = 0,
-                      dropout: float = 0.2, bn_momentum: float | None = None) -> keras.Model:
-    """The per-image classifier: backbone, pooling, dropout, float32 logit heads.
+                      dropout: float = 0.2, bn_momentum: float | None = None,
+                      crop_area: float = 0.5, seed: int | None = None) -> keras.Model:
+    """The per-image classifier: view, backbone, pooling, dropout, float32 logit heads.
 
     Args:
       backbone: a key of `BACKBONES`.
@@ -134,6 +207,8 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
       bn_momentum: overrides BatchNormalization momentum. Short runs want a lower one
         (0.9), or the moving statistics lag the weights and inference mode scores far
         below training mode.
+      crop_area: smallest area fraction of a training crop (`ResizedCrop`).
+      seed: of the training crops.
 
     Raises:
       ValueError: unknown backbone, too small an input, unknown weights.
@@ -146,8 +221,8 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     if weights not in ("none", "imagenet") and not tf.io.gfile.exists(weights):
         raise ValueError(f"--weights={weights}: not 'none', 'imagenet' nor an existing file")
     shape = (image_size, image_size, 3)
-    inputs = keras.Input(shape, name="image")
-    x = inputs
+    inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
+    x = ResizedCrop(image_size, crop_area, seed=seed, name="view")(inputs)
     scaling = _scaling(spec.scaling)
     if scaling is not None:
         x = scaling(x)
@@ -195,24 +270,28 @@ def combine_log_probs(log_probs: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
 
 def image_log_probs(image_model: keras.Model, images: tf.Tensor,
                     mask: tf.Tensor | None = None) -> tf.Tensor:
-    """[B, N, S, S, 3] -> [B, N, C] float32 log-probabilities, in inference mode.
+    """[B, N, H, W, 3] uint8 -> [B, N, C] float32 log-probabilities, in inference mode.
 
     With a ``mask``, the model runs only on the real images (padding is ~55% of the
     slots at 1.75 images a product) and padded slots get zeros. That shape is dynamic:
     leave ``mask`` out where XLA needs static shapes (TPU evaluation).
     """
-    images = tf.cast(images, tf.float32)
     shape = tf.shape(images)
-    flat = tf.reshape(images, tf.concat([[-1], shape[2:]], axis=0))
+    flat = tf.reshape(images, [-1, *images.shape[2:]])  # static image size for the view
     if mask is None:
         logits = image_model(flat, training=False)["label"]
         log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
     else:
         where = tf.where(tf.reshape(mask > 0, [-1]))
-        logits = image_model(tf.gather_nd(flat, where), training=False)["label"]
-        log_probs = tf.scatter_nd(where, tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1),
-                                  tf.stack([tf.shape(flat, out_type=tf.int64)[0],
-                                            tf.shape(logits, out_type=tf.int64)[1]]))
+        classes = image_model.output["label"].shape[-1]
+
+        def real_images():  # a batch of only padding (a replica's share of the filler)
+            logits = image_model(tf.gather_nd(flat, where), training=False)["label"]
+            return tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+
+        scored = tf.cond(tf.size(where) > 0, real_images, lambda: tf.zeros([0, classes]))
+        log_probs = tf.scatter_nd(where, scored, tf.stack(
+            [tf.shape(flat, out_type=tf.int64)[0], tf.constant(classes, tf.int64)]))
     return tf.reshape(log_probs, tf.stack([shape[0], shape[1], -1]))
 
 

@@ -1,56 +1,99 @@
-"""Product-level predictions over a padded product dataset, under any strategy.
+"""Product-level predictions over product batches, under any strategy.
 
 The competition metric is product accuracy: a product's images are combined
-(`models.combine_log_probs`) before taking the top class. This module runs that over
-a `input_pipeline.product_dataset` and keeps only small arrays (top-k classes per
-product, top class per image), never the products-by-classes probabilities.
+(`models.combine_log_probs`) before taking the top class. Validation during training,
+`tfcdisc.evaluate` and `tfcdisc.predict` all run this one path over
+`input_pipeline.batch_products` batches under the run's strategy (default, mirrored,
+multi-worker or TPU), and keep only small arrays (top-k classes per product, top class
+per image), never the products-by-classes probabilities.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterator
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import models
+from tfcdisc import distribute, input_pipeline, models
 
 
 class ProductPredictor:
-    """Runs the product model over padded product datasets; traced once, reused."""
+    """Runs an image model over distributed product batches; traced once, reused.
+
+    On a TPU every slot of a batch goes through the model (static shapes); elsewhere
+    only the real images do (padding is about half the slots).
+    """
 
     def __init__(self, image_model: keras.Model, k: int = 5,
-                 strategy: tf.distribute.Strategy | None = None):
+                 strategy: tf.distribute.Strategy | None = None, fallback_class: int = 0,
+                 jit_compile: bool | None = None):
         self.strategy = strategy or tf.distribute.get_strategy()
+        self.k = k
+        tpu = distribute.is_tpu(self.strategy)
+
+        def step(batch):
+            mask = batch["mask"]
+            out = models.product_predictions(image_model, batch["images"], mask, k,
+                                             skip_padding=not (tpu or jit_compile))
+            has_image = tf.reduce_sum(mask, axis=1) > 0
+            result = {
+                "top_k_classes": tf.where(has_image[:, None], out["top_k_classes"],
+                                          tf.constant(fallback_class, tf.int32)),
+                "top_k_probabilities": tf.where(has_image[:, None],
+                                                out["top_k_probabilities"], 0.0),
+                "image_top1": tf.where(mask > 0, out["image_top1"], -1),
+            }
+            result.update({key: value for key, value in batch.items() if key != "images"})
+            return result
+
+        self.step = tf.function(step, jit_compile=jit_compile)
 
         @tf.function
-        def step(features, labels):
-            out = models.product_predictions(image_model, features["images"],
-                                             features["mask"], k)
-            out.update(product_id=features["product_id"], mask=features["mask"],
-                       valid=features["valid"], **labels)
-            return out
+        def distributed_step(batch):
+            out = self.strategy.run(self.step, args=(batch,))
+            return {key: self.strategy.gather(value, axis=0) for key, value in out.items()}
 
-        self._step = step
+        self._distributed_step = distributed_step
 
-    def __call__(self, dataset: tf.data.Dataset, max_batches: int | None = None
-                 ) -> dict[str, np.ndarray]:
-        """Arrays for the valid products, in dataset order.
+    def batches(self, dataset, max_batches: int | None = None
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """Numpy arrays of the valid products of each global batch, in dataset order.
 
-        Keys: product_id, top_k_classes [N, k], top_k_probabilities [N, k],
-        image_top1 [N, 4], mask [N, 4], and the dataset's labels (-1 where absent).
+        ``dataset`` is a distributed dataset (`distribute_products`). Keys: top_k_classes
+        [n, k], top_k_probabilities [n, k], image_top1 [n, 4] (-1 for padding), mask
+        [n, 4], and the batch's own scalars (product_id, labels, ...).
         """
-        dist = self.strategy.experimental_distribute_dataset(dataset)
-        parts: dict[str, list] = {}
-        for i, (features, labels) in enumerate(dist):
+        for i, batch in enumerate(dataset):
             if max_batches is not None and i >= max_batches:
                 break
-            out = self.strategy.run(self._step, args=(features, labels))
+            out = {key: value.numpy() for key, value in self._distributed_step(batch).items()}
+            keep = out.pop("valid") > 0
+            yield {key: value[keep] for key, value in out.items()}
+
+    def __call__(self, dataset, max_batches: int | None = None) -> dict[str, np.ndarray]:
+        """`batches` concatenated."""
+        parts: dict[str, list] = {}
+        for out in self.batches(dataset, max_batches):
             for key, value in out.items():
-                for local in self.strategy.experimental_local_results(value):
-                    parts.setdefault(key, []).append(local.numpy())
-        result = {key: np.concatenate(chunks) for key, chunks in parts.items()}
-        keep = result.pop("valid") > 0
-        return {key: value[keep] for key, value in result.items()}
+                parts.setdefault(key, []).append(value)
+        return {key: np.concatenate(chunks) for key, chunks in parts.items()}
+
+
+def distribute_products(strategy: tf.distribute.Strategy,
+                        products: Callable[[], tf.data.Dataset], batch_size: int,
+                        image_size: int, num_products: int | None):
+    """``products()`` batched for ``strategy``: static per-replica batches, every product
+    once, dummies masked (`input_pipeline.batch_products`).
+
+    ``batch_size`` is global and rounded up to a multiple of the replicas.
+    """
+    replicas = strategy.num_replicas_in_sync
+    batch_size = -(-batch_size // replicas) * replicas
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: input_pipeline.batch_products(products(), batch_size, image_size,
+                                                  num_products, ctx))
 
 
 def accuracy_report(pred: dict[str, np.ndarray]) -> dict[str, float]:

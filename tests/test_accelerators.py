@@ -1,0 +1,244 @@
+"""What a TPU, a GPU box or a cluster would do, checked on CPU: runtime decisions, XLA
+compilation, multi-worker runs as processes on 127.0.0.1, preemption by SIGKILL."""
+
+import csv
+import json
+import pathlib
+import re
+import socket
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+
+from conftest import REPO, last_json, run_training
+from tfcdisc import config, distribute, runtime
+
+
+# --------------------------------------------------------------------------- runtimes
+
+TPU_VM = runtime.Runtime("tpu", "colab", "/dev/vfio/0")
+GPU = runtime.Runtime("gpu", "kaggle", "nvidia")
+CPU = runtime.Runtime("cpu", "other")
+
+
+@pytest.mark.parametrize("env,devices,which,expected", [
+    ({"COLAB_RELEASE_TAG": "x"}, {"/dev/vfio/0"}, None, ("tpu", "colab")),  # Colab v5e-1
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive", "TPU_ACCELERATOR_TYPE": "v3-8"}, set(), None,
+     ("tpu", "kaggle")),
+    ({}, {"/dev/accel0"}, None, ("tpu", "other")),  # a Cloud TPU VM, v2-v4
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, {"/dev/nvidia0"}, None, ("gpu", "kaggle")),
+    ({"COLAB_GPU": "1"}, set(), "/usr/bin/nvidia-smi", ("gpu", "colab")),
+    ({}, set(), None, ("cpu", "other")),
+])
+def test_runtime_detection(env, devices, which, expected):
+    found = runtime.detect(env, devices.__contains__, lambda name: which)
+    assert (found.accelerator, found.host) == expected
+
+
+def test_each_runtime_installs_its_own_tensorflow():
+    tpu = runtime.install_commands(TPU_VM, "/r", python="py",
+                                   present={"tensorflow": "2.21.0"})
+    # The plain wheel would shadow the TPU one: it goes first, then the tpu extra + libtpu.
+    assert tpu[0] == ["py", "-m", "pip", "uninstall", "--yes", "tensorflow"]
+    assert tpu[1][-4:] == ["-e", "/r[tpu,beam]", "-f", runtime.LIBTPU_INDEX]
+    assert len(runtime.install_commands(TPU_VM, "/r", present={})) == 1
+    gpu = runtime.install_commands(GPU, "/r", python="py", present={"tensorflow-tpu": "2.20.0"})
+    assert gpu[0][-1] == "tensorflow-tpu" and gpu[1][-1] == "/r[gpu,beam]"
+    assert runtime.install_commands(CPU, "/r", present={})[0][-1] == "/r[cpu,beam]"
+
+
+def test_tpu_support_problems_say_what_to_install():
+    assert runtime.tpu_support_problem({"tensorflow-tpu": runtime.TF_VERSION + ".0"}) is None
+    plain = runtime.tpu_support_problem({"tensorflow": "2.21.0"})
+    assert "no TPU kernels" in plain and "pip uninstall -y tensorflow" in plain
+    both = runtime.tpu_support_problem({"tensorflow": "2.21.0", "tensorflow-tpu": "2.20.0"})
+    assert "shadows" in both and "--force-reinstall" in both
+    old = runtime.tpu_support_problem({"tensorflow-tpu": "2.15.0"})
+    assert "tested with " + runtime.TF_VERSION in old
+
+
+def test_the_tested_tensorflow_is_the_one_every_extra_installs():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("tensorflow") and not d.startswith("tensorflow-datasets")
+                   for d in project["dependencies"])  # never plain tensorflow on a TPU
+    extras = project["optional-dependencies"]
+    for extra, dist in (("cpu", "tensorflow"), ("gpu", "tensorflow[and-cuda]"),
+                        ("tpu", "tensorflow-tpu")):
+        assert extras[extra] == [f"{dist}=={runtime.TF_VERSION}.*"]
+    import tensorflow as tf
+    assert tf.__version__.startswith(runtime.TF_VERSION + ".")  # what this suite ran on
+
+
+@pytest.mark.parametrize("request_,tpu,where,gpus,expected", [
+    ("auto", None, TPU_VM, 0, ("tpu", "local")),  # a TPU VM needs no address
+    ("tpu", None, TPU_VM, 0, ("tpu", "local")),
+    ("auto", "grpc://10.1.2.3:8470", CPU, 0, ("tpu", "grpc://10.1.2.3:8470")),  # a TPU node
+    ("auto", None, GPU, 4, ("mirrored", None)),
+    ("auto", None, GPU, 1, ("one_device", None)),
+    ("auto", None, CPU, 0, ("default", None)),
+    ("mirrored", None, CPU, 0, ("mirrored", None)),
+])
+def test_strategy_decisions_on_every_runtime(monkeypatch, request_, tpu, where, gpus,
+                                             expected):
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    assert distribute.choose(request_, tpu, where, gpus) == expected
+
+
+def test_tpu_nodes_need_cloud_storage_and_batches_follow_replicas():
+    class Resolver:
+        def __init__(self, master):
+            self.master = lambda: master
+
+    assert distribute.remote_tpu(Resolver("grpc://10.1.2.3:8470"))
+    assert not distribute.remote_tpu(Resolver("local")) and not distribute.remote_tpu(None)
+    import tensorflow as tf
+    default = tf.distribute.get_strategy()
+    assert distribute.global_batch_size(1024, 128, default) == 128  # one replica: v5e-1
+    assert distribute.global_batch_size(96, None, default) == 96
+    with pytest.raises(ValueError, match="connect|TPU|tpu"):
+        distribute.get_strategy("tpu")
+
+
+# --------------------------------------------------------------------------- flagfiles
+
+
+def _parse_flagfile(path: pathlib.Path) -> config.TrainConfig:
+    return config.parse(config.TrainConfig, [f"--flagfile={path}", "--data_dir=gs://b/d",
+                                             "--model_dir=gs://b/r"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.cfg")),
+                         ids=lambda p: p.name)
+def test_flagfiles_parse_and_make_sense(path):
+    from tfcdisc import models
+    cfg = _parse_flagfile(path)
+    assert cfg.image_size >= models.BACKBONES[cfg.backbone].min_size
+    text = path.read_text()
+    assert "python -m tfcdisc.train --flagfile=experiments/" + path.name in text  # its command
+    if path.name.endswith("_tpu.cfg"):
+        assert cfg.strategy == "tpu" and cfg.mixed_precision == "mixed_bfloat16"
+        assert cfg.per_replica_batch_size and cfg.backup_every_steps  # fits any TPU; preemptible
+        assert cfg.steps_per_execution >= 32
+
+
+def test_tpu_flagfiles_train_and_predict_under_xla():
+    """What a TPU compiles, compiled with XLA on the CPU: the training step (bfloat16, uint8
+    input, crops on the device) and the product prediction step, for both TPU flagfiles'
+    backbones at a small image size. Dynamic shapes or ops XLA lacks fail here."""
+    import keras
+    import tensorflow as tf
+    from tfcdisc import input_pipeline, product_eval, training
+    for path in sorted((REPO / "experiments").glob("*_tpu.cfg")):
+        cfg = _parse_flagfile(path)
+        size = {"xception": 71}.get(cfg.backbone, 32)
+        small = dict(cfg.__dict__, image_size=size, weights="none", steps_per_execution=1)
+        cfg = config.TrainConfig(**small)
+        info = {"num_classes": 7, "num_level1": 2, "num_level2": 3}
+        keras.mixed_precision.set_global_policy(cfg.mixed_precision)
+        try:
+            model = training.build_and_compile(cfg, info, 10, 5, batch=4, jit_compile=True)
+            x = np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3), np.uint8)
+            y = {k: np.arange(4, dtype=np.int32) % n for k, n in
+                 (("label", 7), ("label_level1", 2), ("label_level2", 3)) if k in model.output}
+            logs = model.train_on_batch(x, y, return_dict=True)
+            assert np.isfinite(logs["loss"]), path.name
+            predictor = product_eval.ProductPredictor(model, 5, jit_compile=True)
+            jpeg = tf.io.encode_jpeg(tf.constant(x[0]))
+            images = tf.constant([[jpeg, jpeg, b"", b""], [jpeg, b"", b"", b""]])
+            batch = {"images": input_pipeline.decode_products(images, size),
+                     "mask": input_pipeline.padding_mask(images),
+                     "product_id": tf.constant([1, 2], tf.int64), "valid": tf.ones([2])}
+            out = predictor.step(batch)
+            assert out["top_k_classes"].shape == (2, 5), path.name
+            assert out["image_top1"].numpy()[1].tolist()[1:] == [-1, -1, -1]
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+def _config(dataset, model_dir, **overrides):
+    base = dict(data_dir=dataset.data_dir, model_dir=str(model_dir), backbone="small_cnn",
+                image_size=32, decode_size=48, global_batch_size=16, epochs=1,
+                steps_per_epoch=3, optimizer="adamw", learning_rate=0.004, bn_momentum=0.9,
+                strategy="default", mixed_precision="float32", shuffle_buffer=256,
+                eval_batch_size=8, seed=0, verbose=0)
+    return config.TrainConfig(**{**base, **overrides})
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_write_once_and_both_validate_everything(dataset, tmp_path):
+    run = tmp_path / "run"
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    cfg = _config(dataset, run, strategy="multi_worker_mirrored", epochs=2, steps_per_epoch=2)
+    temps = [tmp_path / f"tmp{i}" for i in range(2)]
+    procs = []
+    for i, tmp in enumerate(temps):
+        tmp.mkdir()
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(run_training(cfg, env={"TF_CONFIG": tf_config, "TMPDIR": str(tmp)},
+                                  wait=False))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    reports = [last_json(out)["validation"] for out, _ in outs]
+    n = dataset.info.splits["validation"].num_examples
+    assert reports[0] == reports[1] and reports[0]["products"] == n  # the whole split, twice
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]  # one writer, not two
+    assert json.load(open(run / "config.json"))["replicas"] == 2
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.keras", "last.keras"}
+    events = [p for p in (run / "logs").rglob("*") if p.is_file()]
+    assert len({p.parent for p in events}) == len(events)  # one event file per folder
+    assert all(not any(t.iterdir()) for t in temps)  # the worker cleaned up after itself
+
+
+def test_a_run_killed_mid_epoch_resumes_at_its_last_backup_step(dataset, tmp_path):
+    cfg = _config(dataset, tmp_path, epochs=2, steps_per_epoch=5, backup_every_steps=2,
+                  log_every_steps=1)
+    killed = run_training(cfg, kill_at_step=8)  # epoch 1 after 3 of its steps
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    state = json.load(open(tmp_path / "backup" / "state.json"))
+    assert (state["epoch"], state["step"]) == (1, 2)  # the backup after step 7
+    resumed = run_training(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = last_json(resumed.stdout)
+    assert result["resumed"] == {"epoch": 1, "step": 2}
+    assert "resuming" in resumed.stderr and "epoch 1, step 2" in resumed.stderr
+    assert (result["first_step"], result["last_step"]) == (7, 10)  # 3 steps, not 5 or 8
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert all(float(r["learning_rate"]) >= 0 for r in rows)
+    events = list((tmp_path / "logs" / "train").glob("*"))
+    assert events  # step-level TensorBoard scalars were written
+
+
+def test_a_finished_run_is_not_trained_again(dataset, tmp_path):
+    cfg = _config(dataset, tmp_path)
+    assert run_training(cfg).returncode == 0
+    again = run_training(cfg)
+    assert again.returncode == 0 and last_json(again.stdout)["first_step"] is None
+    other = run_training(_config(dataset, tmp_path, image_size=40))
+    assert other.returncode != 0 and re.search(r"--image_size=40 \(the run has 32\)",
+                                               other.stderr)
+
+
+def test_entry_points_import_no_tensorflow_before_their_main():
+    import subprocess
+    code = ("import sys, tfcdisc.train, tfcdisc.export, tfcdisc.predict, tfcdisc.evaluate, "
+            "tfcdisc.show; print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -1,0 +1,141 @@
+"""Train settings: one dataclass that is also the source of the train command's flags.
+
+Each field carries its help text (and choices or bounds) in its metadata, so the
+`tfcdisc.train` flags, their defaults and `TrainConfig` cannot drift apart. Fields marked
+``model=True`` define the network: a resumed or exported run must use the same values.
+
+This module imports no TensorFlow: ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+BACKBONE_NAMES = (
+    "xception", *(f"efficientnet_b{i}" for i in range(8)),
+    *(f"efficientnetv2_b{i}" for i in range(4)), "efficientnetv2_s", "efficientnetv2_m",
+    "efficientnetv2_l", "resnet50", "mobilenetv3_small", "mobilenetv3_large", "small_cnn")
+STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker_mirrored", "one_device", "default")
+INFERENCE_STRATEGIES = ("auto", "tpu", "mirrored", "default")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None,
+            lower_bound: float | None = None, required: bool = False,
+            model: bool = False) -> Any:
+    """A dataclass field that also describes its flag."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, choices=choices, lower_bound=lower_bound, required=required, model=model))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; the train command fills it from its flags."""
+
+    data_dir: str = setting("", "Where `tfds build` wrote the cdiscount dataset (local or "
+                            "gs://).", required=True)
+    model_dir: str = setting("", "Run folder: checkpoints, history.csv, TensorBoard logs, "
+                             "backup (local or gs://).", required=True)
+    backbone: str = setting("efficientnetv2_b0", "Image backbone.", choices=BACKBONE_NAMES,
+                            model=True)
+    image_size: int = setting(180, "Side of the square model input (images are 180x180; "
+                              "Xception needs >= 71).", lower_bound=16, model=True)
+    weights: str = setting("none", "none, imagenet (downloaded by Keras; needs a network) or "
+                           "a .weights.h5 / .keras path.")
+    global_batch_size: int = setting(256, "Images per step across all replicas (ignored when "
+                                     "--per_replica_batch_size is set).", lower_bound=1)
+    per_replica_batch_size: int | None = setting(
+        None, "Images per step on each replica; the global batch is this times the number "
+        "of replicas (8 on a v3-8, 1 on a v5e-1), so one flagfile fits every TPU.",
+        lower_bound=1)
+    epochs: int = setting(10, "Epochs to train.", lower_bound=1)
+    steps_per_epoch: int | None = setting(None, "Steps per epoch (default: one pass over "
+                                          "the training images).", lower_bound=1)
+    optimizer: str = setting("sgd", "SGD with Nesterov momentum 0.9, or AdamW.",
+                             choices=("sgd", "adamw"))
+    learning_rate: float = setting(0.1, "Peak learning rate per 256 images; scaled by the "
+                                   "global batch / 256.", lower_bound=0.0)
+    warmup_epochs: float = setting(1.0, "Linear warm-up, then cosine decay.", lower_bound=0.0)
+    weight_decay: float = setting(5e-5, "Decoupled weight decay.", lower_bound=0.0)
+    label_smoothing: float = setting(0.1, "Label smoothing of every head.", lower_bound=0.0)
+    dropout: float = setting(0.2, "Dropout before the heads.", lower_bound=0.0)
+    level1_loss_weight: float = setting(0.0, "Loss weight of an auxiliary level-1 head "
+                                        "(0: no head).", lower_bound=0.0, model=True)
+    level2_loss_weight: float = setting(0.0, "Loss weight of an auxiliary level-2 head "
+                                        "(0: no head).", lower_bound=0.0, model=True)
+    bn_momentum: float | None = setting(None, "BatchNormalization momentum override; 0.9 "
+                                        "for short runs, so inference-mode statistics keep "
+                                        "up with the weights.")
+    crop_area: float = setting(0.5, "Smallest fraction of an image a training crop covers "
+                               "(random resized crop on the accelerator).", lower_bound=0.05)
+    mixed_precision: str = setting("auto", "auto: bfloat16 on TPU, float16 on GPU, float32 "
+                                   "on CPU.", choices=PRECISIONS)
+    strategy: str = setting("auto", "Distribution strategy; multi_worker_mirrored reads "
+                            "TF_CONFIG.", choices=STRATEGIES)
+    tpu: str | None = setting(None, "TPU address or name (local on a TPU VM, "
+                              "grpc://host:8470 for a TPU node).")
+    steps_per_execution: int = setting(1, "Steps per compiled call (32-128 on TPU).",
+                                       lower_bound=1)
+    shuffle_buffer: int = setting(16384, "Images in the shuffle buffer.", lower_bound=1)
+    decode_size: int = setting(180, "Side of the uint8 images the host decodes for training "
+                               "(the catalogue's own size: no resize on the host).",
+                               lower_bound=16)
+    deterministic: bool = setting(False, "Reproducible input order (slower).")
+    data_service: str | None = setting(None, "tf.data service dispatcher address.")
+    eval_batch_size: int = setting(256, "Products per validation batch (global).",
+                                   lower_bound=1)
+    eval_max_batches: int | None = setting(None, "Validate on at most this many batches.",
+                                           lower_bound=1)
+    backup_every_steps: int | None = setting(
+        None, "Also back up every N steps, not only at the end of an epoch: a preemption "
+        "then loses at most N steps.", lower_bound=1)
+    log_every_steps: int = setting(100, "Write TensorBoard scalars every N steps.",
+                                   lower_bound=1)
+    seed: int | None = setting(None, "Random seed (weights, shuffling, crops).")
+    verbose: int | None = setting(None, "Keras fit verbosity: 0, 1 (progress bar per step) "
+                                  "or 2 (a line per epoch); default: 1 on a terminal or in a "
+                                  "notebook, 2 otherwise.")
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["model"])
+
+
+def define_flags(cls: type, flag_values=None) -> None:
+    """Defines one absl flag per field of ``cls`` (a dataclass made with `setting`)."""
+    from absl import flags
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        default = None if m["required"] else f.default
+        kind = str(f.type).split("|")[0].strip()
+        kwargs = dict(flag_values=fv, required=m["required"])
+        if m["choices"]:
+            flags.DEFINE_enum(f.name, default, list(m["choices"]), m["help"], **kwargs)
+        elif kind == "bool":
+            flags.DEFINE_bool(f.name, default, m["help"], **kwargs)
+        elif kind == "int":
+            flags.DEFINE_integer(f.name, default, m["help"], lower_bound=m["lower_bound"],
+                                 **kwargs)
+        elif kind == "float":
+            flags.DEFINE_float(f.name, default, m["help"], lower_bound=m["lower_bound"],
+                               **kwargs)
+        else:
+            flags.DEFINE_string(f.name, default, m["help"], **kwargs)
+
+
+def from_flags(cls: type, flag_values=None) -> Any:
+    """An instance of ``cls`` from parsed flags defined by `define_flags`."""
+    from absl import flags
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
+
+
+def parse(cls: type, argv: list[str]) -> Any:
+    """An instance of ``cls`` from command-line style flags (``--flagfile=...`` works),
+    without touching the process's global flags: for notebooks and tests."""
+    from absl import flags
+    fv = flags.FlagValues()
+    define_flags(cls, fv)
+    fv(["tfcdisc", *argv])
+    return from_flags(cls, fv)

@@ -1,0 +1,101 @@
+"""Pictures of products: their images in a row, titled with their category names.
+
+`tfds.show_examples` refuses the dataset (a product's images are a Sequence), and a
+category id means nothing to a person, so one function draws products from a built
+split (with their true categories) or from a BSON file or split scored by an export
+(with the predicted ones). The notebook and ``python -m tfcdisc.show`` both use it.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import textwrap
+from typing import Iterable
+
+import numpy as np
+
+from tfcdisc import input_pipeline
+from tfcdisc import taxonomy as taxonomy_lib
+
+_CELL = 180  # pixels of one image in the picture
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            return np.asarray(image.convert("RGB").resize((_CELL, _CELL)))
+    except (OSError, ValueError):  # an unreadable image shows as grey, not as a failure
+        return np.full((_CELL, _CELL, 3), 128, np.uint8)
+
+
+def figure(products: list[dict], columns: int = 4):
+    """A matplotlib figure: one panel per product (``images``: JPEG bytes, ``title``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = max(1, -(-len(products) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, product in zip(axes.flat, products):
+        images = [_pixels(j) for j in product["images"][:input_pipeline.MAX_IMAGES] if j]
+        images += [np.full((_CELL, _CELL, 3), 255, np.uint8)] * (
+            input_pipeline.MAX_IMAGES - len(images))
+        ax.imshow(np.concatenate(images, axis=1))
+        ax.set_title("\n".join(textwrap.wrap(product["title"], 60)[:3]), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+    import tensorflow as tf
+    with tf.io.gfile.GFile(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=80)
+    plt.close(fig)
+
+
+def _names(taxonomy: taxonomy_lib.Taxonomy, category_id: int) -> str:
+    if category_id not in set(taxonomy.category_ids.tolist()):
+        return str(category_id)
+    return " > ".join(taxonomy.names(int(taxonomy.class_index(category_id))))
+
+
+def split_samples(data_dir: str, split: str = "train", n: int = 16, seed: int = 0
+                  ) -> list[dict]:
+    """``n`` products drawn at random from a built split, titled with their categories."""
+    import tensorflow as tf
+    builder = input_pipeline.load_builder(data_dir)
+    taxonomy = taxonomy_lib.Taxonomy.from_dict(builder.info.metadata["taxonomy"])
+    ids = tf.constant([int(c) for c in builder.info.features["label"].names], tf.int64)
+    ds = input_pipeline.split_products(builder, split, ids).shuffle(4096, seed=seed).take(n)
+    return [{"images": [bytes(j) for j in p["images"]],
+             "title": f"{int(p['product_id'])}: {_names(taxonomy, int(p['category_id']))}"
+             if p["category_id"] >= 0 else str(int(p["product_id"]))}
+            for p in ds.as_numpy_iterator()]
+
+
+def prediction_samples(export, products: Iterable[dict], strategy=None, n: int = 16
+                       ) -> list[dict]:
+    """The first ``n`` of ``products`` (padded product dicts, e.g. from
+    `inference.bson_products`), scored by an opened export, titled with the predicted
+    category, its probability and, where known, the true one."""
+    import tensorflow as tf
+    from tfcdisc import inference
+    chosen = list(itertools.islice(iter(products), n))
+    stats = inference.PredictStats()
+    ds = lambda: tf.data.Dataset.from_tensor_slices(  # noqa: E731
+        {k: np.stack([p[k] for p in chosen]) for k in ("images", "product_id", "category_id")})
+    out = next(inference.run_predictions(export, ds, len(chosen),
+                                         strategy or tf.distribute.get_strategy(), stats,
+                                         batch_size=max(len(chosen), 1), progress=False))
+    samples = []
+    for p, cid, prob, truth in zip(chosen, out["category_id"], out["probability"],
+                                   out["label_category_id"]):
+        title = f"{int(p['product_id'])}: {_names(export.taxonomy, int(cid))} ({prob:.2f})"
+        if truth >= 0:
+            title += f"\n{'right' if truth == cid else 'true: ' + _names(export.taxonomy, truth)}"
+        samples.append({"images": [bytes(j) for j in p["images"]], "title": title})
+    return samples

@@ -1,0 +1,173 @@
+"""Writes and reads exports: a self-contained SavedModel plus the Keras image model.
+
+The SavedModel needs neither tfcdisc nor category_names.csv: JPEG decoding, resizing,
+the product-level combination and the class -> category_id table are in the graph,
+and the taxonomy is embedded. Signatures:
+
+  serving_default(images: string [N, 4]) -> category_id int64 [N], probability [N],
+      top_k_category_id int64 [N, k], top_k_probability [N, k], image_category_id [N, 4]
+      A product's JPEG bytes, padded with empty strings. A product with no image gets
+      the most frequent training category and probability 0.
+  predict_decoded(images: uint8 [N, 4, S, S, 3], mask: float32 [N, 4]) -> the same
+      For callers that decode in their own parallel pipeline (`tfcdisc.predict`); uint8
+      keeps decoded batches a quarter of the size of float32.
+  metadata() -> taxonomy_json, image_size, top_k, fallback_category_id.
+
+The model is rebuilt outside any distribution strategy in float32 and the run's weights
+are loaded into it, so a model trained on a TPU in bfloat16 exports the same way.
+
+Beside it, ``assets/image_model.keras`` and ``assets/tfcdisc.json`` (image size, top k,
+fallback, taxonomy) let `tfcdisc.predict` and `tfcdisc.evaluate` run the same computation
+under a distribution strategy (a TPU, several GPUs), which a loaded SavedModel cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfcdisc import input_pipeline, models, training
+from tfcdisc import taxonomy as taxonomy_lib
+
+KERAS_MODEL = "assets/image_model.keras"
+METADATA = "assets/tfcdisc.json"
+
+
+class ProductClassifier(tf.Module):
+    """The exported module: image model + decoding + product combination + id table."""
+
+    def __init__(self, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy,
+                 image_size: int, top_k: int, fallback_class: int):
+        super().__init__()
+        self.image_model = image_model
+        self.image_size = image_size
+        self.top_k = top_k
+        self._category_ids = tf.constant(taxonomy.category_ids, tf.int64)
+        self._fallback_id = tf.constant(int(taxonomy.category_ids[fallback_class]), tf.int64)
+        self._taxonomy_json = tf.constant(json.dumps(taxonomy.to_dict(), ensure_ascii=False))
+        s = image_size
+        self.serve = tf.function(self._serve, input_signature=[
+            tf.TensorSpec([None, input_pipeline.MAX_IMAGES], tf.string, name="images")])
+        self.predict_decoded = tf.function(self._predict, input_signature=[
+            tf.TensorSpec([None, input_pipeline.MAX_IMAGES, s, s, 3], tf.uint8,
+                          name="images"),
+            tf.TensorSpec([None, input_pipeline.MAX_IMAGES], tf.float32, name="mask")])
+        self.metadata = tf.function(self._metadata, input_signature=[])
+
+    def _serve(self, images):
+        decoded = input_pipeline.decode_products(images, self.image_size)
+        return self._predict(decoded, input_pipeline.padding_mask(images))
+
+    def _predict(self, images, mask):
+        out = models.product_predictions(self.image_model, images, mask, self.top_k,
+                                         skip_padding=True)
+        has_image = tf.reduce_sum(mask, axis=1) > 0
+        top_ids = tf.gather(self._category_ids, out["top_k_classes"])
+        top_probs = tf.where(has_image[:, None], out["top_k_probabilities"], 0.0)
+        image_ids = tf.where(mask > 0, tf.gather(self._category_ids, out["image_top1"]),
+                             tf.constant(-1, tf.int64))
+        return {
+            "category_id": tf.where(has_image, top_ids[:, 0], self._fallback_id),
+            "probability": top_probs[:, 0],
+            "top_k_category_id": tf.where(has_image[:, None], top_ids, self._fallback_id),
+            "top_k_probability": top_probs,
+            "image_category_id": image_ids,
+        }
+
+    def _metadata(self):
+        return {"taxonomy_json": self._taxonomy_json,
+                "image_size": tf.constant(self.image_size, tf.int32),
+                "top_k": tf.constant(self.top_k, tf.int32),
+                "fallback_category_id": self._fallback_id}
+
+
+def checkpoint_path(model_dir: str, which: str = "best") -> str:
+    path = f"{model_dir.rstrip('/')}/checkpoints/{which}.keras"
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: no {which} checkpoint; has `python -m tfcdisc.train "
+                                f"--model_dir={model_dir}` finished an epoch?")
+    return path
+
+
+def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str = "best"
+           ) -> dict:
+    """Writes the SavedModel; returns a summary (paths, classes, fallback category)."""
+    config = training.load_config(model_dir)
+    cfg, info = training.TrainConfig(**config["train"]), config["dataset"]
+    builder = input_pipeline.load_builder(cfg.data_dir)
+    meta = builder.info.metadata or {}
+    if "taxonomy" not in meta:
+        raise ValueError(f"{cfg.data_dir}: the dataset's metadata has no taxonomy; rebuild "
+                         "it with this version's tfds_builder/cdiscount")
+    taxonomy = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
+    counts = np.asarray(meta.get("class_counts") or [], np.int64)
+    if counts.size != taxonomy.num_classes:
+        logging.warning("no class counts in the dataset metadata: falling back to class 0 for "
+                        "products without images")
+        counts = np.zeros(taxonomy.num_classes)
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("float32")  # portable serving on any device
+    try:
+        image_model = training.image_model(cfg, info, checkpoint_path(model_dir, checkpoint))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    module = ProductClassifier(image_model, taxonomy, cfg.image_size, top_k,
+                               int(np.argmax(counts)))
+    tf.saved_model.save(module, export_dir, signatures={
+        "serving_default": module.serve, "predict_decoded": module.predict_decoded,
+        "metadata": module.metadata})
+    fallback_class = int(np.argmax(counts))
+    meta = {"image_size": cfg.image_size, "top_k": top_k, "fallback_class": fallback_class,
+            "fallback_category_id": int(taxonomy.category_ids[fallback_class]),
+            "taxonomy": taxonomy.to_dict()}
+    with tempfile.TemporaryDirectory() as tmp:
+        image_model.save(os.path.join(tmp, "m.keras"))
+        tf.io.gfile.copy(os.path.join(tmp, "m.keras"), f"{export_dir}/{KERAS_MODEL}",
+                         overwrite=True)
+    with tf.io.gfile.GFile(f"{export_dir}/{METADATA}", "w") as f:
+        json.dump(meta, f, ensure_ascii=False)
+    return {"export_dir": export_dir, "checkpoint": checkpoint, "classes": taxonomy.num_classes,
+            "image_size": cfg.image_size, "top_k": top_k,
+            "fallback_category_id": meta["fallback_category_id"]}
+
+
+@dataclasses.dataclass
+class Export:
+    """An export opened for inference under a strategy (see `load`)."""
+
+    path: str
+    image_model: keras.Model
+    image_size: int
+    top_k: int
+    fallback_class: int
+    taxonomy: taxonomy_lib.Taxonomy
+
+    @property
+    def category_ids(self) -> np.ndarray:
+        return self.taxonomy.category_ids
+
+
+def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Export:
+    """The export's Keras image model (variables placed by ``strategy``) and metadata."""
+    path = f"{export_dir.rstrip('/')}/{KERAS_MODEL}"
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{export_dir}: not a tfcdisc export (no {KERAS_MODEL}); give "
+                                "the --export_dir of `python -m tfcdisc.export`")
+    with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{METADATA}") as f:
+        meta = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "m.keras")
+        tf.io.gfile.copy(path, local)
+        with (strategy or tf.distribute.get_strategy()).scope():
+            model = keras.saving.load_model(local, compile=False)
+    return Export(export_dir, model, meta["image_size"], meta["top_k"], meta["fallback_class"],
+                  taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"]))
+
+

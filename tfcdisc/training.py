@@ -1,0 +1,347 @@
+"""Trains an image classifier on the TFDS `cdiscount` dataset, under any strategy.
+
+The model dir receives flags.txt, config.json (what export needs to rebuild the model),
+checkpoints/best.keras and checkpoints/last.keras, history.csv (one row per finished
+epoch, ``epoch`` from 0, with the learning rate), TensorBoard logs in logs/ (scalars
+every ``log_every_steps``), and backup/: rerunning the same command after a crash or a
+preemption resumes at the last backup, mid-epoch if ``backup_every_steps`` is set.
+
+Only the chief writes there; the other workers of a multi-worker run write to their own
+temporary folders, as TensorFlow's multi-worker guide prescribes (saving may run
+collectives, so every worker saves, somewhere).
+
+Validation reports the competition metric, product accuracy (a product's images
+combined by the masked mean of log-probabilities), with image accuracy and top-5, over
+the whole validation split on every worker (`product_eval`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from tfcdisc import distribute, input_pipeline, models, product_eval, runtime
+from tfcdisc.config import MODEL_FIELDS, TrainConfig
+
+__all__ = ["TrainConfig", "train", "load_config", "image_model", "build_and_compile",
+           "dataset_info"]
+
+
+def _config_path(model_dir: str) -> str:
+    return model_dir.rstrip("/") + "/config.json"
+
+
+def load_config(model_dir: str) -> dict:
+    """The config.json a run wrote: its TrainConfig plus the dataset's class counts."""
+    path = _config_path(model_dir)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: not a training run (no config.json); give the "
+                                "--model_dir of `python -m tfcdisc.train`")
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class ProductEvaluation(keras.callbacks.Callback):
+    """Adds val_product_accuracy, val_image_accuracy and val_top5_accuracy to each
+    epoch's logs, so CSVLogger, TensorBoard and ModelCheckpoint see them."""
+
+    def __init__(self, dataset, strategy, max_batches=None, fallback_class: int = 0):
+        super().__init__()
+        self.dataset, self.strategy, self.max_batches = dataset, strategy, max_batches
+        self.fallback_class = fallback_class
+        self.last: dict = {}
+        self._predict = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._predict is None:
+            self._predict = product_eval.ProductPredictor(self.model, 5, self.strategy,
+                                                          self.fallback_class)
+        report = product_eval.accuracy_report(self._predict(self.dataset, self.max_batches))
+        self.last = report
+        if logs is not None:
+            for key in ("product_accuracy", "image_accuracy", "top5_accuracy"):
+                logs["val_" + key] = report[key]
+        logging.info("epoch %d validation: %s", epoch, report)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Puts the learning rate of the epoch's last step into the epoch's logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate))
+
+
+class Backup(keras.callbacks.Callback):
+    """Backs up weights, optimizer state and position every N steps and after each epoch.
+
+    backup/state.json names the epoch, the steps done in it, the weights file and the
+    best validation value so far; it is replaced atomically after its weights file is
+    complete, so a kill at any moment leaves a consistent pair.
+    """
+
+    def __init__(self, directory: str, every_steps: int | None, best: keras.callbacks.Callback):
+        super().__init__()
+        self.directory = directory.rstrip("/")
+        self.every_steps = every_steps
+        self.best = best
+        self.epoch, self.offset, self._last_saved = 0, 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self._last_saved = epoch, self.offset
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = self.offset + batch + 1  # steps finished in this epoch
+        if self.every_steps and done - self._last_saved >= self.every_steps:
+            self.save(self.epoch, done)
+            self._last_saved = done
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.offset = 0
+        self.save(epoch + 1, 0)
+
+    def save(self, epoch: int, step: int) -> None:
+        tf.io.gfile.makedirs(self.directory)
+        name = f"epoch{epoch}-step{step}.weights.h5"
+        self.model.save_weights(f"{self.directory}/{name}", overwrite=True)
+        best = getattr(self.best, "best", None)
+        state = {"epoch": epoch, "step": step, "weights": name,
+                 "best": None if best is None or abs(best) == float("inf") else float(best)}
+        _write_atomically(f"{self.directory}/state.json", json.dumps(state))
+        for old in tf.io.gfile.glob(f"{self.directory}/epoch*.weights.h5"):
+            if not old.endswith("/" + name):
+                tf.io.gfile.remove(old)
+
+
+def read_backup(model_dir: str) -> dict | None:
+    """The backup state of a run (see `Backup`), or None for a fresh run."""
+    path = model_dir.rstrip("/") + "/backup/state.json"
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _keep_history_before(path: str, epoch: int) -> None:
+    """history.csv keeps exactly the rows of the epochs before ``epoch``: a run killed
+    after writing an epoch's row but before its backup redoes that epoch, once."""
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < epoch]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(kept)
+    _write_atomically(path, out.getvalue())
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _optimizer(cfg: TrainConfig, batch: int, total_steps: int, steps_per_epoch: int):
+    peak = cfg.learning_rate * batch / 256  # scales with the batch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else peak, decay_steps=max(total_steps - warmup, 1),
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
+                                    weight_decay=cfg.weight_decay or None)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+
+
+def image_model(cfg: TrainConfig, info: dict, weights: str | None = None) -> keras.Model:
+    """The run's image model for ``info`` (class counts): the heads its loss weights ask
+    for. ``weights`` overrides cfg.weights (export loads a checkpoint this way)."""
+    return models.build_image_model(
+        cfg.backbone, info["num_classes"], image_size=cfg.image_size,
+        weights=weights or cfg.weights,
+        num_level1=info["num_level1"] if cfg.level1_loss_weight > 0 else 0,
+        num_level2=info["num_level2"] if cfg.level2_loss_weight > 0 else 0,
+        dropout=cfg.dropout, bn_momentum=cfg.bn_momentum, crop_area=cfg.crop_area,
+        seed=cfg.seed)
+
+
+def build_and_compile(cfg: TrainConfig, info: dict, total_steps: int, steps_per_epoch: int,
+                      batch: int | None = None, jit_compile: bool | str = "auto"
+                      ) -> keras.Model:
+    """The image model for ``info`` (class counts), compiled; call inside strategy.scope()."""
+    model = image_model(cfg, info)
+    losses, weights = {}, {}
+    for key, n, w in (("label", info["num_classes"], 1.0),
+                      ("label_level1", info["num_level1"], cfg.level1_loss_weight),
+                      ("label_level2", info["num_level2"], cfg.level2_loss_weight)):
+        if key in model.output:
+            losses[key] = models.SparseCrossentropy(n, cfg.label_smoothing)
+            weights[key] = w
+    model.compile(
+        optimizer=_optimizer(cfg, batch or cfg.global_batch_size, total_steps,
+                             steps_per_epoch),
+        loss=losses, loss_weights=weights,
+        metrics={"label": [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                           keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")]},
+        steps_per_execution=cfg.steps_per_execution, jit_compile=jit_compile)
+    return model
+
+
+def dataset_info(builder) -> dict:
+    """Class counts and image count of a built dataset, from its features and metadata."""
+    features = builder.info.features
+    meta = builder.info.metadata or {}
+    stats = meta.get("build_stats", {})
+    images = stats.get("splits", {}).get("train", {}).get("images")
+    counts = meta.get("class_counts") or []
+    return {"num_classes": features["label"].num_classes,
+            "num_level1": features["label_level1"].num_classes,
+            "num_level2": features["label_level2"].num_classes,
+            "train_images": images or builder.info.splits["train"].num_examples,
+            "fallback_class": int(max(range(len(counts)), key=counts.__getitem__))
+            if counts else 0}
+
+
+def _check_resume(model_dir: str, cfg: TrainConfig) -> None:
+    """A backup is only resumed by the network that wrote it."""
+    saved = load_config(model_dir)["train"]
+    diff = [f"--{k}={cfg.__dict__[k]} (the run has {saved.get(k)})" for k in MODEL_FIELDS
+            if k in saved and saved[k] != cfg.__dict__[k]]
+    if diff:
+        raise ValueError(f"{model_dir} holds a run of another model: {', '.join(diff)}; give "
+                         "the run's own values or another --model_dir")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
+          flags_text: str | None = None) -> dict:
+    """Trains and validates; returns the last validation report, the history, the model,
+    its strategy (to predict with on the same accelerator), and where a resumed run
+    started (``resumed``: epoch and step, or None).
+
+    Rerunning with the same model_dir resumes from the last backup. ``flags_text`` is
+    written to flags.txt once the settings have proved valid.
+    """
+    strategy = distribute.get_strategy(cfg.strategy, cfg.tpu)
+    distribute.check_paths_for(strategy, data_dir=cfg.data_dir, model_dir=cfg.model_dir)
+    policy = distribute.set_precision(cfg.mixed_precision, strategy)
+    if cfg.seed is not None:
+        keras.utils.set_random_seed(cfg.seed)
+    builder = input_pipeline.load_builder(cfg.data_dir)
+    info = dataset_info(builder)
+    batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
+                                         strategy)
+    steps_per_epoch = cfg.steps_per_epoch or max(1, info["train_images"] // batch)
+    total_steps = steps_per_epoch * cfg.epochs
+    model_dir = cfg.model_dir.rstrip("/")
+    backup = read_backup(model_dir)
+    if backup is not None:
+        _check_resume(model_dir, cfg)
+    with strategy.scope():
+        model = build_and_compile(cfg, info, total_steps, steps_per_epoch, batch)
+
+    chief = distribute.is_chief(strategy)
+    out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
+    tf.io.gfile.makedirs(out_dir + "/checkpoints")
+    if chief:
+        _write_atomically(_config_path(model_dir), json.dumps(
+            {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
+             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+             "global_batch_size": batch, "steps_per_epoch": steps_per_epoch}, indent=2))
+        if flags_text is not None:
+            _write_atomically(model_dir + "/flags.txt", flags_text)
+    logging.info("training %s on %d replicas (%s), %d steps/epoch x %d epochs of %d images",
+                 cfg.backbone, strategy.num_replicas_in_sync, policy, steps_per_epoch,
+                 cfg.epochs, batch)
+
+    epoch, step = (backup["epoch"], backup["step"]) if backup else (0, 0)
+    best = keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/best.keras",
+                                           monitor="val_product_accuracy", mode="max",
+                                           save_best_only=True)
+    if backup is not None:
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(f"{model_dir}/backup/{backup['weights']}")
+        if backup.get("best") is not None:
+            best.best = backup["best"]
+        if chief:
+            _keep_history_before(model_dir + "/history.csv", epoch)
+        print(f"train: resuming {model_dir} at epoch {epoch}, step {step}", file=sys.stderr)
+
+    options = input_pipeline.PipelineOptions(
+        image_size=cfg.image_size, decode_size=cfg.decode_size,
+        shuffle_buffer=cfg.shuffle_buffer, deterministic=cfg.deterministic, seed=cfg.seed,
+        data_service=cfg.data_service)
+    label_keys = tuple(model.output)
+
+    def train_data(start_step: int):
+        def fn(ctx):
+            ds = input_pipeline.train_dataset(builder, batch, options, input_context=ctx,
+                                              start_step=start_step)
+            return ds.map(lambda x, y: (x, {k: y[k] for k in label_keys}))
+        return strategy.distribute_datasets_from_function(fn)
+
+    val_ds = product_eval.distribute_products(
+        strategy, lambda: input_pipeline.split_products(builder, "validation"),
+        cfg.eval_batch_size, cfg.image_size, builder.info.splits["validation"].num_examples)
+    evaluation = ProductEvaluation(val_ds, strategy, cfg.eval_max_batches,
+                                   info["fallback_class"])
+    saver = Backup(out_dir + "/backup", cfg.backup_every_steps, best)
+    all_callbacks = [
+        evaluation,  # before the callbacks that read its val_* logs
+        LearningRateLogger(),
+        best,
+        keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/last.keras"),
+        keras.callbacks.CSVLogger(out_dir + "/history.csv", append=True),
+        keras.callbacks.TensorBoard(out_dir + "/logs", update_freq=cfg.log_every_steps),
+        saver,  # last: a backup records a finished epoch only once everything above ran
+        *callbacks,
+    ]
+    verbose = cfg.verbose
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() or runtime.in_notebook() else 2
+    history: dict[str, list] = {}
+
+    def fit(start_epoch: int, end_epoch: int, steps: int, start_step: int) -> None:
+        h = model.fit(train_data(start_step), initial_epoch=start_epoch, epochs=end_epoch,
+                      steps_per_epoch=steps, callbacks=all_callbacks, verbose=verbose,
+                      shuffle=False)  # the pipeline shuffles
+        for key, values in h.history.items():
+            history.setdefault(key, []).extend(values)
+
+    if step and epoch < cfg.epochs:  # finish the interrupted epoch first
+        saver.offset = step
+        fit(epoch, epoch + 1, steps_per_epoch - step, epoch * steps_per_epoch + step)
+        epoch += 1
+    if epoch < cfg.epochs:
+        fit(epoch, cfg.epochs, steps_per_epoch, epoch * steps_per_epoch)
+    if not chief:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {"validation": evaluation.last, "history": history, "model": model,
+            "resumed": {"epoch": backup["epoch"], "step": backup["step"]} if backup else None,
+            "global_batch_size": batch, "steps_per_epoch": steps_per_epoch,
+            "strategy": strategy}
