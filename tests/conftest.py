@@ -124,6 +124,7 @@ if cpus > 1:  # logical devices must be set before TensorFlow starts
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * cpus)
 from tfcdisc import training
+keras.config.disable_traceback_filtering()
 kill_at = int(sys.argv[3])
 
 

@@ -124,38 +124,39 @@ def test_flagfiles_parse_and_make_sense(path):
         assert cfg.steps_per_execution >= 32
 
 
-def test_tpu_flagfiles_train_and_predict_under_xla():
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*_tpu.cfg")),
+                         ids=lambda p: p.name)
+def test_tpu_flagfiles_train_and_predict_under_xla(path):
     """What a TPU compiles, compiled with XLA on the CPU: the training step (bfloat16, uint8
-    input, crops on the device) and the product prediction step, for both TPU flagfiles'
+    input, crops on the device) and the product prediction step, for the TPU flagfiles'
     backbones at a small image size. Dynamic shapes or ops XLA lacks fail here."""
     import keras
     import tensorflow as tf
     from tfcdisc import input_pipeline, product_eval, training
-    for path in sorted((REPO / "experiments").glob("*_tpu.cfg")):
-        cfg = _parse_flagfile(path)
-        size = {"xception": 71}.get(cfg.backbone, 32)
-        small = dict(cfg.__dict__, image_size=size, weights="none", steps_per_execution=1)
-        cfg = config.TrainConfig(**small)
-        info = {"num_classes": 7, "num_level1": 2, "num_level2": 3}
-        keras.mixed_precision.set_global_policy(cfg.mixed_precision)
-        try:
-            model = training.build_and_compile(cfg, info, 10, 5, batch=4, jit_compile=True)
-            x = np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3), np.uint8)
-            y = {k: np.arange(4, dtype=np.int32) % n for k, n in
-                 (("label", 7), ("label_level1", 2), ("label_level2", 3)) if k in model.output}
-            logs = model.train_on_batch(x, y, return_dict=True)
-            assert np.isfinite(logs["loss"]), path.name
-            predictor = product_eval.ProductPredictor(model, 5, jit_compile=True)
-            jpeg = tf.io.encode_jpeg(tf.constant(x[0]))
-            images = tf.constant([[jpeg, jpeg, b"", b""], [jpeg, b"", b"", b""]])
-            batch = {"images": input_pipeline.decode_products(images, size),
-                     "mask": input_pipeline.padding_mask(images),
-                     "product_id": tf.constant([1, 2], tf.int64), "valid": tf.ones([2])}
-            out = predictor.step(batch)
-            assert out["top_k_classes"].shape == (2, 5), path.name
-            assert out["image_top1"].numpy()[1].tolist()[1:] == [-1, -1, -1]
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
+    cfg = _parse_flagfile(path)
+    size = {"xception": 71}.get(cfg.backbone, 32)
+    small = dict(cfg.__dict__, image_size=size, weights="none", steps_per_execution=1)
+    cfg = config.TrainConfig(**small)
+    info = {"num_classes": 7, "num_level1": 2, "num_level2": 3}
+    keras.mixed_precision.set_global_policy(cfg.mixed_precision)
+    try:
+        model = training.build_and_compile(cfg, info, 10, 5, batch=4, jit_compile=True)
+        x = np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3), np.uint8)
+        y = {k: np.arange(4, dtype=np.int32) % n for k, n in
+             (("label", 7), ("label_level1", 2), ("label_level2", 3)) if k in model.output}
+        logs = model.train_on_batch(x, y, return_dict=True)
+        assert np.isfinite(logs["loss"]), path.name
+        predictor = product_eval.ProductPredictor(model, 5, jit_compile=True)
+        jpeg = tf.io.encode_jpeg(tf.constant(x[0])).numpy()
+        images = tf.constant([[jpeg, jpeg, b"", b""], [jpeg, b"", b"", b""]])
+        batch = {"images": input_pipeline.decode_products(images, size),
+                 "mask": input_pipeline.padding_mask(images),
+                 "product_id": tf.constant([1, 2], tf.int64), "valid": tf.ones([2])}
+        out = predictor.step(batch)
+        assert out["top_k_classes"].shape == (2, 5), path.name
+        assert out["image_top1"].numpy()[1].tolist()[1:] == [-1, -1, -1]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 # --------------------------------------------------------------------------- clusters

@@ -1,6 +1,5 @@
 """The Colab notebook runs in smoke mode; every console command explains its flags."""
 
-import os
 import pathlib
 import subprocess
 import sys

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -133,9 +134,14 @@ def test_cli_writes_flags_and_reports(dataset, tmp_path):
         [sys.executable, "-m", "tfcdisc.train", f"--flagfile={REPO}/experiments/demo_cpu.cfg",
          f"--data_dir={dataset.data_dir}", f"--model_dir={tmp_path}", "--epochs=1",
          "--steps_per_epoch=2", "--image_size=32", "--verbose=0"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "--backbone=small_cnn" in (tmp_path / "flags.txt").read_text()
+    assert out.stderr == ""  # no start-up noise unless --verbosity is given
+    flags_txt = (tmp_path / "flags.txt").read_text().splitlines()
+    assert "--backbone=small_cnn" in flags_txt and "--epochs=1" in flags_txt
+    names = [line.split("=")[0] for line in flags_txt]
+    assert len(names) == len(set(names)) and "--helpfull" not in names  # each flag once
     assert json.loads(out.stdout[out.stdout.index("{"):])["validation"]["products"] > 0
     bad = subprocess.run(
         [sys.executable, "-m", "tfcdisc.train", f"--data_dir={dataset.data_dir}",

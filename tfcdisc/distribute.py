@@ -120,7 +120,9 @@ def get_strategy(name: str = "auto", tpu: str | None = None) -> tf.distribute.St
       ValueError: an unknown name, an impossible combination or a missing TPU, saying
         what to do.
     """
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical, not logical: listing logical devices starts the runtime, after which a
+    # multi-worker strategy can no longer configure its collectives.
+    gpus = tf.config.list_physical_devices("GPU")
     name, tpu = choose(name, tpu, runtime.detect(), len(gpus))
     logging.info("strategy: %s", name)
     if name == "tpu":

@@ -237,6 +237,36 @@ def _check_resume(model_dir: str, cfg: TrainConfig) -> None:
 # --------------------------------------------------------------------------- training
 
 
+def _vector_logs(model: keras.Model) -> None:
+    """Keras 3's fit under MultiWorkerMirroredStrategy averages each step's logs across
+    workers over axis 0, which a scalar lacks ("Invalid reduction dimension 0 for input
+    with 0 dimensions", tensorflow/tensorflow#72388). Logs of shape [1] average to the
+    same scalars."""
+    step = model.train_step
+    model.train_step = lambda data: {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+
+
+
+def _build_from_spec(model: keras.Model, strategy: tf.distribute.Strategy, batch: int,
+                     size: int, label_keys: Sequence[str]) -> None:
+    """Builds model, loss, metrics and optimizer from the known batch shapes.
+
+    Keras's fit learns them by pulling a distributed batch and all-reducing it (MEAN);
+    under MultiWorkerMirroredStrategy that reduce fails on uint8 images and int labels
+    ("Attempt to convert a value (PerReplica...) to a Tensor"), and elsewhere it costs a
+    batch. With everything built, fit's own symbolic build has nothing left to do.
+    """
+    per_replica = batch // strategy.num_replicas_in_sync
+    spec = (tf.TensorSpec([per_replica, size, size, 3], tf.uint8),
+            {k: tf.TensorSpec([per_replica], tf.int32) for k in label_keys})
+    with strategy.scope():
+        model._symbolic_build(data_batch=spec)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
+
 def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
           flags_text: str | None = None) -> dict:
     """Trains and validates; returns the last validation report, the history, the model,
@@ -333,6 +363,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         for key, values in h.history.items():
             history.setdefault(key, []).extend(values)
 
+    _build_from_spec(model, strategy, batch, cfg.decode_size, label_keys)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _vector_logs(model)
     if step and epoch < cfg.epochs:  # finish the interrupted epoch first
         saver.offset = step
         fit(epoch, epoch + 1, steps_per_epoch - step, epoch * steps_per_epoch + step)
