@@ -55,31 +55,29 @@ def _test_files() -> dict[str, pathlib.Path]:
 
 def _stage_predict(saved_model: str, bson: str, warmup: str) -> dict:
     import tempfile
-    from tfcdisc import index, predict
+    from tfcdisc import index, inference, serving
     index.load_or_build(bson)  # as a second run would find it
-    loaded = predict.load_model(saved_model)
+    export = serving.load(saved_model)
     # The model's first calls (graph optimisation) are left out, as for the forward pass.
-    predict.predict(loaded, tempfile.mktemp(suffix=".csv"), bson=warmup, progress=False)
+    inference.predict(export, tempfile.mktemp(suffix=".csv"), bson=warmup, progress=False)
     common.reset_peak()
-    stats = predict.predict(loaded, tempfile.mktemp(suffix=".csv"), bson=bson,
-                            batch_size=256, progress=False)
+    stats = inference.predict(export, tempfile.mktemp(suffix=".csv"), bson=bson,
+                              batch_size=256, progress=False)
     return {"products": stats.products, "seconds": stats.seconds,
             "products_per_s": stats.products / stats.seconds}
 
 
 def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
-    from tfcdisc import predict
-    model, meta = predict.load_model(saved_model)
-    stats = predict.PredictStats()
-    products = predict.bson_products(bson, stats, labeled=False)
-    first = [next(products) for _ in range(n)]
-    batches = [(images, mask) for _, images, mask, _ in predict.product_batches(
-        iter(first), meta["image_size"], 256)]  # decoded once, kept in memory
-    forward = model.signatures["predict_decoded"]
-    forward(images=batches[0][0], mask=batches[0][1])  # warm-up
+    """The same product step as predict, on batches decoded beforehand and held in memory."""
+    from tfcdisc import inference, input_pipeline, product_eval, serving
+    export = serving.load(saved_model)
+    products = inference.bson_products(bson, inference.PredictStats(), labeled=False).take(n)
+    batches = list(input_pipeline.batch_products(products, 256, export.image_size, n))
+    step = product_eval.ProductPredictor(export.image_model, export.top_k).step
+    step(batches[0])  # warm-up
     with common.Timer() as t:
-        for images, mask in batches:
-            forward(images=images, mask=mask)["category_id"].numpy()
+        for batch in batches:
+            step(batch)["top_k_classes"].numpy()
     return {"products": n, "seconds": t.seconds, "products_per_s": n / t.seconds}
 
 
@@ -103,13 +101,15 @@ def run() -> None:
     mem = {k: common.run_stage(__name__, "--stage", "predict", "--model",
                                str(_export("demo")), "--bson", str(files[k]), "--warmup",
                                str(files["warmup"])) for k in sizes}
-    md = f"""## Batch prediction (issue 5)
+    md = f"""## Batch prediction (issues 5 and 9)
 
-`python -m benchmarks.run predict` on {common.machine()}, CPU only. Synthetic test.bson of
-20,000 products (1.75 images each; EfficientNetV2-B0 on its first 2,000). Forward pass: the
-exported model's `predict_decoded` signature on products already decoded in memory,
-batches of 256. Predict: the whole `tfcdisc.predict` (BSON reading, JPEG checks, parallel
-decoding, model, CSV writing). Both after the model's first calls (graph optimisation).
+`python -m benchmarks.run predict` on {common.machine()}, CPU only (`--strategy=default`).
+Synthetic test.bson of 20,000 products (1.75 images each; EfficientNetV2-B0 on its first
+2,000). Forward pass: the export's image model in the product step that predict runs
+(`product_eval.ProductPredictor`, padded slots skipped off-TPU) on batches already decoded in
+memory, 256 products each. Predict: the whole `tfcdisc.predict` (BSON reading, JPEG checks,
+parallel decoding into static batches, the step under the strategy, CSV writing). Both after
+the model's first calls (graph optimisation).
 
 {common.table(["model", "forward pass only (products/s)", "tfcdisc.predict (products/s)",
                "predict / forward (target >= 0.9x)", "real test set (1,768,182) at this rate"],

@@ -168,3 +168,53 @@ def test_predict_from_a_tfds_split_and_argument_errors(dataset, exported, tmp_pa
         inference.predict(str(exported[1]), str(out), progress=False)
     with pytest.raises(FileNotFoundError, match="no best checkpoint"):
         serving.checkpoint_path(str(tmp_path))
+
+
+def test_the_strategy_path_agrees_with_the_savedmodel(catalogue, exported, tmp_path):
+    """predict runs the export's Keras model under a strategy; the self-contained
+    SavedModel (serving, TF Serving) must give the same answers on the same products."""
+    import tensorflow as tf
+    folder, _ = catalogue
+    out = tmp_path / "submission.csv"
+    inference.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
+                      top_k_output=str(tmp_path / "top.csv"), progress=False)
+    products = _products(folder / "test.bson")
+    images = tf.constant([p.images[:4] + [b""] * (4 - len(p.images[:4])) for p in products])
+    served = tf.saved_model.load(str(exported[1])).signatures["serving_default"](images=images)
+    sub, top = pd.read_csv(out), pd.read_csv(tmp_path / "top.csv")
+    assert sub["category_id"].tolist() == served["category_id"].numpy().tolist()
+    np.testing.assert_allclose(top["probability_1"], served["probability"].numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_mirrored_prediction_writes_the_same_submission(catalogue, exported, tmp_path):
+    folder, _ = catalogue
+    script = textwrap.dedent("""
+        import sys
+        import tensorflow as tf
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+        from tfcdisc import inference
+        stats = inference.predict(sys.argv[1], sys.argv[2], bson=sys.argv[3], batch_size=6,
+                                  strategy="mirrored", progress=False)
+        print(stats.replicas, stats.strategy)
+    """)
+    mirrored = tmp_path / "mirrored.csv"
+    done = subprocess.run([sys.executable, "-c", script, str(exported[1]), str(mirrored),
+                           str(folder / "test.bson")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["2", "MirroredStrategy"]
+    default = tmp_path / "default.csv"
+    inference.predict(str(exported[1]), str(default), bson=str(folder / "test.bson"),
+                      batch_size=7, progress=False)
+    assert mirrored.read_text() == default.read_text()
+
+
+def test_validation_in_training_equals_evaluate_on_the_same_checkpoint(dataset, exported):
+    run, saved = exported
+    history = pd.read_csv(run / "history.csv")
+    best = history["val_product_accuracy"].max()  # export takes the best checkpoint
+    report = scoring.evaluate(str(saved), data_dir=dataset.data_dir, split="validation",
+                              progress=False)
+    assert report["product_accuracy"] == pytest.approx(best, abs=1e-9)

@@ -49,12 +49,19 @@ def figure(products: list[dict], columns: int = 4):
     return fig
 
 
-def save(fig, path: str) -> None:
+def to_png(fig) -> bytes:
+    """The figure as PNG bytes (and closed): shown the same in any notebook frontend."""
     import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save(fig, path: str) -> None:
     import tensorflow as tf
     with tf.io.gfile.GFile(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=80)
-    plt.close(fig)
+        f.write(to_png(fig))
 
 
 def _names(taxonomy: taxonomy_lib.Taxonomy, category_id: int) -> str:
