@@ -1,5 +1,6 @@
 """The Colab notebook runs in smoke mode; every console command explains its flags."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
 def test_console_commands_explain_their_flags(command, flag):
     exe = pathlib.Path(sys.executable).parent / f"tfcdisc-{command}"
     assert exe.exists(), f"{exe}: install the project (make test does)"
-    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120,
+                         env=env)
     assert out.returncode == 0 and f"{flag}:" in out.stdout
     names = [line.split(":")[0].strip() for line in out.stdout.splitlines()
              if line.startswith("  --")]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from tfcdisc import bsonfile
-from tfcdisc import index as index_lib
+from tfcdisc import cli
+
+if TYPE_CHECKING:  # the reader and the index load TensorFlow: only when a file is read
+    from tfcdisc import index as index_lib
 
 _TOP = 10
 
@@ -75,6 +77,8 @@ def summarize(index: index_lib.OffsetIndex, taxonomy=None) -> dict:
 def inspect_file(path: str, *, errors: str = "strict", category_names: str | None = None,
                  progress: bool = False) -> dict:
     """Indexes (or reuses the index of) a BSON file and summarizes it."""
+    from tfcdisc import bsonfile
+    from tfcdisc import index as index_lib
     bar = None
     if progress:
         from tqdm import tqdm
@@ -94,6 +98,7 @@ def inspect_file(path: str, *, errors: str = "strict", category_names: str | Non
 def main(argv: Sequence[str]) -> None:
     from absl import flags
     del argv
+    from tfcdisc import bsonfile
     f = flags.FLAGS
     names = f.category_names
     if names is None:
@@ -104,8 +109,7 @@ def main(argv: Sequence[str]) -> None:
         report = inspect_file(f.bson, errors=f.errors, category_names=names or None,
                               progress=sys.stderr.isatty() or f.progress)
     except (bsonfile.BsonFormatError, FileNotFoundError) as e:
-        print(f"inspect: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("inspect", str(e))
     json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
 
@@ -122,8 +126,7 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    from tfcdisc import cli
-    cli.run(_define_flags, main)
+    cli.run(_define_flags, main, __doc__)
 
 
 if __name__ == "__main__":

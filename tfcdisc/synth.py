@@ -474,7 +474,7 @@ def _define_flags() -> None:
 
 def run() -> None:
     from tfcdisc import cli
-    cli.run(_define_flags, main)
+    cli.run(_define_flags, main, __doc__)
 
 
 if __name__ == "__main__":

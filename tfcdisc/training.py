@@ -266,7 +266,6 @@ def _build_from_spec(model: keras.Model, strategy: tf.distribute.Strategy, batch
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
-
 def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
           flags_text: str | None = None) -> dict:
     """Trains and validates; returns the last validation report, the history, the model,
@@ -293,6 +292,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         _check_resume(model_dir, cfg)
     with strategy.scope():
         model = build_and_compile(cfg, info, total_steps, steps_per_epoch, batch)
+    label_keys = tuple(model.output)
+    _build_from_spec(model, strategy, batch, cfg.decode_size, label_keys)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _vector_logs(model)
 
     chief = distribute.is_chief(strategy)
     out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
@@ -313,8 +316,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                                            monitor="val_product_accuracy", mode="max",
                                            save_best_only=True)
     if backup is not None:
-        with strategy.scope():
-            model.optimizer.build(model.trainable_variables)
         model.load_weights(f"{model_dir}/backup/{backup['weights']}")
         if backup.get("best") is not None:
             best.best = backup["best"]
@@ -326,7 +327,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         image_size=cfg.image_size, decode_size=cfg.decode_size,
         shuffle_buffer=cfg.shuffle_buffer, deterministic=cfg.deterministic, seed=cfg.seed,
         data_service=cfg.data_service)
-    label_keys = tuple(model.output)
 
     def train_data(start_step: int):
         def fn(ctx):
@@ -363,9 +363,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         for key, values in h.history.items():
             history.setdefault(key, []).extend(values)
 
-    _build_from_spec(model, strategy, batch, cfg.decode_size, label_keys)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _vector_logs(model)
     if step and epoch < cfg.epochs:  # finish the interrupted epoch first
         saver.offset = step
         fit(epoch, epoch + 1, steps_per_epoch - step, epoch * steps_per_epoch + step)
