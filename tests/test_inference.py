@@ -194,17 +194,23 @@ def test_mirrored_prediction_writes_the_same_submission(catalogue, exported, tmp
         import tensorflow as tf
         tf.config.set_logical_device_configuration(
             tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-        from tfcdisc import inference
+        from tfcdisc import inference, scoring
         stats = inference.predict(sys.argv[1], sys.argv[2], bson=sys.argv[3], batch_size=6,
                                   strategy="mirrored", progress=False)
-        print(stats.replicas, stats.strategy)
+        report = scoring.evaluate(sys.argv[1], bson=sys.argv[3], labels=sys.argv[4],
+                                  strategy="mirrored", progress=False)
+        print(report["product_accuracy"], report["products"], stats.replicas, stats.strategy)
     """)
     mirrored = tmp_path / "mirrored.csv"
     done = subprocess.run([sys.executable, "-c", script, str(exported[1]), str(mirrored),
-                           str(folder / "test.bson")], capture_output=True, text=True,
-                          timeout=300)
+                           str(folder / "test.bson"), str(folder / "test_labels.csv")],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-2:] == ["2", "MirroredStrategy"]
+    accuracy, products, replicas, name = done.stdout.split()[-4:]
+    assert (replicas, name) == ("2", "MirroredStrategy")
+    report = scoring.evaluate(str(exported[1]), bson=str(folder / "test.bson"),
+                              labels=str(folder / "test_labels.csv"), progress=False)
+    assert float(accuracy) == report["product_accuracy"] and int(products) == report["products"]
     default = tmp_path / "default.csv"
     inference.predict(str(exported[1]), str(default), bson=str(folder / "test.bson"),
                       batch_size=7, progress=False)
