@@ -87,23 +87,28 @@ def run() -> None:
     for name, (_, label) in MODELS.items():
         saved = str(_export(name))
         n = 2048 if name == "demo" else 768
-        fwd = common.run_stage(__name__, "--stage", "forward", "--model", saved, "--bson",
-                               str(files["20k"]), "--n", str(n))
         bson = files["20k"] if name == "demo" else files["2k"]
-        pred = common.run_stage(__name__, "--stage", "predict", "--model", saved, "--bson",
-                                str(bson), "--warmup", str(files["warmup"]))
-        common.log(name, fwd, pred)
-        ratio = pred["products_per_s"] / fwd["products_per_s"]
-        hours = REAL_TEST_PRODUCTS / pred["products_per_s"] / 3600
-        rows.append([label, f"{fwd['products_per_s']:,.0f}", f"{pred['products_per_s']:,.0f}",
-                     f"{ratio:.2f}x", f"{hours:,.1f} h"])
+        rounds = []
+        for _ in range(2):  # forward and predict back to back, twice: this machine drifts
+            fwd = common.run_stage(__name__, "--stage", "forward", "--model", saved, "--bson",
+                                   str(files["20k"]), "--n", str(n))
+            pred = common.run_stage(__name__, "--stage", "predict", "--model", saved,
+                                    "--bson", str(bson), "--warmup", str(files["warmup"]))
+            common.log(name, fwd, pred)
+            rounds.append((fwd["products_per_s"], pred["products_per_s"]))
+        fwd_best, pred_best = max(f for f, _ in rounds), max(p for _, p in rounds)
+        ratio = pred_best / fwd_best
+        hours = REAL_TEST_PRODUCTS / pred_best / 3600
+        rows.append([label, f"{fwd_best:,.0f}", f"{pred_best:,.0f}", f"{ratio:.2f}x",
+                     ", ".join(f"{p / f:.2f}x" for f, p in rounds), f"{hours:,.1f} h"])
     sizes = ("1k", "5k", "10k", "20k")
     mem = {k: common.run_stage(__name__, "--stage", "predict", "--model",
                                str(_export("demo")), "--bson", str(files[k]), "--warmup",
                                str(files["warmup"])) for k in sizes}
     md = f"""## Batch prediction (issues 5 and 9)
 
-`python -m benchmarks.run predict` on {common.machine()}, CPU only (`--strategy=default`).
+`python -m benchmarks.run predict` on {common.machine()}, CPU only (`--strategy=default`);
+forward and predict each in its own process, back to back, two rounds.
 Synthetic test.bson of 20,000 products (1.75 images each; EfficientNetV2-B0 on its first
 2,000). Forward pass: the export's image model in the product step that predict runs
 (`product_eval.ProductPredictor`, padded slots skipped off-TPU) on batches already decoded in
@@ -112,8 +117,8 @@ parallel decoding into static batches, the step under the strategy, CSV writing)
 the model's first calls (graph optimisation).
 
 {common.table(["model", "forward pass only (products/s)", "tfcdisc.predict (products/s)",
-               "predict / forward (target >= 0.9x)", "real test set (1,768,182) at this rate"],
-              rows)}
+               "predict / forward, best against best (target >= 0.9x)",
+               "round by round", "real test set (1,768,182) at this rate"], rows)}
 
 Peak memory of `tfcdisc.predict` (demo model) above its post-import size, by products
 predicted: {", ".join(f"{k}: {mem[k]['peak_growth_mb']:.0f} MB" for k in sizes)}. One batch of
