@@ -50,10 +50,17 @@ class ProductPredictor:
 
         self.step = tf.function(step, jit_compile=jit_compile)
 
+        # Across workers every worker needs every worker's products: a collective gather.
+        # On one machine the replicas' results are read where they are (a gather's
+        # collective keys can clash between two predictors in one process).
+        multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
         @tf.function
         def distributed_step(batch):
             out = self.strategy.run(self.step, args=(batch,))
-            return {key: self.strategy.gather(value, axis=0) for key, value in out.items()}
+            if multi_worker:
+                return {key: self.strategy.gather(value, axis=0) for key, value in out.items()}
+            return out
 
         self._distributed_step = distributed_step
 
@@ -68,7 +75,9 @@ class ProductPredictor:
         for i, batch in enumerate(dataset):
             if max_batches is not None and i >= max_batches:
                 break
-            out = {key: value.numpy() for key, value in self._distributed_step(batch).items()}
+            out = {key: np.concatenate([t.numpy() for t in
+                                        self.strategy.experimental_local_results(value)])
+                   for key, value in self._distributed_step(batch).items()}
             keep = out.pop("valid") > 0
             yield {key: value[keep] for key, value in out.items()}
 
