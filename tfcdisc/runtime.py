@@ -117,6 +117,6 @@ def tpu_support_problem(present: Mapping[str, str] | None = None) -> str | None:
 
 
 def in_notebook() -> bool:
-    """True inside IPython/Jupyter (progress bars per step make sense there)."""
-    return "ipykernel" in sys.modules or "IPython" in sys.modules and bool(
-        getattr(sys.modules["IPython"], "get_ipython", lambda: None)())
+    """True inside a Jupyter kernel (Colab, Kaggle): per-step progress bars show there,
+    although stdout is not a terminal."""
+    return "ipykernel" in sys.modules
