@@ -85,6 +85,25 @@ def jpeg_bytes(mode="RGB", size=(180, 180), progressive=False, seed=0) -> bytes:
     return out.getvalue()
 
 
+def garbled_jpeg(seed=0) -> bytes:
+    """A JPEG whose headers are intact and whose scan data is garbage: it passes a header
+    check and then fails TensorFlow's decoder (``jpeg::Uncompress failed``)."""
+    import random
+    good = jpeg_bytes(seed=seed)
+    sos = good.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(good[sos + 2:sos + 4], "big")
+    noise = random.Random(seed).randbytes(len(good) - 2 - start)
+    return good[:start] + noise + good[-2:]
+
+
+def huge_jpeg(height=60000, width=60000) -> bytes:
+    """A small JPEG whose frame header claims a huge frame."""
+    data = bytearray(jpeg_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def write_taxonomy(folder, category_ids) -> None:
     rows = ["category_id,category_level1,category_level2,category_level3"]
     rows += [f"{c},L1-{i % 2},L2-{i % 3},LEAF {c}" for i, c in enumerate(category_ids)]

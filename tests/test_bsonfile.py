@@ -9,6 +9,7 @@ from bson.int64 import Int64
 
 from conftest import doc, write
 from tfcdisc import bsonfile
+from tfcdisc import index as index_lib
 from tfcdisc.bsonfile import BsonFormatError
 
 
@@ -170,13 +171,14 @@ def test_invalid_documents_raise_or_are_counted(tmp_path, case):
     d1, d2 = doc(1), doc(2, **fields)
     path = write(tmp_path, d1, d2, doc(3))
     with pytest.raises(BsonFormatError) as e:
-        _read(path)
+        _read(path, labeled=True)
     text = str(e.value)
     assert message in text and path in text and f"byte offset {len(d1)}" in text
     assert "document #1" in text and "errors='skip'" in text
-    products, stats = _read(path, errors="skip")
+    products, stats = _read(path, errors="skip", labeled=True)
     assert [p.product_id for p in products] == [1, 3]
-    assert stats.bad_documents == 1 and stats.problems == [(len(d1), e.value.problem)]
+    assert stats.bad_documents == 1 and stats.bad_document_bytes == len(d2)
+    assert stats.problems[0][0] == len(d1) and stats.problems[0][1].startswith(e.value.problem)
 
 
 def test_invalid_bson_inside_a_document_is_named(tmp_path):
@@ -187,7 +189,67 @@ def test_invalid_bson_inside_a_document_is_named(tmp_path):
         _read(path)
     assert e.value.offset == len(doc(1)) and e.value.position == 1
     products, stats = _read(path, errors="skip")
-    assert [p.product_id for p in products] == [1, 3] and stats.bad_documents == 1
+    # Bytes that do not decode cannot be trusted to end where their prefix says: they
+    # are passed over to the next document that parses, and counted as skipped bytes.
+    assert [p.product_id for p in products] == [1, 3] and stats.skipped_bytes == len(d2)
+
+
+def _accounted(path, products, stats) -> int:
+    with open(path, "rb") as f:
+        data = f.read()
+    lengths = (int.from_bytes(data[p.offset:p.offset + 4], "little") for p in products)
+    return sum(lengths) + stats.bad_document_bytes + stats.skipped_bytes
+
+
+@pytest.mark.parametrize("where", ["zero_inside_later_document", "inside_next_document",
+                                   "past_the_end", "shorter_on_a_zero"])
+def test_skip_accounting_covers_every_byte(tmp_path, where):
+    """Products + bad documents + skipped bytes add up to the whole file, whatever a
+    corrupt length prefix points at (a 400-product file once gave 398 + 1 + 0)."""
+    docs = [doc(i, n_images=1 + i % 3) for i in range(1, 401)]
+    blob = b"".join(docs)
+    at = sum(map(len, docs[:100]))  # document #100's length prefix is corrupted
+    if where == "past_the_end":
+        length = len(blob) - at + 1000
+    else:
+        lo = at + (len(docs[100]) + 20 if where != "shorter_on_a_zero" else 30)
+        hi = at + (len(docs[100]) + len(docs[101]) + len(docs[102])
+                   if where == "zero_inside_later_document" else len(docs[100]) + 40)
+        if where == "shorter_on_a_zero":
+            hi = at + len(docs[100]) - 2
+        length = next(j for j in range(lo, hi) if blob[j] == 0) - at + 1
+    bad = bytearray(blob)
+    bad[at:at + 4] = length.to_bytes(4, "little")
+    path = write(tmp_path, bytes(bad))
+    products, stats = _read(path, errors="skip")
+    assert _accounted(path, products, stats) == len(blob)
+    assert len(products) == 399 and [p.product_id for p in products][99:101] == [100, 102]
+    index = index_lib.build(path, errors="skip")
+    assert (int(index.lengths.sum()) + index.bad_document_bytes + index.skipped_bytes
+            == len(blob))
+
+
+def test_a_file_is_labelled_by_its_documents_not_its_first(tmp_path):
+    """One unlabelled document first no longer makes a training file unlabelled, nor one
+    labelled document first a test file labelled; a mixed file names its minority."""
+    train = [doc(i) for i in range(1, 101)]
+    train[0] = doc(1, category_id=None)
+    path = write(tmp_path, *train)
+    with pytest.raises(BsonFormatError) as e:
+        index_lib.build(path)
+    assert e.value.offset == 0 and e.value.product_id == 1 and "1 of 100" in str(e.value)
+    assert "without 'category_id'" in str(e.value)
+    index = index_lib.build(path, errors="skip")
+    assert index.labeled and len(index) == 99 and index.bad_documents == 1
+    test = [doc(i, category_id=None) for i in range(1, 101)]
+    test[0] = doc(1)
+    path = write(tmp_path, *test, name="test.bson")
+    with pytest.raises(BsonFormatError, match="1 of 100 documents with 'category_id'") as e:
+        index_lib.build(path)
+    assert e.value.position == 0
+    index = index_lib.build(path, errors="skip")
+    assert not index.labeled and len(index) == 99
+    assert [p.product_id for p in index.iter_products()] == list(range(2, 101))
 
 
 def test_missing_file_is_named():

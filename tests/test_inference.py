@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import doc, jpeg_bytes, write
+from conftest import doc, garbled_jpeg, huge_jpeg, jpeg_bytes, write
 from tfcdisc import bsonfile, inference, input_pipeline, models, scoring, serving
 
 
@@ -95,17 +95,23 @@ def test_every_product_gets_a_row_whatever_its_images(exported, tmp_path):
                 doc(12, cid=None, imgs=pics(jpeg_bytes("L"))),
                 doc(13, cid=None, imgs=pics(b"\xff\xd8corrupt", good)),
                 doc(14, cid=None, imgs=pics(b"garbage bytes", b"<html>")),
-                doc(15, cid=None, imgs=pics(jpeg_bytes("CMYK")))]
+                doc(15, cid=None, imgs=pics(jpeg_bytes("CMYK"))),
+                doc(16, cid=None, imgs=pics(garbled_jpeg(), good)),  # scan data garbage
+                doc(17, cid=None, imgs=pics(huge_jpeg()))]  # claims 60000x60000
     path = write(tmp_path, *products, name="test.bson")
     out = tmp_path / "submission.csv"
     stats = inference.predict(str(saved), str(out), bson=path, progress=False)
     sub = pd.read_csv(out)
-    assert sub["_id"].tolist() == [11, 12, 13, 14, 15]
+    assert sub["_id"].tolist() == [11, 12, 13, 14, 15, 16, 17]
     export = serving.load(str(saved))
-    assert sub["category_id"].iloc[3] == export.category_ids[export.fallback_class]
+    fallback = export.category_ids[export.fallback_class]
+    assert sub["category_id"].iloc[3] == fallback and sub["category_id"].iloc[6] == fallback
     assert set(sub["category_id"]) <= set(export.category_ids.tolist())
-    assert stats.corrupt_images == 3 and stats.products_without_images == 1
-    assert any("_id 14 image 0: not a JPEG" in e for e in stats.examples)
+    assert stats.corrupt_images == 5 and stats.products_without_images == 2
+    skipped = {(pid, k): why for pid, k, why in stats.skipped_images}
+    assert sorted(skipped) == [(13, 0), (14, 0), (14, 1), (16, 0), (17, 0)]
+    assert "not a JPEG" in skipped[14, 0] and "cannot be decoded" in skipped[16, 0]
+    assert "60000x60000" in skipped[17, 0] and export.max_image_pixels == 180 * 180
 
 
 def test_interrupted_prediction_leaves_no_partial_submission(catalogue, exported, tmp_path,
@@ -124,6 +130,30 @@ def test_interrupted_prediction_leaves_no_partial_submission(catalogue, exported
         inference.predict(str(exported[1]), str(out), bson=str(folder / "test.bson"),
                         batch_size=8, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigkilled_prediction_leaves_nothing_beside_the_output(catalogue, exported, tmp_path):
+    """SIGKILL cannot be caught: the rows go to a temporary file elsewhere, so the output
+    folder holds only the finished submission or nothing (it held submission.csv.tmp)."""
+    folder, _ = catalogue
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from tfcdisc import inference
+        real = inference.run_predictions
+        def die_after_first(*args, **kwargs):
+            gen = real(*args, **kwargs)
+            yield next(gen)
+            os.kill(os.getpid(), signal.SIGKILL)
+        inference.run_predictions = die_after_first
+        inference.predict(sys.argv[1], sys.argv[2], bson=sys.argv[3], batch_size=8,
+                          progress=False)
+    """)
+    out = tmp_path / "out" / "submission.csv"
+    out.parent.mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(exported[1]), str(out),
+                           str(folder / "test.bson")], capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert list(out.parent.iterdir()) == []
 
 
 def test_evaluate_equals_the_scored_submission(catalogue, exported, tmp_path):

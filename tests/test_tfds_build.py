@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import build_dataset, doc, jpeg_bytes, read_split, write, write_taxonomy
+from conftest import garbled_jpeg, build_dataset, doc, jpeg_bytes, read_split, write, write_taxonomy
 from tfcdisc import bsonfile, examples
 from tfcdisc import taxonomy as taxonomy_lib
 from tfcdisc.bsonfile import BsonFormatError
@@ -113,18 +113,23 @@ def test_bad_images_are_dropped_and_counted(tmp_path, monkeypatch):
     train = [doc(1, imgs=pics(good, garbage)), doc(2, imgs=pics(garbage)),
              doc(3, imgs=pics(gray)), doc(4, imgs=pics(cmyk, prog)),
              doc(5, cid=1000000200, imgs=pics(good)), doc(6, cid=1000000200, imgs=pics(good)),
-             doc(8, cid=1000000200, imgs=pics(truncated, jpeg_bytes(size=(100, 120))))]
-    test = [doc(10, cid=None, imgs=pics(garbage)), doc(11, cid=None, imgs=pics(good, gray))]
+             doc(8, cid=1000000200, imgs=pics(truncated, jpeg_bytes(size=(100, 120)))),
+             doc(9, cid=1000000200, imgs=pics(garbled_jpeg(1), good))]
+    test = [doc(10, cid=None, imgs=pics(garbage)), doc(11, cid=None, imgs=pics(good, gray)),
+            doc(12, cid=None, imgs=pics(garbled_jpeg(2)))]
     folder = _small_catalogue(tmp_path / "kaggle", train, test)
     builder = build_dataset(folder, tmp_path / "data")
     got = read_split(builder, "train") | read_split(builder, "validation")
-    assert sorted(got) == [1, 3, 4, 5, 6]  # 2 and 8 had no good image left
+    assert sorted(got) == [1, 3, 4, 5, 6, 9]  # 2 and 8 had no good image left
     assert got[1]["images"] == [good] and got[4]["images"] == [cmyk, prog]
+    assert got[9]["images"] == [good]  # headers intact, scan garbage: dropped, counted
     test_split = read_split(builder, "test")
     assert test_split[10]["num_images"] == 0 and test_split[11]["images"] == [good, gray]
+    assert test_split[12]["num_images"] == 0
     stats = builder.info.metadata["build_stats"]
-    assert stats["dropped_images"] == {"not_jpeg": 3, "truncated": 1, "wrong_size": 1}
-    assert stats["dropped_products"] == 2 and stats["products_without_images"] == 1
+    assert stats["dropped_images"] == {"not_jpeg": 3, "truncated": 1, "wrong_size": 1,
+                                       "undecodable": 2}
+    assert stats["dropped_products"] == 2 and stats["products_without_images"] == 2
     assert any("_id 2" in e and "not a JPEG" in e for e in stats["examples"])
     # Grayscale, CMYK and progressive images decode to three channels.
     decoded = builder.as_dataset(split="train").concatenate(

@@ -13,10 +13,11 @@ chunk are its documents decoded one by one, to name the bad one.
 Error policy, for every reader here:
   * ``errors="strict"`` (default): the first problem raises `BsonFormatError`, which
     names the file, the byte offset, the document's position and what to do.
-  * ``errors="skip"``: an invalid but well-framed document is skipped and counted;
-    after a corrupt length prefix (which makes everything after it unreliable) the
-    reader resynchronises at the next document that parses as a product, and
-    counts the bytes it skipped.
+  * ``errors="skip"``: a document that decodes but is not a valid product is skipped
+    and counted (with its bytes); after a corrupt length prefix, or bytes that do not
+    decode (a prefix may land on a 0x00 inside a later document), the reader
+    resynchronises at the next document that parses as a product and counts the bytes
+    it skipped. Valid products + bad documents + skipped bytes cover the whole file.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class Product:
 class ReadStats:
     """What a read saw, including everything it skipped: nothing is dropped silently."""
 
-    documents: int = 0
+    documents: int = 0  # decoded documents, valid or not
     bad_documents: int = 0
-    skipped_bytes: int = 0
+    bad_document_bytes: int = 0
+    skipped_bytes: int = 0  # bytes passed over to resynchronise (no document there)
     problems: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
     def record(self, offset: int, problem: str) -> None:
@@ -93,6 +95,7 @@ class ReadStats:
     def merge(self, other: "ReadStats") -> None:
         self.documents += other.documents
         self.bad_documents += other.bad_documents
+        self.bad_document_bytes += other.bad_document_bytes
         self.skipped_bytes += other.skipped_bytes
         for offset, problem in other.problems:
             self.record(offset, problem)
@@ -101,8 +104,12 @@ class ReadStats:
 # --------------------------------------------------------------------------- validation
 
 
-def product_problem(doc: dict, labeled: bool) -> str | None:
-    """Why a decoded document is not a valid product, or None if it is."""
+def product_problem(doc: dict, labeled: bool | None) -> str | None:
+    """Why a decoded document is not a valid product, or None if it is.
+
+    ``labeled``: True requires an integer ``category_id``, False ignores it, None
+    accepts a document with or without one (but not a non-integer one).
+    """
     pid = doc.get("_id")
     if pid is None:
         return "missing '_id'"
@@ -127,7 +134,7 @@ def product_problem(doc: dict, labeled: bool) -> str | None:
     if cid is None:
         if labeled:
             return "missing 'category_id' in a labelled (training) file"
-    elif labeled and (not isinstance(cid, int) or isinstance(cid, bool)):
+    elif labeled is not False and (not isinstance(cid, int) or isinstance(cid, bool)):
         return f"'category_id' is not an integer ({type(cid).__name__})"
     return None
 
@@ -165,6 +172,7 @@ class Batch:
     ends: list[int]
     base: int  # file offset of buf[0]
     first_position: int
+    docs: list[dict] | None = None  # decoded, when iter_batches(decode=True)
 
     def offset(self, i: int) -> int:
         return self.base + self.starts[i]
@@ -242,11 +250,14 @@ class _Window:
 
 
 def iter_batches(source, *, start: int = 0, end: int | None = None, first_position: int = 0,
-                 errors: str = "strict", stats: ReadStats | None = None) -> Iterator[Batch]:
+                 errors: str = "strict", stats: ReadStats | None = None,
+                 decode: bool = False) -> Iterator[Batch]:
     """Frames every document whose first byte lies in [start, end), a chunk at a time.
 
     ``start`` must be a document boundary (0, or an offset from the index). Memory is
-    bounded by one chunk (256 KiB) plus one document (at most 16 MiB).
+    bounded by one chunk (256 KiB) plus one document (at most 16 MiB). With ``decode``
+    each batch carries its decoded documents, and bytes that frame but do not decode
+    are treated like a corrupt length prefix (raised, or resynchronised past).
     """
     if errors not in ("strict", "skip"):
         raise ValueError(f"errors must be 'strict' or 'skip', not {errors!r}")
@@ -273,10 +284,25 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
                 ends.append(nxt)
                 pos = nxt
             if starts:
-                yield Batch(buf, starts, ends, w.base, position)
-                stats.documents += len(starts)
-                position += len(starts)
-                w.pos = pos
+                docs, bad, problem = _decode(buf, starts, ends) if decode else (None, None, "")
+                if bad is not None and errors == "strict":
+                    raise BsonFormatError(path, w.base + starts[bad], problem,
+                                          position=position + bad, advice=_ADVICE_DOC)
+                good = len(starts) if bad is None else bad
+                if good:
+                    yield Batch(buf, starts[:good], ends[:good], w.base, position,
+                                docs and docs[:good])
+                    stats.documents += good
+                    position += good
+                if bad is None:
+                    w.pos = pos
+                    continue
+                w.pos = starts[bad]
+                offset = w.offset
+                w.resynchronise()
+                skipped = w.offset - offset
+                stats.skipped_bytes += skipped
+                stats.record(offset, f"{problem}; skipped {skipped} bytes to resynchronise")
                 continue
             # The next document is not complete in the window: read more, or report.
             offset = w.offset
@@ -315,58 +341,53 @@ def source_name(source) -> str:
         getattr(source, "name", "<file object>"))
 
 
-def decode_batch(batch: Batch, path: str) -> list[dict | BsonFormatError]:
-    """Decodes a batch with one C call; if that fails, decodes one by one to name the bad."""
-    buf = memoryview(batch.buf)[batch.starts[0]:batch.ends[-1]]
+def _decode(buf: bytes, starts: list[int], ends: list[int]
+            ) -> tuple[list[dict], int | None, str]:
+    """Decodes framed documents with one C call; if that fails, one by one, to find the
+    first that does not decode: (documents, its index or None, the problem)."""
     try:
-        return bson.decode_all(buf)
+        return bson.decode_all(memoryview(buf)[starts[0]:ends[-1]]), None, ""
     except (InvalidBSON, ValueError, OverflowError):
         pass
-    out = []
-    for i, (a, b) in enumerate(zip(batch.starts, batch.ends)):
+    docs = []
+    for i, (a, b) in enumerate(zip(starts, ends)):
         try:
-            out.append(bson.decode(batch.buf[a:b]))
+            docs.append(bson.decode(buf[a:b]))
         except (InvalidBSON, ValueError, OverflowError) as e:
-            out.append(BsonFormatError(path, batch.offset(i), f"invalid BSON ({e})",
-                                       position=batch.first_position + i, advice=_ADVICE_DOC))
-    return out
+            return docs, i, f"invalid BSON ({e})"
+    return docs, None, ""
 
 
 def iter_documents(source, *, start: int = 0, end: int | None = None, first_position: int = 0,
                    labeled: bool | None = None, errors: str = "strict",
-                   stats: ReadStats | None = None
-                   ) -> Iterator[tuple[bool, list[tuple[int, int, dict]]]]:
-    """Yields, a chunk at a time, (labeled, [(offset, length, document), ...]) of valid products.
+                   stats: ReadStats | None = None) -> Iterator[list[tuple[int, int, dict]]]:
+    """Yields, a chunk at a time, [(offset, length, document), ...] of valid products.
 
-    ``labeled`` None decides from the first document (a ``category_id`` makes the
-    whole file a training file). Invalid documents raise or are counted (``errors``).
-    Lists per chunk keep the per-document cost to a plain loop in the caller.
+    ``labeled`` is checked per document (`product_problem`): with None a document may
+    carry ``category_id`` or not, and whether a whole file is labelled is decided from
+    all of them (`tfcdisc.index`), never from the first. Invalid documents raise or are
+    counted (``errors``). Lists per chunk keep the per-document cost to a plain loop.
     """
     stats = stats if stats is not None else ReadStats()
     path = source_name(source)
     for batch in iter_batches(source, start=start, end=end, first_position=first_position,
-                              errors=errors, stats=stats):
-        docs = decode_batch(batch, path)
-        if labeled is None:
-            labeled = isinstance(docs[0], dict) and docs[0].get("category_id") is not None
+                              errors=errors, stats=stats, decode=True):
         valid = []
         starts, ends, base = batch.starts, batch.ends, batch.base
-        for i, doc in enumerate(docs):
-            if isinstance(doc, BsonFormatError):
-                problem, pid = doc.problem, None
-            else:
-                problem = product_problem(doc, labeled)
-                if problem is None:
-                    valid.append((base + starts[i], ends[i] - starts[i], doc))
-                    continue
-                pid = doc.get("_id") if isinstance(doc.get("_id"), int) else None
+        for i, doc in enumerate(batch.docs):
+            problem = product_problem(doc, labeled)
+            if problem is None:
+                valid.append((base + starts[i], ends[i] - starts[i], doc))
+                continue
+            pid = doc.get("_id") if isinstance(doc.get("_id"), int) else None
             if errors == "strict":
                 raise BsonFormatError(path, base + starts[i], problem,
                                       position=batch.first_position + i, product_id=pid,
                                       advice=_ADVICE_DOC)
             stats.bad_documents += 1
-            stats.record(base + starts[i], problem)
-        yield labeled, valid
+            stats.bad_document_bytes += ends[i] - starts[i]
+            stats.record(base + starts[i], problem + (f" (_id {pid})" if pid is not None else ""))
+        yield valid
 
 
 def iter_products(source, *, start: int = 0, end: int | None = None, first_position: int = 0,
@@ -380,16 +401,17 @@ def iter_products(source, *, start: int = 0, end: int | None = None, first_posit
         must be a document boundary (take it from `tfcdisc.index.OffsetIndex`).
       first_position: the position of the document at ``start``, for messages.
       labeled: whether every product must carry ``category_id`` (a training file).
-        None decides from the first document; False yields ``category_id=None``.
+        False yields ``category_id=None``; None yields each document's own (or None).
       errors: "strict" raises on the first problem; "skip" skips and counts.
       stats: filled with counts of what was read and skipped.
 
     Yields:
       `Product`s in file order; memory is bounded by one chunk plus one document.
     """
-    for is_labeled, docs in iter_documents(
+    for docs in iter_documents(
             source, start=start, end=end, first_position=first_position, labeled=labeled,
             errors=errors, stats=stats):
         for offset, _, doc in docs:
-            yield Product(int(doc["_id"]), int(doc["category_id"]) if is_labeled else None,
+            cid = doc.get("category_id") if labeled is not False else None
+            yield Product(int(doc["_id"]), None if cid is None else int(cid),
                           [bytes(img["picture"]) for img in doc["imgs"]], offset)

@@ -24,9 +24,13 @@ def main(argv: Sequence[str]) -> None:
     from tfcdisc import bsonfile, scoring
     f = flags.FLAGS
     try:
+        from tfcdisc.inference import check_output
+        for flag, path in (("--output", f.output), ("--plot", f.plot)):
+            if path:
+                check_output(path, flag)
         report = scoring.evaluate(f.saved_model, bson=f.bson, labels=f.labels,
                                   data_dir=f.data_dir, split=f.split, batch_size=f.batch_size,
-                                  strategy=f.strategy, tpu=f.tpu)
+                                  strategy=f.strategy, tpu=f.tpu, errors=f.errors)
     except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
         cli.fail("evaluate", str(e))
     text = scoring.to_json(report)

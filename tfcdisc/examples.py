@@ -9,7 +9,8 @@ so that local worker processes and Beam workers run exactly the same code:
   * A `ShardSpec` is a small picklable recipe for one output shard. Calling it
     streams that shard's examples: train shards read many runs spread over the file,
     interleaved, so each shard mixes many categories without any in-memory shuffle.
-  * Every JPEG's header is checked (`tfcdisc.jpeg`); bytes are moved untouched.
+  * Every JPEG is screened (`tfcdisc.screen`: header, then one decode at 1/8 scale),
+    so whatever the build keeps decodes; bytes are moved untouched.
     Policy ``bad_images="drop"``: a bad image is dropped and counted; a labelled
     product left with no image is dropped and counted; a test product is kept (with
     no images) so that it still gets a prediction. ``"fail"`` stops at the first.
@@ -39,13 +40,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfcdisc import index as index_lib
-from tfcdisc import jpeg
+from tfcdisc import screen
 from tfcdisc import taxonomy as taxonomy_lib
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 MANUAL_FILES = ("train.bson", "test.bson", "category_names.csv")
 NO_LABEL = -1
 _MAX_RECORDED = 20
+_SCREEN_PRODUCTS = 128  # products whose images are decoded in one call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,9 @@ class BuildOptions:
       runs_per_shard: separate stretches of train.bson interleaved into one shard.
       image_size: (height, width) every image must have; None accepts any size.
       bad_images: "drop" (count and go on) or "fail" (stop at the first bad image).
+      bad_documents: "fail" (stop at the first document that cannot be read, naming its
+        byte offset) or "skip" (resynchronise, count and list what was lost: a product
+        whose document is unreadable cannot be in any split).
     """
 
     validation_size: int | None = None
@@ -68,10 +73,14 @@ class BuildOptions:
     runs_per_shard: int = 32
     image_size: tuple[int, int] | None = (180, 180)
     bad_images: str = "drop"
+    bad_documents: str = "fail"
 
     def __post_init__(self):
         if self.bad_images not in ("drop", "fail"):
             raise ValueError(f"bad_images must be 'drop' or 'fail', not {self.bad_images!r}")
+        if self.bad_documents not in ("fail", "skip"):
+            raise ValueError(f"bad_documents must be 'fail' or 'skip', not "
+                             f"{self.bad_documents!r}")
 
 
 # --------------------------------------------------------------------------- features
@@ -218,7 +227,8 @@ def plan(manual_dir: str, work_dir: str, options: BuildOptions, indexes: dict | 
         if name not in indexes:
             logging.info("indexing %s", paths[name])
             indexes[name] = index_lib.load_or_build(
-                paths[name], index_path=_join(work_dir, name + ".idx.npz"))
+                paths[name], index_path=_join(work_dir, name + ".idx.npz"),
+                errors="skip" if options.bad_documents == "skip" else "strict")
     train, test = indexes["train.bson"], indexes["test.bson"]
     if not train.labeled:
         raise ValueError(f"{paths['train.bson']}: no category_id in its products; is it a "
@@ -328,6 +338,17 @@ def _interleave(index: index_lib.OffsetIndex, runs) -> Iterator[tuple[int, objec
         streams = alive
 
 
+def _chunks(items, n: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _generate(spec: ShardSpec) -> Iterator[tuple[int, dict]]:
     index = _index(spec.index_path, spec.bson_path)
     keep = _members(spec.index_path, spec.bson_path, spec.members, spec.options)
@@ -336,44 +357,51 @@ def _generate(spec: ShardSpec) -> Iterator[tuple[int, dict]]:
     stats = {"split": spec.split, "shard": spec.shard, "products": 0, "images": 0,
              "dropped_images": {}, "dropped_products": 0, "products_without_images": 0,
              "examples": []}
-    for position, product in _interleave(index, spec.runs):
-        if keep is not None and not keep[position]:
-            continue
-        images = []
-        for k, data in enumerate(product.images):
-            try:
-                jpeg.check(data, size)
-                images.append(data)
-            except jpeg.JpegError as e:
+    members = (product for position, product in _interleave(index, spec.runs)
+               if keep is None or keep[position])
+    for chunk in _chunks(members, _SCREEN_PRODUCTS):
+        problems = iter(screen.screen([data for p in chunk for data in p.images], size))
+        for product in chunk:
+            images = []
+            for k, data in enumerate(product.images):
+                e = next(problems)
+                if e is None:
+                    images.append(data)
+                    continue
                 where = (f"{spec.bson_path}: byte offset {product.offset} (_id "
                          f"{product.product_id}) image {k}: {e}")
                 if spec.options.bad_images == "fail":
-                    raise ValueError(where + "; the build's bad_images policy is 'fail'") from None
+                    raise ValueError(where + "; the build's bad_images policy is 'fail'")
                 stats["dropped_images"][e.kind] = stats["dropped_images"].get(e.kind, 0) + 1
                 if len(stats["examples"]) < _MAX_RECORDED:
                     stats["examples"].append(where)
-        if not images:
-            if labels is not None:
-                stats["dropped_products"] += 1
-                continue
-            stats["products_without_images"] += 1
-        if labels is None:
-            label = (NO_LABEL, NO_LABEL, NO_LABEL)
-        else:
-            label = labels[product.category_id]
-        stats["products"] += 1
-        stats["images"] += len(images)
-        yield product.product_id, {
-            "product_id": product.product_id, "images": images, "num_images": len(images),
-            "label": label[0], "label_level1": label[1], "label_level2": label[2]}
+            if not images:
+                if labels is not None:
+                    stats["dropped_products"] += 1
+                    continue
+                stats["products_without_images"] += 1
+            label = (NO_LABEL,) * 3 if labels is None else labels.get(product.category_id)
+            if label is None:  # the plan checked every category: the file changed since
+                raise ValueError(
+                    f"{spec.bson_path}: byte offset {product.offset} (_id "
+                    f"{product.product_id}): category_id {product.category_id} is not in "
+                    f"{spec.category_names}; the file changed after it was indexed: delete "
+                    f"{spec.index_path or 'its .idx.npz index'} and build again")
+            stats["products"] += 1
+            stats["images"] += len(images)
+            yield product.product_id, {
+                "product_id": product.product_id, "images": images,
+                "num_images": len(images), "label": label[0], "label_level1": label[1],
+                "label_level2": label[2]}
     with tf.io.gfile.GFile(spec.stats_path, "w") as f:
         f.write(json.dumps(stats))
 
 
 def collect_stats(specs: dict[str, list[ShardSpec]]) -> dict:
-    """Adds up the shards' stats files into per-split and total counts."""
+    """Adds up the shards' stats files into per-split and total counts, with what each
+    BSON file's reading skipped (bad documents and bytes: products lost to every split)."""
     out = {"dropped_images": {}, "dropped_products": 0, "products_without_images": 0,
-           "splits": {}, "examples": []}
+           "splits": {}, "examples": [], "unreadable": {}}
     for split, shard_specs in specs.items():
         s = {"products": 0, "images": 0, "dropped_images": 0, "dropped_products": 0,
              "products_without_images": 0}
@@ -389,6 +417,14 @@ def collect_stats(specs: dict[str, list[ShardSpec]]) -> dict:
         out["splits"][split] = s
         out["dropped_products"] += s["dropped_products"]
         out["products_without_images"] += s["products_without_images"]
+        for spec in shard_specs[:1]:
+            index = _index(spec.index_path, spec.bson_path)
+            if index.bad_documents or index.skipped_bytes:
+                out["unreadable"][spec.bson_path] = {
+                    "bad_documents": index.bad_documents,
+                    "bad_document_bytes": index.bad_document_bytes,
+                    "skipped_bytes": index.skipped_bytes,
+                    "lost": [list(p) for p in index.problems[:_MAX_RECORDED]]}
     return out
 
 

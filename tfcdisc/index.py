@@ -18,6 +18,8 @@ import io
 import json
 import logging
 import os
+import stat
+import zipfile
 import zlib
 from typing import Callable, Iterator
 
@@ -26,7 +28,7 @@ import tensorflow as tf
 
 from tfcdisc import bsonfile
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: labelled by all documents, bad-document bytes
 _FINGERPRINT_BYTES = 64 * 1024
 
 
@@ -60,6 +62,7 @@ class OffsetIndex:
     skipped_bytes: int = 0
     problems: list = dataclasses.field(default_factory=list)
     stored_at: str | None = None  # where load_or_build read or wrote it
+    bad_document_bytes: int = 0
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -104,6 +107,7 @@ class OffsetIndex:
             return
         expected = self.offsets[shard.lo:shard.hi].tolist()
         ids = self.product_ids[shard.lo:shard.hi].tolist()
+        cids = self.category_ids[shard.lo:shard.hi].tolist()
         clean = not (self.bad_documents or self.skipped_bytes)
         k = 0
         for product in bsonfile.iter_products(
@@ -111,16 +115,17 @@ class OffsetIndex:
                 first_position=shard.lo, labeled=self.labeled,
                 errors="strict" if clean else "skip"):
             if k < len(expected) and product.offset == expected[k]:
-                if product.product_id != ids[k]:
+                cid = -1 if product.category_id is None else product.category_id
+                if product.product_id != ids[k] or cid != cids[k]:
                     break
                 k += 1
                 yield product
         if k != len(expected):
             raise bsonfile.BsonFormatError(
-                self.path, int(expected[k]), f"product _id {ids[k]} listed in the index was "
-                "not found there", position=shard.lo + k,
-                advice="the file changed since its index was built; delete the index file "
-                "so it is rebuilt")
+                self.path, int(expected[k]), f"product _id {ids[k]} (category {cids[k]}) "
+                "listed in the index was not found there", position=shard.lo + k,
+                advice=f"the file changed since its index was built; delete the index file "
+                f"({self.stored_at or default_index_path(self.path)}) so it is rebuilt")
 
 
 # --------------------------------------------------------------------------- build
@@ -128,13 +133,13 @@ class OffsetIndex:
 
 def fingerprint(path: str) -> dict:
     """Size, modification time and a checksum of the head and tail of the file."""
-    stat = tf.io.gfile.stat(path)
+    info = tf.io.gfile.stat(path)
     with tf.io.gfile.GFile(path, "rb") as f:
         head = f.read(_FINGERPRINT_BYTES)
-        if stat.length > 2 * _FINGERPRINT_BYTES:
-            f.seek(stat.length - _FINGERPRINT_BYTES)
+        if info.length > 2 * _FINGERPRINT_BYTES:
+            f.seek(info.length - _FINGERPRINT_BYTES)
         tail = f.read()
-    return {"size": int(stat.length), "mtime_nsec": int(stat.mtime_nsec),
+    return {"size": int(info.length), "mtime_nsec": int(info.mtime_nsec),
             "crc32": zlib.crc32(head + tail)}
 
 
@@ -153,14 +158,13 @@ def build(path: str, *, errors: str = "strict",
     stats = bsonfile.ReadStats()
     offsets, lengths = array.array("q"), array.array("i")
     pids, cids, nimgs = array.array("q"), array.array("q"), array.array("h")
-    labeled = False
     next_report = 0
-    for labeled, docs in bsonfile.iter_documents(path, errors=errors, stats=stats):
+    for docs in bsonfile.iter_documents(path, labeled=None, errors=errors, stats=stats):
         for offset, length, doc in docs:
             offsets.append(offset)
             lengths.append(length)
             pids.append(doc["_id"])
-            cids.append(doc["category_id"] if labeled else -1)
+            cids.append(doc.get("category_id", -1))
             nimgs.append(len(doc["imgs"]))
         if progress and docs and docs[-1][0] >= next_report:
             progress(docs[-1][0])
@@ -168,12 +172,48 @@ def build(path: str, *, errors: str = "strict",
     index = OffsetIndex(
         path, np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int32),
         np.frombuffer(pids, np.int64), np.frombuffer(cids, np.int64),
-        np.frombuffer(nimgs, np.int16), bool(labeled), fp, stats.bad_documents,
-        stats.skipped_bytes, list(stats.problems))
+        np.frombuffer(nimgs, np.int16), False, fp, stats.bad_documents,
+        stats.skipped_bytes, list(stats.problems), bad_document_bytes=stats.bad_document_bytes)
+    _check_labels(index, errors)
     _check_duplicates(index, errors)
     if progress:
         progress(fp["size"])
     return index
+
+
+def _drop(index: OffsetIndex, drop: np.ndarray, problem: Callable[[int], str]) -> None:
+    """Leaves documents out of the index ("skip" mode), counted as bad documents."""
+    for j in np.flatnonzero(drop)[:100]:
+        index.problems.append((int(index.offsets[j]), problem(int(j))))
+    index.bad_documents += int(drop.sum())
+    index.bad_document_bytes += int(index.lengths[drop].sum(dtype=np.int64))
+    for name in ("offsets", "lengths", "product_ids", "category_ids", "num_images"):
+        setattr(index, name, getattr(index, name)[~drop])
+
+
+def _check_labels(index: OffsetIndex, errors: str) -> None:
+    """A file is labelled if its documents are: all of them, not the first one. A mixed
+    file is refused (or, in "skip" mode, its minority kind is left out and counted)."""
+    has_label = index.category_ids >= 0
+    labelled = int(has_label.sum())
+    index.labeled = bool(len(index)) and labelled * 2 >= len(index)
+    minority = ~has_label if index.labeled else has_label
+    count = int(minority.sum())
+    if not count:
+        return
+    kind = "without" if index.labeled else "with"
+    j = int(np.argmax(minority))
+    problem = (f"a mixed file: {count} of {len(index)} documents {kind} 'category_id' "
+               f"(the first is this one), the rest {'with' if index.labeled else 'without'}")
+    if errors == "strict":
+        raise bsonfile.BsonFormatError(
+            index.path, int(index.offsets[j]), problem, position=j,
+            product_id=int(index.product_ids[j]),
+            advice=f"a training file labels every product, a test file none: fix those "
+            f"{count} documents, or rerun with errors='skip' to leave them out and count them")
+    _drop(index, minority, lambda j: f"document {kind} 'category_id' in a file whose other "
+          f"documents are {'labelled' if index.labeled else 'unlabelled'} (_id "
+          f"{int(index.product_ids[j])}), skipped")
 
 
 def _check_duplicates(index: OffsetIndex, errors: str) -> None:
@@ -193,14 +233,9 @@ def _check_duplicates(index: OffsetIndex, errors: str) -> None:
             position=j, product_id=int(index.product_ids[j]),
             advice="remove the duplicates, or rerun with errors='skip' to keep the first of "
             "each and count the rest")
-    keep = np.ones(len(index), bool)
-    keep[later] = False
-    for j in np.sort(later)[:100]:
-        index.problems.append((int(index.offsets[j]),
-                               f"duplicate _id {int(index.product_ids[j])} skipped"))
-    index.bad_documents += len(dup)
-    for name in ("offsets", "lengths", "product_ids", "category_ids", "num_images"):
-        setattr(index, name, getattr(index, name)[keep])
+    drop = np.zeros(len(index), bool)
+    drop[later] = True
+    _drop(index, drop, lambda j: f"duplicate _id {int(index.product_ids[j])} skipped")
 
 
 # --------------------------------------------------------------------------- storage
@@ -210,7 +245,8 @@ def save(index: OffsetIndex, index_path: str) -> None:
     """Writes the index atomically (temporary name, then rename)."""
     meta = {"version": FORMAT_VERSION, "path": index.path, "labeled": index.labeled,
             "fingerprint": index.fingerprint, "bad_documents": index.bad_documents,
-            "skipped_bytes": index.skipped_bytes, "problems": index.problems}
+            "skipped_bytes": index.skipped_bytes, "problems": index.problems,
+            "bad_document_bytes": index.bad_document_bytes}
     buf = io.BytesIO()
     np.savez(buf, offsets=index.offsets, lengths=index.lengths, product_ids=index.product_ids,
              category_ids=index.category_ids, num_images=index.num_images,
@@ -231,7 +267,21 @@ def load(index_path: str, path: str | None = None) -> OffsetIndex:
     return OffsetIndex(path or meta["path"], data["offsets"], data["lengths"],
                        data["product_ids"], data["category_ids"], data["num_images"],
                        meta["labeled"], meta["fingerprint"], meta["bad_documents"],
-                       meta["skipped_bytes"], [tuple(p) for p in meta["problems"]])
+                       meta["skipped_bytes"], [tuple(p) for p in meta["problems"]],
+                       bad_document_bytes=meta.get("bad_document_bytes", 0))
+
+
+def check_file(path: str) -> None:
+    """Refuses what cannot be indexed: a missing path, a folder, a pipe or a device
+    (indexing needs a file it can read twice and seek in)."""
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: no such file; check the path (local or gs://)")
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"{path} is a folder; give the BSON file in it (e.g. "
+                         f"{path.rstrip('/')}/train.bson)")
+    if "://" not in path and not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file (a pipe or a device, as `<(...)` "
+                         "gives): copy it to a file first")
 
 
 def default_index_path(path: str) -> str:
@@ -256,6 +306,7 @@ def load_or_build(path: str, *, index_path: str | None = None, errors: str = "st
     An index built in "skip" mode that skipped something is not reused in "strict"
     mode: the first recorded problem is raised instead, as a fresh build would.
     """
+    check_file(path)
     if index_path:
         readable, writable = [index_path, default_index_path(path)], [index_path]
     else:
@@ -266,7 +317,8 @@ def load_or_build(path: str, *, index_path: str | None = None, errors: str = "st
             continue
         try:
             index = load(candidate, path)
-        except (ValueError, KeyError, OSError, tf.errors.OpError) as e:
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile,
+                tf.errors.OpError) as e:  # truncated, foreign or old: rebuilt
             logging.warning("ignoring unreadable index %s (%s)", candidate, e)
             continue
         if index.fingerprint != fp:

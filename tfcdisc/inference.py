@@ -1,7 +1,7 @@
 """Batch inference over products, under any strategy: every product gets exactly one row.
 
-Products stream from a BSON file (or a built TFDS split) through tf.data: JPEG headers
-are checked in the reader, Python hands TensorFlow a whole batch of products at a time,
+Products stream from a BSON file (through its offset index) or a built TFDS split
+through tf.data: images are screened in the reader (`tfcdisc.screen`), Python hands TensorFlow a whole batch of products at a time,
 decoding runs in parallel map calls into static uint8 batches (the last one filled with
 masked dummies), and the export's image model runs on them under the chosen strategy
 (`product_eval.ProductPredictor`: the CPU, one or several GPUs, a TPU), the same path as
@@ -9,47 +9,71 @@ validation during training. Only one batch of predictions is held at a time; row
 written as they come, to a temporary file that is renamed to the output only when every
 product has its row, so an interrupted run leaves no partial submission.
 
-A corrupt image is skipped and counted; a product left with no usable image still gets a
-row (the export's fallback category, the most frequent in training) and is counted.
+A corrupt image is skipped and counted with its product's _id; a product left with no
+usable image still gets a row (the export's fallback category, the most frequent in
+training) and is counted. A document that cannot be read at all (``errors="skip"``) has
+no _id to give a row to: it is listed as lost, and `predict` refuses to write a
+submission with rows missing unless ``allow_missing``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
+import os
 import sys
+import tempfile
 import time
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import bsonfile, distribute, input_pipeline, jpeg, product_eval, serving
+from tfcdisc import distribute, input_pipeline, product_eval, screen, serving
+
+
+_MAX_LISTED = 1000  # skipped images and lost documents listed one by one in the report
 
 
 @dataclasses.dataclass
 class PredictStats:
-    """What prediction saw; printed at the end and returned."""
+    """What prediction saw and everything it skipped; printed at the end and returned.
+
+    ``skipped_images`` lists (product _id, image position, reason) and ``lost`` lists
+    (byte offset, problem) of documents that could not be read, so no product has a row
+    (the first `_MAX_LISTED` of each; the counts are exact).
+    """
 
     products: int = 0
     images: int = 0
     corrupt_images: int = 0
     products_without_images: int = 0
-    examples: list = dataclasses.field(default_factory=list)
+    bad_documents: int = 0
+    skipped_bytes: int = 0
+    skipped_images: list = dataclasses.field(default_factory=list)
+    lost: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     strategy: str = ""
     replicas: int = 1
 
-    def as_dict(self) -> dict:
+    @property
+    def products_lost(self) -> bool:
+        return bool(self.bad_documents or self.skipped_bytes)
+
+    def as_dict(self, listed: int | None = 20) -> dict:
         d = dataclasses.asdict(self)
+        d["skipped_images"] = d["skipped_images"][:listed]
+        d["lost"] = d["lost"][:listed]
         d["products_per_second"] = round(self.products / self.seconds, 1) if self.seconds else 0
         return d
 
 
-def bson_products(path: str, stats: PredictStats, labeled: bool | None = None,
+def bson_products(index, stats: PredictStats, max_pixels: int | None = None,
                   chunk: int = 256) -> tf.data.Dataset:
-    """Padded products of a BSON file (``images``, ``product_id``, ``category_id``), bad
-    JPEGs blanked (and counted) before they reach TensorFlow.
+    """Padded products (``images``, ``product_id``, ``category_id``) of an indexed BSON
+    file, exactly those of its `tfcdisc.index.OffsetIndex`, in file order; an image that
+    fails the screen (`tfcdisc.screen`) is blanked and counted before TensorFlow sees it.
 
     Python hands products over ``chunk`` at a time (one generator call per chunk, not per
     product: far less GIL traffic beside the model's own threads).
@@ -57,16 +81,26 @@ def bson_products(path: str, stats: PredictStats, labeled: bool | None = None,
     n = input_pipeline.MAX_IMAGES
 
     def gen():
-        ids, images, labels = [], [], []
-        for p in bsonfile.iter_products(path, labeled=labeled):
-            q = _screen(p.product_id, p.images, p.category_id, stats, f"{path}: _id")
-            ids.append(q["product_id"])
-            images.append(q["images"] + [b""] * (n - len(q["images"])))
-            labels.append(q["category_id"])
-            if len(ids) == chunk:
-                yield np.array(ids, np.int64), np.array(images, object), np.array(labels, np.int64)
-                ids, images, labels = [], [], []
-        if ids:
+        stream = index.iter_products()
+        while products := list(itertools.islice(stream, chunk)):
+            problems = iter(screen.screen([d for p in products for d in p.images[:n]],
+                                          max_pixels=max_pixels))
+            ids, images, labels = [], [], []
+            for p in products:
+                good = []
+                for k, data in enumerate(p.images[:n]):
+                    problem = next(problems)
+                    if problem is None:
+                        good.append(data)
+                        continue
+                    stats.corrupt_images += 1
+                    if len(stats.skipped_images) < _MAX_LISTED:
+                        stats.skipped_images.append((p.product_id, k, str(problem)))
+                stats.images += len(good)
+                stats.products_without_images += not good
+                ids.append(p.product_id)
+                images.append(good + [b""] * (n - len(good)))
+                labels.append(-1 if p.category_id is None else p.category_id)
             yield np.array(ids, np.int64), np.array(images, object), np.array(labels, np.int64)
 
     ds = tf.data.Dataset.from_generator(gen, output_signature=(
@@ -76,41 +110,29 @@ def bson_products(path: str, stats: PredictStats, labeled: bool | None = None,
                                                       "category_id": cid})
 
 
-def _screen(product_id: int, images: Sequence[bytes], category_id, stats: PredictStats,
-            where: str) -> dict:
-    good = []
-    for k, data in enumerate(images[:input_pipeline.MAX_IMAGES]):
-        try:
-            jpeg.read_header(data)
-            good.append(data)
-        except jpeg.JpegError as e:
-            stats.corrupt_images += 1
-            if len(stats.examples) < 20:
-                stats.examples.append(f"{where} {product_id} image {k}: {e}")
-    stats.images += len(good)
-    if not good:
-        stats.products_without_images += 1
-    return {"product_id": product_id, "images": good,
-            "category_id": -1 if category_id is None else category_id}
-
-
 def open_products(*, bson: str | None, data_dir: str | None, split: str,
-                  stats: PredictStats, labeled: bool | None = False
+                  stats: PredictStats, errors: str = "strict",
+                  max_pixels: int | None = None
                   ) -> tuple[Callable[[], tf.data.Dataset], int]:
     """A function making the products to score (from a BSON file or a built TFDS split,
-    with ``category_id`` where known), and their number.
+    with ``category_id`` where known: -1 otherwise), and their number.
 
-    For a BSON file the number comes from its offset index (built once, reused after):
-    batches are planned exactly, the progress bar gets an ETA, and a corrupt file fails
-    before any prediction.
+    A BSON file is read through its offset index (built once, reused after): batches are
+    planned exactly, the progress bar gets an ETA, and a corrupt file fails before any
+    prediction, or, with ``errors="skip"``, what cannot be read is counted in ``stats``.
     """
     if bool(bson) == bool(data_dir):
         raise ValueError("give exactly one of --bson and --data_dir")
     if bson:
         from tfcdisc import index as index_lib
-        total = len(index_lib.load_or_build(bson))
-        return lambda: bson_products(bson, stats, labeled), total
+        index = index_lib.load_or_build(bson, errors=errors)
+        stats.bad_documents, stats.skipped_bytes = index.bad_documents, index.skipped_bytes
+        stats.lost = [list(p) for p in index.problems[:_MAX_LISTED]]
+        return lambda: bson_products(index, stats, max_pixels), len(index)
     builder = input_pipeline.load_builder(data_dir)
+    if split not in builder.info.splits:
+        raise ValueError(f"{data_dir}: no split {split!r}; it has "
+                         f"{', '.join(sorted(builder.info.splits))} (--split)")
     total = builder.info.splits[split].num_examples
     ids = tf.constant([int(c) for c in builder.info.features["label"].names], tf.int64)
 
@@ -173,38 +195,76 @@ def open_export(saved_model: str | serving.Export, strategy: str | tf.distribute
     return serving.load(saved_model, strategy), strategy
 
 
+def check_output(path: str, flag: str = "--output") -> None:
+    """Refuses, before any work, an output that is a folder or in a folder that does not
+    exist."""
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"{flag}={path} is a folder; give a file name inside it")
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent and not path.startswith("gs://") and not tf.io.gfile.isdir(parent):
+        raise ValueError(f"{flag}={path}: the folder {parent} does not exist; create it or "
+                         "fix the path")
+
+
 def predict(saved_model: str | serving.Export, output: str, *, bson: str | None = None,
             data_dir: str | None = None, split: str = "test", batch_size: int = 256,
             top_k_output: str | None = None, progress: bool = True,
-            strategy: str | tf.distribute.Strategy = "default", tpu: str | None = None
-            ) -> PredictStats:
+            strategy: str | tf.distribute.Strategy = "default", tpu: str | None = None,
+            errors: str = "strict", allow_missing: bool = False) -> PredictStats:
     """Writes ``output`` (``_id,category_id``, one row per product, file order) atomically.
 
     ``saved_model`` is an export folder, or a `serving.Export` to reuse across calls.
     ``top_k_output`` (.parquet or .csv) adds the top-k category ids and probabilities per
-    product, for ensembling.
+    product, for ensembling. With ``errors="skip"`` unreadable documents of ``bson`` are
+    skipped and counted; since their products can have no row, that is refused before
+    any prediction unless ``allow_missing``.
     """
+    check_output(output)
+    if top_k_output:
+        check_output(top_k_output, "--top_k_output")
     stats = PredictStats()
-    products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats)
     export, strategy = open_export(saved_model, strategy, tpu)
-    tmp = output + ".tmp"
+    products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats,
+                                    errors=errors, max_pixels=export.max_image_pixels)
+    if stats.products_lost and not allow_missing:
+        offset, problem = stats.lost[0]
+        raise MissingProductsError(
+            f"{bson}: {stats.bad_documents} document(s) and {stats.skipped_bytes} byte(s) "
+            f"cannot be read (first at byte offset {offset}: {problem}), so their products "
+            "would have no row; fix the file, or rerun with --allow_missing to write the "
+            "submission without them")
     top_rows = [] if top_k_output else None
-    try:
-        with tf.io.gfile.GFile(tmp, "w") as f:
-            f.write("_id,category_id\n")
-            for out in run_predictions(export, products, total, strategy, stats, batch_size,
-                                       progress):
-                f.write("".join(f"{i},{c}\n" for i, c in zip(out["product_id"].tolist(),
-                                                             out["category_id"].tolist())))
-                if top_rows is not None:
-                    top_rows.append(out)
+    # Rows go to a local temporary file, copied over the output only when complete: a run
+    # killed at any moment leaves neither a partial submission nor a stray file beside it.
+    with tempfile.NamedTemporaryFile("w", prefix="tfcdisc-predict-", suffix=".csv") as f:
+        f.write("_id,category_id\n")
+        for out in run_predictions(export, products, total, strategy, stats, batch_size,
+                                   progress):
+            f.write("".join(f"{i},{c}\n" for i, c in zip(out["product_id"].tolist(),
+                                                         out["category_id"].tolist())))
+            if top_rows is not None:
+                top_rows.append(out)
+        f.flush()
         if top_rows is not None:
             write_top_k(top_rows, top_k_output)
-        tf.io.gfile.rename(tmp, output, overwrite=True)
+        atomic_copy(f.name, output)
+    return stats
+
+
+class MissingProductsError(ValueError):
+    """Some products cannot get a row; predict refuses unless told to allow it."""
+
+
+def atomic_copy(local: str, path: str) -> None:
+    """Copies a finished local file to ``path`` (local or gs://) so that ``path`` is
+    either the old file or the whole new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        tf.io.gfile.copy(local, tmp, overwrite=True)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
     finally:
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.remove(tmp)
-    return stats
 
 
 def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:
@@ -220,5 +280,7 @@ def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:
         frame.to_parquet(buf, index=False)
     else:
         buf.write(frame.to_csv(index=False).encode())
-    with tf.io.gfile.GFile(path, "wb") as f:
+    with tempfile.NamedTemporaryFile(suffix=os.path.splitext(path)[1]) as f:
         f.write(buf.getvalue())
+        f.flush()
+        atomic_copy(f.name, path)

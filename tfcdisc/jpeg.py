@@ -1,8 +1,8 @@
 """JPEG facts read from the marker segments alone, without decoding a pixel.
 
-The dataset build checks every image this way (a few microseconds each) so that
-bytes that are not a JPEG never reach a training run, while the bytes it keeps are
-moved untouched. Grayscale (1 component), YCbCr (3) and CMYK/YCCK (4) baseline,
+Every image is checked this way first (a few microseconds each), before
+`tfcdisc.screen` decodes it once, so that bytes that are not a JPEG, or frames of the
+wrong size, cost nothing more; the bytes kept are moved untouched. Grayscale (1 component), YCbCr (3) and CMYK/YCCK (4) baseline,
 extended and progressive JPEGs are legal; the input pipeline turns them all into
 RGB.
 """
@@ -72,9 +72,15 @@ def read_header(data: bytes) -> JpegInfo:
     raise JpegError("corrupt", "corrupt JPEG (no frame header)")
 
 
-def check(data: bytes, size: tuple[int, int] | None = None) -> JpegInfo:
-    """`read_header`, also requiring the frame to be ``size`` (height, width) if given."""
+def check(data: bytes, size: tuple[int, int] | None = None,
+          max_pixels: int | None = None) -> JpegInfo:
+    """`read_header`, also requiring the frame to be ``size`` (height, width) if given,
+    and to hold at most ``max_pixels`` (a header may claim 60000x60000: refuse it before
+    a decoder allocates for it)."""
     info = read_header(data)
+    if max_pixels is not None and info.height * info.width > max_pixels:
+        raise JpegError("too_large", f"JPEG of {info.width}x{info.height} declares more than "
+                        f"the {max_pixels} pixels allowed")
     if size is not None and (info.height, info.width) != tuple(size):
         raise JpegError("wrong_size", f"JPEG of {info.width}x{info.height}, expected "
                         f"{size[1]}x{size[0]}")

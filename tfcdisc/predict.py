@@ -3,6 +3,12 @@
     python -m tfcdisc.predict --saved_model=EXPORT --bson=test.bson --output=submission.csv
     python -m tfcdisc.predict --saved_model=EXPORT --data_dir=DATA --split=test \
         --output=submission.csv [--top_k_output=top5.parquet] [--strategy=auto] [--tpu=local]
+    python -m tfcdisc.predict ... --bson=test.bson --errors=skip [--allow_missing]
+
+Every product gets a row; an image that cannot be decoded is skipped and counted with its
+product's _id. A document that cannot be read at all has no _id to give a row to: with
+--errors=skip it is counted and listed as lost, and predict refuses to write a submission
+with rows missing unless --allow_missing.
 
 The model runs on the accelerator the strategy names (a TPU VM's chips, every GPU) or the
 CPU; the submission is written atomically, in file order (`tfcdisc.inference`).
@@ -11,6 +17,7 @@ CPU; the submission is written atomically, in file order (`tfcdisc.inference`).
 from __future__ import annotations
 
 import json
+import sys
 from typing import Sequence
 
 from tfcdisc import cli, config
@@ -24,10 +31,15 @@ def main(argv: Sequence[str]) -> None:
     try:
         stats = inference.predict(f.saved_model, f.output, bson=f.bson, data_dir=f.data_dir,
                                   split=f.split, batch_size=f.batch_size,
-                                  top_k_output=f.top_k_output, strategy=f.strategy, tpu=f.tpu)
+                                  top_k_output=f.top_k_output, strategy=f.strategy, tpu=f.tpu,
+                                  errors=f.errors, allow_missing=f.allow_missing)
     except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
         cli.fail("predict", str(e))
-    print(json.dumps({"output": f.output, **stats.as_dict()}, indent=2))
+    print(json.dumps({"output": f.output, **stats.as_dict(listed=None)}, indent=2))
+    if stats.products_lost:
+        print(f"predict: {stats.bad_documents} unreadable document(s) and "
+              f"{stats.skipped_bytes} skipped byte(s) have no row in {f.output} "
+              "(--allow_missing); see \"lost\" above", file=sys.stderr)
 
 
 def define_inference_flags(split: str) -> None:
@@ -43,6 +55,9 @@ def define_inference_flags(split: str) -> None:
                       "Where the model runs: auto (a TPU VM's TPU, else every GPU, else the "
                       "CPU), tpu, mirrored (all GPUs, or logical CPUs), default (one device).")
     flags.DEFINE_string("tpu", None, "TPU address or name (local on a TPU VM).")
+    flags.DEFINE_enum("errors", "strict", ["strict", "skip"], "A --bson document that "
+                      "cannot be read: strict stops with its byte offset; skip counts it, "
+                      "resynchronises and goes on (its product has no row).")
 
 
 def _define_flags() -> None:
@@ -51,6 +66,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", "submission.csv", "The submission CSV (_id,category_id).")
     flags.DEFINE_string("top_k_output", None, "Also write top-k ids and probabilities per "
                         "product (.parquet or .csv), for ensembling.")
+    flags.DEFINE_bool("allow_missing", False, "With --errors=skip, write the submission even "
+                      "if unreadable documents leave products without a row (listed in the "
+                      "report as lost).")
 
 
 def run() -> None:

@@ -21,16 +21,42 @@ MIN_SUPPORT = 5  # products a category needs to be ranked among the worst
 
 
 def read_labels(path: str) -> dict[int, int]:
-    """``_id,category_id`` CSV (test_labels.csv) -> {product id: category id}."""
-    with tf.io.gfile.GFile(path, "rb") as f:
-        frame = pd.read_csv(f)
+    """``_id,category_id`` CSV (test_labels.csv) -> {product id: category id}.
+
+    Every flaw is named with its file and line: a missing or empty file, missing columns,
+    no rows, a blank or non-integer value, a duplicate _id.
+    """
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"--labels={path}: no such file")
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"--labels={path} is a folder; give the _id,category_id CSV file")
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            frame = pd.read_csv(f, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file; expected the header _id,category_id and one "
+                         "row per product") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a CSV file ({e})") from None
     missing = {"_id", "category_id"} - set(frame.columns)
     if missing:
         raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected _id,category_id")
-    if frame["_id"].duplicated().any():
-        raise ValueError(f"{path}: duplicate _id {int(frame['_id'][frame['_id'].duplicated()].iloc[0])}")
-    return dict(zip(frame["_id"].astype(np.int64).tolist(),
-                    frame["category_id"].astype(np.int64).tolist()))
+    if not len(frame):
+        raise ValueError(f"{path}: a header and no rows; expected one row per product")
+    values = {}
+    for column in ("_id", "category_id"):
+        text = frame[column].str.strip()
+        bad = ~text.str.fullmatch(r"[+-]?\d+")
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ValueError(f"{path}: line {i + 2}: {column} {frame[column].iloc[i]!r} is not "
+                             "an integer")
+        values[column] = text.astype(np.int64)
+    ids = values["_id"]
+    if ids.duplicated().any():
+        i = int(np.flatnonzero(ids.duplicated().to_numpy())[0])
+        raise ValueError(f"{path}: line {i + 2}: duplicate _id {int(ids.iloc[i])}")
+    return dict(zip(ids.tolist(), values["category_id"].tolist()))
 
 
 def _with_labels(products, labels: dict[int, int]):
@@ -43,18 +69,33 @@ def _with_labels(products, labels: dict[int, int]):
 
 def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
              data_dir: str | None = None, split: str = "validation", batch_size: int = 256,
-             progress: bool = True, strategy="default", tpu: str | None = None) -> dict:
+             progress: bool = True, strategy="default", tpu: str | None = None,
+             errors: str = "strict") -> dict:
     """Predicts every product and compares with its category; returns the report dict.
 
     ``saved_model`` is an export folder or a `serving.Export`; ``strategy`` as in
     `inference.predict`.
     """
     stats = inference.PredictStats()
-    products, total = inference.open_products(bson=bson, data_dir=data_dir, split=split,
-                                              stats=stats, labeled=False if labels else None)
-    if labels:
-        products = _with_labels(products, read_labels(labels))
+    label_map = read_labels(labels) if labels else None
+    if bson:  # what can be checked before predicting is checked before predicting
+        from tfcdisc import index as index_lib
+        index = index_lib.load_or_build(bson, errors=errors)
+        if label_map is None and not index.labeled:
+            raise ValueError(f"{bson}: its products have no category_id; give --labels "
+                             "(an _id,category_id CSV) for a test file")
+        if label_map is not None:
+            lacking = np.flatnonzero(~np.isin(index.product_ids, list(label_map)))
+            if len(lacking):
+                raise ValueError(f"{labels}: no label for product _id "
+                                 f"{int(index.product_ids[lacking[0]])} of {bson} "
+                                 f"({len(lacking)} products lack one)")
     export, strategy = inference.open_export(saved_model, strategy, tpu)
+    products, total = inference.open_products(bson=bson, data_dir=data_dir, split=split,
+                                              stats=stats, errors=errors,
+                                              max_pixels=export.max_image_pixels)
+    if label_map is not None:
+        products = _with_labels(products, label_map)
     cols = collections.defaultdict(list)
     for out in inference.run_predictions(export, products, total, strategy, stats, batch_size,
                                          progress):

@@ -124,8 +124,11 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
         "serving_default": module.serve, "predict_decoded": module.predict_decoded,
         "metadata": module.metadata})
     fallback_class = int(np.argmax(counts))
+    built_size = (meta.get("build_options") or {}).get("image_size")
     meta = {"image_size": cfg.image_size, "top_k": top_k, "fallback_class": fallback_class,
             "fallback_category_id": int(taxonomy.category_ids[fallback_class]),
+            # predict refuses headers declaring more (the catalogue's own frame size)
+            "max_image_pixels": int(np.prod(built_size)) if built_size else None,
             "taxonomy": taxonomy.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         image_model.save(os.path.join(tmp, "m.keras"))
@@ -148,6 +151,7 @@ class Export:
     top_k: int
     fallback_class: int
     taxonomy: taxonomy_lib.Taxonomy
+    max_image_pixels: int | None = None  # the training catalogue's frame size, if fixed
 
     @property
     def category_ids(self) -> np.ndarray:
@@ -168,6 +172,7 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
         with (strategy or tf.distribute.get_strategy()).scope():
             model = keras.saving.load_model(local, compile=False)
     return Export(export_dir, model, meta["image_size"], meta["top_k"], meta["fallback_class"],
-                  taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"]))
+                  taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"]),
+                  meta.get("max_image_pixels"))
 
 

@@ -39,13 +39,14 @@ class CdiscountConfig(tfds.core.BuilderConfig):
     image_height: int | None = 180
     image_width: int | None = 180
     bad_images: str = "drop"
+    bad_documents: str = "fail"
 
     def options(self) -> examples.BuildOptions:
         size = (self.image_height, self.image_width) if self.image_height else None
         return examples.BuildOptions(
             validation_size=self.validation_size, seed=self.seed,
             shard_bytes=self.shard_mb << 20, runs_per_shard=self.runs_per_shard,
-            image_size=size, bad_images=self.bad_images)
+            image_size=size, bad_images=self.bad_images, bad_documents=self.bad_documents)
 
 
 class Builder(tfds.core.ShardBasedBuilder):
@@ -122,6 +123,11 @@ class Builder(tfds.core.ShardBasedBuilder):
             logging.warning("cdiscount build dropped images %s and %d products; first: %s",
                             stats["dropped_images"], stats["dropped_products"],
                             stats["examples"][:3])
+        for path, lost in stats["unreadable"].items():
+            logging.warning("cdiscount build (bad_documents: skip): %s: %d unreadable "
+                            "documents and %d skipped bytes, whose products are in no split; "
+                            "first: %s", path, lost["bad_documents"], lost["skipped_bytes"],
+                            lost["lost"][:3])
 
     def _write_locally(self, specs) -> None:
         tasks, layout = [], []
