@@ -145,6 +145,21 @@ if cpus > 1:  # logical devices must be set before TensorFlow starts
 from tfcdisc import training
 keras.config.disable_traceback_filtering()
 kill_at = int(sys.argv[3])
+# Test hooks: scripted validation scores per epoch, a SIGKILL inside an epoch's validation.
+scores = [float(x) for x in os.environ.get("TEST_VAL_SCORES", "").split(",") if x]
+kill_in_validation = int(os.environ.get("TEST_KILL_IN_VALIDATION", -1))
+real_on_epoch_end = training.ProductEvaluation.on_epoch_end
+
+
+def on_epoch_end(self, epoch, logs=None):
+    if epoch == kill_in_validation:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_on_epoch_end(self, epoch, logs)
+    if scores:
+        logs["val_product_accuracy"] = scores[epoch]
+
+
+training.ProductEvaluation.on_epoch_end = on_epoch_end
 
 
 class Kill(keras.callbacks.Callback):

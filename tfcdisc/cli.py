@@ -65,8 +65,19 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
             logging.getLogger("tensorflow").setLevel(logging.ERROR)
             for handler in logging.getLogger().handlers:  # absl's, installed by app.run
                 handler.addFilter(_no_library_deprecations)
-        main(argv)
+        try:
+            main(argv)
+        except ModuleNotFoundError as e:
+            if e.name not in ("tensorflow", "tensorflow_datasets"):
+                raise
+            fail(program, "TensorFlow is not installed. It comes with an extra, because a TPU "
+                 "needs another build of it: pip install 'tfcdisc[cpu]' (or [gpu], or [tpu] "
+                 "as tfcdisc/runtime.py says)")
 
+    try:  # a bad flag is an ordinary mistake: one line, exit 2 (absl exits 1, with a banner)
+        fv(sys.argv)
+    except flags.Error as e:
+        fail(program, f"{e}; see --help")
     app.run(quiet_main)
 
 

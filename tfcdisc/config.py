@@ -10,7 +10,7 @@ This module imports no TensorFlow: ``--help`` answers at once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 BACKBONE_NAMES = (
     "xception", *(f"efficientnet_b{i}" for i in range(8)),
@@ -96,9 +96,38 @@ class TrainConfig:
     verbose: int | None = setting(None, "Keras fit verbosity: 0, 1 (progress bar per step) "
                                   "or 2 (a line per epoch); default: 1 on a terminal or in a "
                                   "notebook, 2 otherwise.")
+    overwrite: bool = setting(False, "Start afresh in a model dir that holds another run "
+                              "(its checkpoints, backup, history and logs are deleted); "
+                              "without it such a dir is refused, and the same run resumes.")
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["model"])
+# Settings that change where or how visibly a run trains, not what it trains: a model dir
+# may be resumed with other values of these; any other difference is another run.
+OPERATIONAL_FIELDS = ("model_dir", "data_dir", "strategy", "tpu", "data_service",
+                      "steps_per_execution", "eval_batch_size", "eval_max_batches",
+                      "backup_every_steps", "log_every_steps", "verbose", "deterministic",
+                      "shuffle_buffer", "overwrite")
+
+
+def check(settings: Any) -> None:
+    """Refuses values the flags would refuse, for callers that build a config in Python."""
+    for f in dataclasses.fields(settings):
+        value, m = getattr(settings, f.name), f.metadata
+        if m.get("required") and not value:
+            raise ValueError(f"--{f.name} is required")
+        if value is None:
+            continue
+        if m.get("choices") and value not in m["choices"]:
+            raise ValueError(f"--{f.name}={value}: choose from {', '.join(m['choices'])}")
+        if m.get("lower_bound") is not None and value < m["lower_bound"]:
+            raise ValueError(f"--{f.name}={value}: must be at least {m['lower_bound']}")
+
+
+def differences(saved: dict, settings: Any, fields: Sequence[str]) -> list[str]:
+    """``--name=value (the run has other)`` for each of ``fields`` that differs."""
+    return [f"--{k}={getattr(settings, k)} (the run has {saved.get(k)})" for k in fields
+            if k in saved and saved[k] != getattr(settings, k)]
 
 
 def define_flags(cls: type, flag_values=None) -> None:

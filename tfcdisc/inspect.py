@@ -79,6 +79,7 @@ def inspect_file(path: str, *, errors: str = "strict", category_names: str | Non
     """Indexes (or reuses the index of) a BSON file and summarizes it."""
     from tfcdisc import bsonfile
     from tfcdisc import index as index_lib
+    index_lib.check_file(path)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -108,7 +109,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         report = inspect_file(f.bson, errors=f.errors, category_names=names or None,
                               progress=sys.stderr.isatty() or f.progress)
-    except (bsonfile.BsonFormatError, FileNotFoundError) as e:
+    except (bsonfile.BsonFormatError, FileNotFoundError, ValueError) as e:
         cli.fail("inspect", str(e))
     json.dump(report, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")

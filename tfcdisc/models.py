@@ -302,6 +302,8 @@ def product_predictions(image_model: keras.Model, images: tf.Tensor, mask: tf.Te
     real images only (dynamic shapes: for CPU/GPU inference, not for TPUs)."""
     per_image = image_log_probs(image_model, images, mask if skip_padding else None)
     combined = combine_log_probs(per_image, mask)
+    if combined.shape[-1] is not None:  # a catalogue may have fewer categories than k
+        k = min(k, combined.shape[-1])
     top_log_probs, top_classes = tf.math.top_k(combined, k=k)
     # exp of the mean log-probability is a geometric mean; renormalise over classes.
     log_norm = tf.reduce_logsumexp(combined, axis=-1, keepdims=True)

@@ -112,6 +112,7 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
         logging.warning("no class counts in the dataset metadata: falling back to class 0 for "
                         "products without images")
         counts = np.zeros(taxonomy.num_classes)
+    top_k = min(top_k, taxonomy.num_classes)
     previous = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy("float32")  # portable serving on any device
     try:

@@ -150,6 +150,10 @@ def load(path: str) -> Taxonomy:
         data = f.read()
     try:
         frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise TaxonomyError(f"{path}: empty file; expected the header category_id,"
+                            "category_level1,category_level2,category_level3 and one row per "
+                            "category (the Kaggle category_names.csv)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise TaxonomyError(f"{path}: not a readable CSV ({e})") from None
     return from_frame(frame, path)

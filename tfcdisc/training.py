@@ -31,7 +31,8 @@ import keras
 import tensorflow as tf
 
 from tfcdisc import distribute, input_pipeline, models, product_eval, runtime
-from tfcdisc.config import MODEL_FIELDS, TrainConfig
+from tfcdisc import config as config_lib
+from tfcdisc.config import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
 
 __all__ = ["TrainConfig", "train", "load_config", "image_model", "build_and_compile",
            "dataset_info"]
@@ -106,6 +107,8 @@ class Backup(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         done = self.offset + batch + 1  # steps finished in this epoch
+        if batch + 1 >= self.params.get("steps", float("inf")):
+            return  # the epoch's own backup follows its validation and history row
         if self.every_steps and done - self._last_saved >= self.every_steps:
             self.save(self.epoch, done)
             self._last_saved = done
@@ -204,7 +207,8 @@ def build_and_compile(cfg: TrainConfig, info: dict, total_steps: int, steps_per_
                              steps_per_epoch),
         loss=losses, loss_weights=weights,
         metrics={"label": [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                           keras.metrics.SparseTopKCategoricalAccuracy(k=5, name="top5")]},
+                           keras.metrics.SparseTopKCategoricalAccuracy(
+                               k=min(5, info["num_classes"]), name="top5")]},
         steps_per_execution=cfg.steps_per_execution, jit_compile=jit_compile)
     return model
 
@@ -224,17 +228,56 @@ def dataset_info(builder) -> dict:
             if counts else 0}
 
 
-def _check_resume(model_dir: str, cfg: TrainConfig) -> None:
-    """A backup is only resumed by the network that wrote it."""
-    saved = load_config(model_dir)["train"]
-    diff = [f"--{k}={cfg.__dict__[k]} (the run has {saved.get(k)})" for k in MODEL_FIELDS
-            if k in saved and saved[k] != cfg.__dict__[k]]
-    if diff:
-        raise ValueError(f"{model_dir} holds a run of another model: {', '.join(diff)}; give "
-                         "the run's own values or another --model_dir")
+_RUN_FILES = ("config.json", "flags.txt", "history.csv", "checkpoints", "backup", "logs")
+
+
+def prepare_model_dir(model_dir: str, cfg: TrainConfig, delete: bool = True) -> None:
+    """Refuses a model dir holding another run (unless ``cfg.overwrite``, which deletes
+    that run's files); the same run is resumed. Writes nothing else."""
+    present = [n for n in _RUN_FILES if tf.io.gfile.exists(f"{model_dir}/{n}")]
+    if not present:
+        return
+    problem = None
+    if "config.json" not in present:
+        problem = (f"{model_dir} holds {', '.join(present)} but no config.json (not a "
+                   "finished start of a run)")
+    else:
+        saved = load_config(model_dir)["train"]
+        model = config_lib.differences(saved, cfg, MODEL_FIELDS)
+        recipe = config_lib.differences(saved, cfg, [
+            k for k in saved if k not in MODEL_FIELDS and k not in OPERATIONAL_FIELDS])
+        if model or recipe:
+            problem = (f"{model_dir} holds a run {'of another model' if model else 'with other settings'}"
+                       f": {', '.join(model + recipe)}")
+    if problem is None:
+        if cfg.overwrite:
+            problem = "overwrite"
+        else:
+            return
+    if not cfg.overwrite:
+        raise ValueError(f"{problem}; give the run's own values to resume it, another "
+                         "--model_dir, or --overwrite to delete it and start afresh")
+    for name in present if delete else ():
+        path = f"{model_dir}/{name}"
+        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+    logging.warning("--overwrite: deleted the previous run's %s in %s", ", ".join(present),
+                    model_dir)
 
 
 # --------------------------------------------------------------------------- training
+
+
+def _check_dataset(builder, data_dir: str) -> None:
+    """What would otherwise fail after an epoch (or deep inside tf.data), said first."""
+    splits = builder.info.splits
+    for split in ("train", "validation"):
+        if split not in splits or not splits[split].num_examples:
+            raise ValueError(
+                f"{data_dir}: the {split} split is empty (a catalogue whose categories have "
+                "one product each leaves nothing to validate on); build it with more "
+                "products per category, or set validation_size in the build config")
+    if builder.info.features["label"].num_classes < 2:
+        raise ValueError(f"{data_dir}: one category only; a classifier needs at least two")
 
 
 def _vector_logs(model: keras.Model) -> None:
@@ -275,6 +318,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     Rerunning with the same model_dir resumes from the last backup. ``flags_text`` is
     written to flags.txt once the settings have proved valid.
     """
+    config_lib.check(cfg)
     strategy = distribute.get_strategy(cfg.strategy, cfg.tpu)
     distribute.check_paths_for(strategy, data_dir=cfg.data_dir, model_dir=cfg.model_dir)
     policy = distribute.set_precision(cfg.mixed_precision, strategy)
@@ -282,20 +326,21 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         keras.utils.set_random_seed(cfg.seed)
     builder = input_pipeline.load_builder(cfg.data_dir)
     info = dataset_info(builder)
+    _check_dataset(builder, cfg.data_dir)
     batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
                                          strategy)
     steps_per_epoch = cfg.steps_per_epoch or max(1, info["train_images"] // batch)
     total_steps = steps_per_epoch * cfg.epochs
     model_dir = cfg.model_dir.rstrip("/")
-    backup = read_backup(model_dir)
-    if backup is not None:
-        _check_resume(model_dir, cfg)
     with strategy.scope():
         model = build_and_compile(cfg, info, total_steps, steps_per_epoch, batch)
     label_keys = tuple(model.output)
     _build_from_spec(model, strategy, batch, cfg.decode_size, label_keys)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _vector_logs(model)
+    # Every check, the model's own included, ran before this: the first write (the chief's).
+    prepare_model_dir(model_dir, cfg, delete=distribute.is_chief(strategy))
+    backup = read_backup(model_dir)
 
     chief = distribute.is_chief(strategy)
     out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")

@@ -13,6 +13,8 @@ Files are read through tf.io.gfile only, so a gs:// manual dir works.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 from absl import logging
 import tensorflow as tf
@@ -105,6 +107,17 @@ class Builder(tfds.core.ShardBasedBuilder):
     def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager,
                               download_config: tfds.download.DownloadConfig | None = None
                               ) -> None:
+        try:
+            self._prepare(dl_manager, download_config)
+        except (ValueError, FileNotFoundError) as e:
+            # Bad input is an ordinary mistake: under the `tfds` command, one line naming
+            # the file and the fix, exit status 2 (TFDS would print a traceback).
+            if os.path.basename(sys.argv[0]) == "tfds":
+                print(f"tfds build cdiscount: {e}", file=sys.stderr)
+                sys.exit(2)
+            raise
+
+    def _prepare(self, dl_manager, download_config) -> None:
         download_config = download_config or tfds.download.DownloadConfig()
         self._specs = None
         specs = self._plan(dl_manager)

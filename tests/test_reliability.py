@@ -1,0 +1,311 @@
+"""Faults and ordinary mistakes at every stage: nothing stops a run that should go on,
+nothing is lost or corrupted silently, and every mistake gets one line and exit status 2.
+
+The README's reliability table lists these cases.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import (REPO, build_dataset, doc, jpeg_bytes, last_json, run_training, write,
+                      write_taxonomy)
+from tfcdisc import bsonfile, config, index as index_lib, inference, training
+
+
+def _config(data_dir, model_dir, **overrides):
+    base = dict(data_dir=str(data_dir), model_dir=str(model_dir), backbone="small_cnn",
+                image_size=32, decode_size=48, global_batch_size=16, epochs=1,
+                steps_per_epoch=3, optimizer="adamw", learning_rate=0.004, bn_momentum=0.9,
+                strategy="default", mixed_precision="float32", shuffle_buffer=256,
+                eval_batch_size=8, seed=0, verbose=0)
+    return config.TrainConfig(**{**base, **overrides})
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_a_kill_inside_validation_loses_no_history_row_and_no_best_model(dataset, tmp_path):
+    """Killed while validating epoch 2 (the mid-epoch backup at its last step used to be
+    taken as a finished epoch, so its row never came); the epochs after the resume score
+    worse than epoch 1, so best.keras must stay epoch 1's model."""
+    cfg = _config(dataset.data_dir, tmp_path, epochs=4, steps_per_epoch=4,
+                  backup_every_steps=2)
+    scores = {"TEST_VAL_SCORES": "0.5,0.9,0.2,0.3"}
+    killed = run_training(cfg, env={**scores, "TEST_KILL_IN_VALIDATION": "2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    best = _digest(tmp_path / "checkpoints" / "best.keras")
+    state = json.load(open(tmp_path / "backup" / "state.json"))
+    assert (state["epoch"], state["step"], state["best"]) == (2, 2, 0.9)
+    resumed = run_training(cfg, env=scores)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_json(resumed.stdout)["resumed"] == {"epoch": 2, "step": 2}
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    assert [float(r["val_product_accuracy"]) for r in rows] == [0.5, 0.9, 0.2, 0.3]
+    assert _digest(tmp_path / "checkpoints" / "best.keras") == best
+
+
+# --------------------------------------------------------------------------- model dirs
+
+
+def test_a_model_dir_of_another_run_is_refused_untouched_unless_overwrite(dataset, tmp_path):
+    training.train(_config(dataset.data_dir, tmp_path))
+    before = {name: _digest(tmp_path / name) for name in
+              ("config.json", "flags.txt", "history.csv", "checkpoints/best.keras")
+              if (tmp_path / name).exists()}
+    for other, named in ((dict(learning_rate=0.01), "--learning_rate=0.01 (the run has 0.004)"),
+                         (dict(image_size=48), "--image_size=48 (the run has 32)")):
+        with pytest.raises(ValueError, match="--overwrite") as e:
+            training.train(_config(dataset.data_dir, tmp_path, **other))
+        assert named in str(e.value)
+    with pytest.raises(ValueError, match="epochs"):  # invalid flags: nothing written either
+        training.train(_config(dataset.data_dir, tmp_path, epochs=0, overwrite=True))
+    with pytest.raises(ValueError):  # a model that cannot be built, with --overwrite
+        training.train(_config(dataset.data_dir, tmp_path, backbone="xception",
+                               overwrite=True))
+    assert {name: _digest(tmp_path / name) for name in before} == before
+    result = training.train(_config(dataset.data_dir, tmp_path, image_size=48, epochs=1,
+                                    overwrite=True))
+    assert result["resumed"] is None
+    assert json.load(open(tmp_path / "config.json"))["train"]["image_size"] == 48
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0"]
+
+
+def test_a_rerun_with_operational_changes_resumes(dataset, tmp_path):
+    training.train(_config(dataset.data_dir, tmp_path))
+    again = training.train(_config(dataset.data_dir, tmp_path, log_every_steps=7,
+                                   eval_batch_size=4))
+    assert again["resumed"] == {"epoch": 1, "step": 0} and not again["history"]
+
+
+# --------------------------------------------------------------------------- catalogues
+
+
+def _catalogue(folder, categories, per_category, seed=0):
+    folder.mkdir(parents=True)
+    docs, pid = [], 0
+    for k in range(per_category):
+        for c in categories:
+            pid += 1
+            docs.append(doc(pid, cid=c, imgs=[{"picture": jpeg_bytes(seed=pid)}]))
+    (folder / "train.bson").write_bytes(b"".join(docs))
+    (folder / "test.bson").write_bytes(b"".join(
+        doc(10_000 + i, cid=None, imgs=[{"picture": jpeg_bytes(seed=i)}]) for i in range(4)))
+    write_taxonomy(folder, categories)
+    return folder
+
+
+def test_a_catalogue_of_three_categories_trains_and_scores_top3(tmp_path):
+    folder = _catalogue(tmp_path / "k", [1000000100, 1000000200, 1000000300], 12)
+    builder = build_dataset(folder, tmp_path / "data")
+    result = training.train(_config(builder.data_dir, tmp_path / "run", eval_batch_size=4))
+    assert result["validation"]["products"] == builder.info.splits["validation"].num_examples
+    assert result["validation"]["top5_accuracy"] == 1.0  # every category is in the top 3
+
+
+def test_one_product_per_category_is_refused_before_anything_is_written(tmp_path):
+    folder = _catalogue(tmp_path / "k", [1000000100 + i for i in range(6)], 1)
+    builder = build_dataset(folder, tmp_path / "data")
+    with pytest.raises(ValueError, match="validation split is empty"):
+        training.train(_config(builder.data_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_a_truncated_index_is_rebuilt(catalogue, tmp_path):
+    path = tmp_path / "train.bson"
+    path.write_bytes((catalogue[0] / "train.bson").read_bytes())
+    first = index_lib.load_or_build(str(path))
+    stored = first.stored_at
+    data = open(stored, "rb").read()
+    open(stored, "wb").write(data[: len(data) // 2])
+    again = index_lib.load_or_build(str(path))
+    assert again.product_ids.tolist() == first.product_ids.tolist()
+
+
+def test_a_stale_index_is_named_with_the_fix(tmp_path):
+    """An in-place edit that keeps size, times and the head and tail of the file cannot
+    be seen by the index's fingerprint; the build finds it and says to delete the index."""
+    categories = [1000000100, 1000000200]
+    folder = _catalogue(tmp_path / "k", categories, 6)
+    path = folder / "train.bson"
+    index = index_lib.load_or_build(str(path))
+    raw = bytearray(path.read_bytes())
+    stat = os.stat(path)
+    at = int(index.offsets[5])
+    pos = raw.index(b"category_id\x00", at) + len(b"category_id\x00")
+    raw[pos:pos + 4] = (1000000300).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(bsonfile.BsonFormatError, match="delete the index file") as e:
+        list(index.iter_products())
+    assert e.value.offset == at and "changed since its index was built" in str(e.value)
+
+
+# --------------------------------------------------------------------------- predict skip
+
+
+def test_predict_skips_unreadable_documents_only_when_told(exported, tmp_path):
+    good = jpeg_bytes(seed=1)
+    docs = [doc(i, cid=None, imgs=[{"picture": good}]) for i in range(1, 11)]
+    broken = bytearray(docs[4])
+    broken[0:4] = (len(broken) + 7).to_bytes(4, "little")  # a corrupt length prefix
+    path = write(tmp_path, *docs[:4], bytes(broken), *docs[5:], name="test.bson")
+    out = tmp_path / "submission.csv"
+    with pytest.raises(bsonfile.BsonFormatError, match="byte offset"):
+        inference.predict(str(exported[1]), str(out), bson=path, progress=False)
+    with pytest.raises(inference.MissingProductsError, match="--allow_missing"):
+        inference.predict(str(exported[1]), str(out), bson=path, progress=False,
+                          errors="skip")
+    assert not out.exists()
+    stats = inference.predict(str(exported[1]), str(out), bson=path, progress=False,
+                              errors="skip", allow_missing=True)
+    assert pd.read_csv(out)["_id"].tolist() == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert stats.products_lost and stats.lost[0][0] == sum(map(len, docs[:4]))
+    assert stats.skipped_bytes == len(broken)
+
+
+def test_the_build_skips_unreadable_documents_when_configured(tmp_path):
+    folder = _catalogue(tmp_path / "k", [1000000100, 1000000200], 6)
+    raw = bytearray((folder / "train.bson").read_bytes())
+    index = index_lib.build(str(folder / "train.bson"))
+    at = int(index.offsets[3])
+    raw[at + 4] = 0x55  # an element type that does not exist: the document cannot decode
+    (folder / "train.bson").write_bytes(bytes(raw))
+    with pytest.raises(bsonfile.BsonFormatError, match="invalid BSON"):
+        build_dataset(folder, tmp_path / "strict")
+    builder = build_dataset(folder, tmp_path / "data", bad_documents="skip")
+    splits = builder.info.splits
+    assert splits["train"].num_examples + splits["validation"].num_examples == 11
+    lost = builder.info.metadata["build_stats"]["unreadable"][str(folder / "train.bson")]
+    assert lost["skipped_bytes"] == int(index.lengths[3]) and lost["lost"][0][0] == at
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _run(args, **kw):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=300, env=env, **kw)
+
+
+def _mistakes(catalogue, exported, tmp):
+    """(name, argv, words the one line must contain)."""
+    folder, _ = catalogue
+    saved = str(exported[1])
+    test_bson = str(folder / "test.bson")
+    labels = {"empty": "", "header_only": "_id,category_id\n",
+              "missing_ids": "_id,category_id\n1,1000000100\n",
+              "blank_id": "_id,category_id\n,1000000100\n",
+              "category_not_integer": "_id,category_id\n1,shoes\n"}
+    for name, text in labels.items():
+        (tmp / f"{name}.csv").write_text(text)
+    (tmp / "folder").mkdir()
+    predict = ["-m", "tfcdisc.predict", f"--saved_model={saved}"]
+    evaluate = ["-m", "tfcdisc.evaluate", f"--saved_model={saved}", f"--bson={test_bson}"]
+    return [
+        ("bson_missing", predict + ["--bson=/no/such/test.bson"], "no such file"),
+        ("bson_is_a_folder", predict + [f"--bson={folder}"], "is a folder"),
+        ("output_in_a_missing_folder", predict + [f"--bson={test_bson}",
+                                                  f"--output={tmp}/nope/sub.csv"],
+         "does not exist"),
+        ("output_onto_a_folder", predict + [f"--bson={test_bson}", f"--output={tmp}/folder"],
+         "is a folder"),
+        ("not_an_export", ["-m", "tfcdisc.predict", f"--saved_model={tmp}/folder",
+                           f"--bson={test_bson}"], "not a tfcdisc export"),
+        ("model_dir_missing", ["-m", "tfcdisc.export", "--model_dir=/no/such/run",
+                               f"--export_dir={tmp}/e"], "not a training run"),
+        ("labels_empty", evaluate + [f"--labels={tmp}/empty.csv"], "empty file"),
+        ("labels_header_only", evaluate + [f"--labels={tmp}/header_only.csv"], "no rows"),
+        ("labels_missing_ids", evaluate + [f"--labels={tmp}/missing_ids.csv"],
+         "no label for product _id"),
+        ("labels_blank_id", evaluate + [f"--labels={tmp}/blank_id.csv"],
+         "line 2: _id '' is not an integer"),
+        ("labels_category_not_integer", evaluate + [f"--labels={tmp}/category_not_integer.csv"],
+         "line 2: category_id 'shoes' is not an integer"),
+        ("labels_missing_file", evaluate + [f"--labels={tmp}/nope.csv"], "no such file"),
+        ("evaluate_unlabelled_without_labels", evaluate, "give --labels"),
+        ("inspect_missing", ["-m", "tfcdisc.inspect", "--bson=/no/such.bson"], "no such file"),
+        ("global_batch_size_zero", ["-m", "tfcdisc.train", f"--data_dir={tmp}",
+                                    f"--model_dir={tmp}/r", "--global_batch_size=0"],
+         "global_batch_size"),
+        ("epochs_zero", ["-m", "tfcdisc.train", f"--data_dir={tmp}", f"--model_dir={tmp}/r",
+                         "--epochs=0"], "epochs"),
+        ("unknown_strategy", predict + [f"--bson={test_bson}", "--strategy=gpu"], "strategy"),
+        ("train_data_dir_missing", ["-m", "tfcdisc.train", f"--data_dir={tmp}/nodata",
+                                    f"--model_dir={tmp}/r"], "no prepared cdiscount dataset"),
+    ]
+
+
+def test_ordinary_mistakes_get_one_line_and_exit_2(catalogue, exported, tmp_path):
+    cases = _mistakes(catalogue, exported, tmp_path)
+    failures = []
+    for name, argv, words in cases:
+        done = _run(argv)
+        lines = done.stderr.strip().splitlines()
+        ok = (done.returncode == 2 and "Traceback" not in done.stderr and len(lines) == 1
+              and words in lines[-1])
+        if not ok:
+            failures.append(f"{name}: exit {done.returncode}: {done.stderr[-600:]}")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "r").exists()  # refused flags wrote no model dir
+
+
+def test_a_pipe_as_bson_is_refused_not_waited_on(exported, catalogue, tmp_path):
+    fifo = tmp_path / "named.pipe"
+    os.mkfifo(fifo)
+    read_end, write_end = os.pipe()  # what `<(cat test.bson)` hands over: /dev/fd/N
+    try:
+        for path, fds in ((str(fifo), ()), (f"/dev/fd/{read_end}", (read_end,))):
+            done = _run(["-m", "tfcdisc.predict", f"--saved_model={exported[1]}",
+                         f"--bson={path}", f"--output={tmp_path}/s.csv"], pass_fds=fds)
+            assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_tfds_build_names_an_empty_category_file(catalogue, tmp_path):
+    folder = tmp_path / "k"
+    folder.mkdir()
+    for name in ("train.bson", "test.bson"):
+        (folder / name).write_bytes((catalogue[0] / name).read_bytes())
+    (folder / "category_names.csv").write_text("")
+    done = _run(["-c", "import sys; from tensorflow_datasets.scripts.cli.main import "
+                 "launch_cli; sys.argv[0] = 'tfds'; launch_cli()", "build",
+                 str(REPO / "tfds_builder" / "cdiscount"), f"--manual_dir={folder}",
+                 f"--data_dir={tmp_path}/data"], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "category_names.csv: empty file" in last and last.startswith("tfds build")
+
+
+def test_the_base_install_runs_a_local_tfds_build():
+    """`tfds build` (tensorflow-datasets 4.9.10's command) imports Apache Beam even for a
+    local build, so Beam is a base dependency, not only the `beam` extra."""
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert any(re.match(r"apache-beam\b", d) for d in project["dependencies"])
+    done = _run(["-c", "import sys; sys.modules['apache_beam'] = None\n"
+                 "from tensorflow_datasets.scripts.cli import main"])
+    assert done.returncode != 0 and "apache_beam" in done.stderr  # why it must be there
