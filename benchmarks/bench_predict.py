@@ -71,7 +71,7 @@ def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
     """The same product step as predict, on batches decoded beforehand and held in memory."""
     from tfcdisc import inference, input_pipeline, product_eval, serving
     export = serving.load(saved_model)
-    products = inference.bson_products(bson, inference.PredictStats(), labeled=False).take(n)
+    products = inference.bson_products(bson, inference.PredictStats()).take(n)
     batches = list(input_pipeline.batch_products(products, 256, export.image_size, n))
     step = product_eval.ProductPredictor(export.image_model, export.top_k).step
     step(batches[0])  # warm-up

@@ -34,6 +34,44 @@ def _digest(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+# --------------------------------------------------------------------------- images
+
+
+def test_what_passes_the_screen_decodes_in_full():
+    """Random damage to real JPEGs (byte flips, garbage spliced into the scan, cuts,
+    markers): whatever the screen passes, the pipelines' full decode accepts."""
+    import random
+    import tensorflow as tf
+    from conftest import garbled_jpeg
+    from tfcdisc import input_pipeline, screen
+    rng = random.Random(0)
+    sources = [jpeg_bytes(seed=1), jpeg_bytes("L", seed=2), jpeg_bytes("CMYK", seed=3),
+               jpeg_bytes(progressive=True, seed=4)]
+    damaged = [garbled_jpeg(5)]
+    for _ in range(300):
+        data = bytearray(rng.choice(sources))
+        kind = rng.randrange(4)
+        at = rng.randrange(2, len(data) - 2)
+        if kind == 0:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(2, len(data) - 2)] = rng.randrange(256)
+        elif kind == 1:
+            data[at:at + 200] = rng.randbytes(200)
+        elif kind == 2:
+            data = data[:at] + data[-2:]
+        else:
+            data[at:at + 2] = bytes([0xFF, rng.randrange(256)])
+        damaged.append(bytes(data))
+    verdicts = screen.screen(damaged)
+    passed = [d for d, v in zip(damaged, verdicts) if v is None]
+    assert verdicts[0] is not None and verdicts[0].kind == "undecodable"
+    assert 0 < len(passed) < len(damaged)  # the sample has both kinds
+    for data in passed:
+        tf.io.decode_jpeg(data, channels=3)
+        input_pipeline.decode_train(tf.constant(data), 180)
+    assert screen.screen(sources) == [None] * len(sources)
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -298,6 +336,14 @@ def test_tfds_build_names_an_empty_category_file(catalogue, tmp_path):
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert "category_names.csv: empty file" in last and last.startswith("tfds build")
+
+
+def test_without_tensorflow_a_command_names_the_extra_to_install():
+    done = _run(["-c", "import sys; sys.modules['tensorflow'] = None\n"
+                 "sys.argv = ['tfcdisc-inspect', '--bson=/no/such.bson']\n"
+                 "from tfcdisc import inspect; inspect.run()"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "pip install 'tfcdisc[cpu]'" in done.stderr.strip().splitlines()[-1]
 
 
 def test_the_base_install_runs_a_local_tfds_build():

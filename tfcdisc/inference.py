@@ -69,19 +69,23 @@ class PredictStats:
         return d
 
 
-def bson_products(index, stats: PredictStats, max_pixels: int | None = None,
+def bson_products(source, stats: PredictStats, max_pixels: int | None = None,
                   chunk: int = 256) -> tf.data.Dataset:
-    """Padded products (``images``, ``product_id``, ``category_id``) of an indexed BSON
-    file, exactly those of its `tfcdisc.index.OffsetIndex`, in file order; an image that
-    fails the screen (`tfcdisc.screen`) is blanked and counted before TensorFlow sees it.
+    """Padded products (``images``, ``product_id``, ``category_id``) of a BSON file (a path,
+    or its `tfcdisc.index.OffsetIndex`): exactly the index's products, in file order; an
+    image that fails the screen (`tfcdisc.screen`) is blanked and counted before
+    TensorFlow sees it.
 
     Python hands products over ``chunk`` at a time (one generator call per chunk, not per
     product: far less GIL traffic beside the model's own threads).
     """
     n = input_pipeline.MAX_IMAGES
+    if isinstance(source, str):
+        from tfcdisc import index as index_lib
+        source = index_lib.load_or_build(source)
 
     def gen():
-        stream = index.iter_products()
+        stream = source.iter_products()
         while products := list(itertools.islice(stream, chunk)):
             problems = iter(screen.screen([d for p in products for d in p.images[:n]],
                                           max_pixels=max_pixels))

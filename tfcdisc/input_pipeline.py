@@ -21,25 +21,10 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfcdisc import jpeg as jpeg_lib
+
 MAX_IMAGES = 4
 LABEL_KEYS = ("label", "label_level1", "label_level2")
-# A 1x1 grey JPEG decoded in place of padding, so padded slots cost almost nothing.
-_BLANK_JPEG = bytes.fromhex(
-    "ffd8ffe000104a46494600010100000100010000ffdb004300100b0c0e0c0a100e0d0e1211101318281a"
-    "181616183123251d283a333d3c3933383740485c4e404457453738506d51575f626768673e4d71797064"
-    "785c656763ffdb0043011112121815182f1a1a2f63423842636363636363636363636363636363636363"
-    "6363636363636363636363636363636363636363636363636363636363636363ffc00011080001000103"
-    "012200021101031101ffc4001f0000010501010101010100000000000000000102030405060708090a0b"
-    "ffc400b5100002010303020403050504040000017d010203000411051221314106135161072271143281"
-    "91a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a434445464748"
-    "494a535455565758595a636465666768696a737475767778797a838485868788898a9293949596979899"
-    "9aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4e5"
-    "e6e7e8e9eaf1f2f3f4f5f6f7f8f9faffc4001f0100030101010101010101010000000000000102030405"
-    "060708090a0bffc400b51100020102040403040705040400010277000102031104052131061241510761"
-    "711322328108144291a1b1c109233352f0156272d10a162434e125f11718191a262728292a3536373839"
-    "3a434445464748494a535455565758595a636465666768696a737475767778797a82838485868788898a"
-    "92939495969798999aa2a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7"
-    "d8d9dae2e3e4e5e6e7e8e9eaf2f3f4f5f6f7f8f9faffda000c03010002110311003f0028a28a00ffd9")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +70,7 @@ def decode_train(jpeg: tf.Tensor, size: int) -> tf.Tensor:
 def decode_eval(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
     """The centre view as uint8 [image_size, image_size, 3]: the whole image, resized
     (rounded to whole grey levels); an empty string decodes to padding."""
-    jpeg = tf.where(tf.strings.length(jpeg) > 0, jpeg, _BLANK_JPEG)
+    jpeg = tf.where(tf.strings.length(jpeg) > 0, jpeg, jpeg_lib.BLANK)
     image = tf.io.decode_jpeg(jpeg, channels=3)
     image = _to_uint8(tf.image.resize(image, [image_size, image_size]))
     return tf.ensure_shape(image, [image_size, image_size, 3])

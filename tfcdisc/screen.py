@@ -5,33 +5,39 @@ not a JPEG and frames of the wrong size, or larger than allowed, before any pixe
 allocated. Then TensorFlow's own decoder, the one training, evaluation and prediction
 use, decodes the image at 1/8 scale: every byte of the entropy-coded scan is still read
 (that is where a garbled JPEG with intact headers fails), at about half the cost of a
-full decode. So an image that passes cannot stop a run later.
+full decode. So an image that passes cannot stop a run later. The cost, about 80 us an
+image on one core here, is measured in `benchmarks/bench_tfds.py`.
 
-Images are decoded many to a graph call; only a call that fails is redone one image at a
-time, to name the bad ones. The build (`tfcdisc.examples`) screens every image it keeps;
-predict and evaluate screen what they read from a BSON file (`tfcdisc.inference`).
+Images are decoded `_GROUP` to a graph call, in a graph of that many independent decode
+ops (a `map_fn` loop costs half as much again); only a call that fails is redone one
+image at a time, to name the bad ones. The build (`tfcdisc.examples`) screens every
+image it keeps; predict and evaluate screen what they read from a BSON file
+(`tfcdisc.inference`).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Sequence
 
 import tensorflow as tf
 
 from tfcdisc import jpeg
 
+_GROUP = 64  # images per graph call; a short last group is padded with a 1x1 JPEG
+
 
 @functools.cache
 def _decodes():
-    """A graph that decodes a vector of JPEGs (and fails if any one fails)."""
+    """A graph decoding `_GROUP` JPEGs (and failing if any one fails)."""
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-    def decode_all(images):
-        return tf.map_fn(lambda j: tf.size(tf.io.decode_jpeg(j, channels=3, ratio=8)),
-                         images, fn_output_signature=tf.int32, parallel_iterations=1)
+    @tf.function(input_signature=[tf.TensorSpec([_GROUP], tf.string)])
+    def decode_group(images):
+        return tf.stack([tf.size(tf.io.decode_jpeg(j, channels=3, ratio=8))
+                         for j in tf.unstack(images, num=_GROUP)])
 
-    return decode_all
+    return decode_group
 
 
 def _decodable(data: bytes) -> jpeg.JpegError | None:
@@ -39,8 +45,9 @@ def _decodable(data: bytes) -> jpeg.JpegError | None:
         tf.io.decode_jpeg(data, channels=3, ratio=8)
         return None
     except (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError) as e:
-        reason = e.message.splitlines()[0] if e.message else type(e).__name__
-        return jpeg.JpegError("undecodable", f"JPEG that cannot be decoded ({reason})")
+        reason = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", e.message or "").strip()
+        return jpeg.JpegError("undecodable", "JPEG that cannot be decoded ("
+                              f"{reason.splitlines()[0] if reason else type(e).__name__})")
 
 
 def screen(images: Sequence[bytes], size: tuple[int, int] | None = None,
@@ -58,10 +65,12 @@ def screen(images: Sequence[bytes], size: tuple[int, int] | None = None,
             pending.append(i)
         except jpeg.JpegError as e:
             problems[i] = e
-    if pending:
+    for start in range(0, len(pending), _GROUP):
+        group = pending[start:start + _GROUP]
+        batch = [images[i] for i in group] + [jpeg.BLANK] * (_GROUP - len(group))
         try:
-            _decodes()(tf.constant([images[i] for i in pending]))
+            _decodes()(tf.constant(batch))
         except (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError):
-            for i in pending:
+            for i in group:
                 problems[i] = _decodable(images[i])
     return problems
