@@ -62,6 +62,9 @@ class BuildOptions:
       runs_per_shard: separate stretches of train.bson interleaved into one shard.
       image_size: (height, width) every image must have; None accepts any size.
       bad_images: "drop" (count and go on) or "fail" (stop at the first bad image).
+      decode_images: decode every image once (at 1/8 scale) so that nothing undecodable
+        reaches training; False checks headers only (faster: see benchmarks/RESULTS.md),
+        and an image with a garbled scan then stops training when it is drawn.
       bad_documents: "fail" (stop at the first document that cannot be read, naming its
         byte offset) or "skip" (resynchronise, count and list what was lost: a product
         whose document is unreadable cannot be in any split).
@@ -74,6 +77,7 @@ class BuildOptions:
     image_size: tuple[int, int] | None = (180, 180)
     bad_images: str = "drop"
     bad_documents: str = "fail"
+    decode_images: bool = True
 
     def __post_init__(self):
         if self.bad_images not in ("drop", "fail"):
@@ -360,7 +364,8 @@ def _generate(spec: ShardSpec) -> Iterator[tuple[int, dict]]:
     members = (product for position, product in _interleave(index, spec.runs)
                if keep is None or keep[position])
     for chunk in _chunks(members, _SCREEN_PRODUCTS):
-        problems = iter(screen.screen([data for p in chunk for data in p.images], size))
+        problems = iter(screen.screen([data for p in chunk for data in p.images], size,
+                                      decode=spec.options.decode_images))
         for product in chunk:
             images = []
             for k, data in enumerate(product.images):

@@ -51,11 +51,13 @@ def _decodable(data: bytes) -> jpeg.JpegError | None:
 
 
 def screen(images: Sequence[bytes], size: tuple[int, int] | None = None,
-           max_pixels: int | None = None) -> list[jpeg.JpegError | None]:
+           max_pixels: int | None = None, decode: bool = True
+           ) -> list[jpeg.JpegError | None]:
     """For each image, None if it is usable, else the `jpeg.JpegError` saying why.
 
     ``size`` (height, width) is required of every frame if given; ``max_pixels`` caps the
-    frame a header may declare (checked before decoding).
+    frame a header may declare (checked before decoding). ``decode=False`` checks headers
+    only: faster, but a garbled scan then passes.
     """
     problems: list[jpeg.JpegError | None] = [None] * len(images)
     pending = []
@@ -65,7 +67,7 @@ def screen(images: Sequence[bytes], size: tuple[int, int] | None = None,
             pending.append(i)
         except jpeg.JpegError as e:
             problems[i] = e
-    for start in range(0, len(pending), _GROUP):
+    for start in range(0, len(pending) if decode else 0, _GROUP):
         group = pending[start:start + _GROUP]
         batch = [images[i] for i in group] + [jpeg.BLANK] * (_GROUP - len(group))
         try:

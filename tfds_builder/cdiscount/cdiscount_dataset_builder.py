@@ -42,13 +42,15 @@ class CdiscountConfig(tfds.core.BuilderConfig):
     image_width: int | None = 180
     bad_images: str = "drop"
     bad_documents: str = "fail"
+    decode_images: bool = True
 
     def options(self) -> examples.BuildOptions:
         size = (self.image_height, self.image_width) if self.image_height else None
         return examples.BuildOptions(
             validation_size=self.validation_size, seed=self.seed,
             shard_bytes=self.shard_mb << 20, runs_per_shard=self.runs_per_shard,
-            image_size=size, bad_images=self.bad_images, bad_documents=self.bad_documents)
+            image_size=size, bad_images=self.bad_images, bad_documents=self.bad_documents,
+            decode_images=self.decode_images)
 
 
 class Builder(tfds.core.ShardBasedBuilder):
