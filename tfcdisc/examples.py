@@ -46,7 +46,7 @@ from tfcdisc import taxonomy as taxonomy_lib
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 MANUAL_FILES = ("train.bson", "test.bson", "category_names.csv")
 NO_LABEL = -1
-_MAX_RECORDED = 20
+_MAX_RECORDED = 1000  # bad images listed (file, offset, _id, image, why); counts are exact
 _SCREEN_PRODUCTS = 128  # products whose images are decoded in one call
 
 
