@@ -118,6 +118,9 @@ def test_a_model_dir_of_another_run_is_refused_untouched_unless_overwrite(datase
     result = training.train(_config(dataset.data_dir, tmp_path, image_size=48, epochs=1,
                                     overwrite=True))
     assert result["resumed"] is None
+    again = training.train(_config(dataset.data_dir, tmp_path, image_size=48, epochs=1,
+                                   overwrite=True))
+    assert again["resumed"] == {"epoch": 1, "step": 0}  # the same run is never deleted
     assert json.load(open(tmp_path / "config.json"))["train"]["image_size"] == 48
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert [r["epoch"] for r in rows] == ["0"]

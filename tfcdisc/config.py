@@ -96,9 +96,9 @@ class TrainConfig:
     verbose: int | None = setting(None, "Keras fit verbosity: 0, 1 (progress bar per step) "
                                   "or 2 (a line per epoch); default: 1 on a terminal or in a "
                                   "notebook, 2 otherwise.")
-    overwrite: bool = setting(False, "Start afresh in a model dir that holds another run "
-                              "(its checkpoints, backup, history and logs are deleted); "
-                              "without it such a dir is refused, and the same run resumes.")
+    overwrite: bool = setting(False, "Replace another run in --model_dir (its checkpoints, "
+                              "backup, history and logs are deleted); without it such a dir "
+                              "is refused. The same run always resumes.")
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["model"])

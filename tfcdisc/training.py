@@ -231,37 +231,37 @@ def dataset_info(builder) -> dict:
 _RUN_FILES = ("config.json", "flags.txt", "history.csv", "checkpoints", "backup", "logs")
 
 
-def prepare_model_dir(model_dir: str, cfg: TrainConfig, delete: bool = True) -> None:
-    """Refuses a model dir holding another run (unless ``cfg.overwrite``, which deletes
-    that run's files); the same run is resumed. Writes nothing else."""
+def prepare_model_dir(model_dir: str, cfg: TrainConfig, delete: bool = True) -> bool:
+    """Refuses a model dir holding another run, unless ``cfg.overwrite``: then that run's
+    files are deleted (by the caller that has ``delete``: the chief). Writes nothing else.
+
+    Returns whether the run may resume from what is there: False when it starts afresh.
+    """
     present = [n for n in _RUN_FILES if tf.io.gfile.exists(f"{model_dir}/{n}")]
     if not present:
-        return
-    problem = None
+        return True
     if "config.json" not in present:
-        problem = (f"{model_dir} holds {', '.join(present)} but no config.json (not a "
-                   "finished start of a run)")
+        problem = (f"{model_dir} holds {', '.join(present)} but no config.json (the remains "
+                   "of something else)")
     else:
         saved = load_config(model_dir)["train"]
         model = config_lib.differences(saved, cfg, MODEL_FIELDS)
         recipe = config_lib.differences(saved, cfg, [
             k for k in saved if k not in MODEL_FIELDS and k not in OPERATIONAL_FIELDS])
-        if model or recipe:
-            problem = (f"{model_dir} holds a run {'of another model' if model else 'with other settings'}"
-                       f": {', '.join(model + recipe)}")
-    if problem is None:
-        if cfg.overwrite:
-            problem = "overwrite"
-        else:
-            return
+        if not model and not recipe:
+            return True  # the same run: resumed (or left alone if finished)
+        problem = (f"{model_dir} holds a run of {'another model' if model else 'other settings'}"
+                   f": {', '.join(model + recipe)}")
     if not cfg.overwrite:
         raise ValueError(f"{problem}; give the run's own values to resume it, another "
                          "--model_dir, or --overwrite to delete it and start afresh")
-    for name in present if delete else ():
-        path = f"{model_dir}/{name}"
-        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
-    logging.warning("--overwrite: deleted the previous run's %s in %s", ", ".join(present),
-                    model_dir)
+    if delete:
+        for name in present:
+            path = f"{model_dir}/{name}"
+            (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+        logging.warning("--overwrite: deleted the previous run's %s in %s",
+                        ", ".join(present), model_dir)
+    return False
 
 
 # --------------------------------------------------------------------------- training
@@ -339,8 +339,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _vector_logs(model)
     # Every check, the model's own included, ran before this: the first write (the chief's).
-    prepare_model_dir(model_dir, cfg, delete=distribute.is_chief(strategy))
-    backup = read_backup(model_dir)
+    resume = prepare_model_dir(model_dir, cfg, delete=distribute.is_chief(strategy))
+    backup = read_backup(model_dir) if resume else None
 
     chief = distribute.is_chief(strategy)
     out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
