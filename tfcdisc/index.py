@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import bsonfile
+from tfcdisc import atomic, bsonfile
 
 FORMAT_VERSION = 2  # 2: labelled by all documents, bad-document bytes
 _FINGERPRINT_BYTES = 64 * 1024
@@ -242,7 +242,7 @@ def _check_duplicates(index: OffsetIndex, errors: str) -> None:
 
 
 def save(index: OffsetIndex, index_path: str) -> None:
-    """Writes the index atomically (temporary name, then rename)."""
+    """Writes the index atomically (`tfcdisc.atomic`)."""
     meta = {"version": FORMAT_VERSION, "path": index.path, "labeled": index.labeled,
             "fingerprint": index.fingerprint, "bad_documents": index.bad_documents,
             "skipped_bytes": index.skipped_bytes, "problems": index.problems,
@@ -251,10 +251,7 @@ def save(index: OffsetIndex, index_path: str) -> None:
     np.savez(buf, offsets=index.offsets, lengths=index.lengths, product_ids=index.product_ids,
              category_ids=index.category_ids, num_images=index.num_images,
              meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    tmp = index_path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    tf.io.gfile.rename(tmp, index_path, overwrite=True)
+    atomic.write(index_path, buf.getvalue())
 
 
 def load(index_path: str, path: str | None = None) -> OffsetIndex:

@@ -1,7 +1,8 @@
 """Batch inference over products, under any strategy: every product gets exactly one row.
 
 Products stream from a BSON file (through its offset index) or a built TFDS split
-through tf.data: images are screened in the reader (`tfcdisc.screen`), Python hands TensorFlow a whole batch of products at a time,
+through tf.data: images are screened in the reader (`tfcdisc.screen`), Python hands
+TensorFlow a whole batch of products at a time,
 decoding runs in parallel map calls into static uint8 batches (the last one filled with
 masked dummies), and the export's image model runs on them under the chosen strategy
 (`product_eval.ProductPredictor`: the CPU, one or several GPUs, a TPU), the same path as
@@ -25,12 +26,12 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import distribute, input_pipeline, product_eval, screen, serving
+from tfcdisc import atomic, distribute, input_pipeline, product_eval, screen, serving
 
 
 _MAX_LISTED = 1000  # skipped images and lost documents listed one by one in the report
@@ -251,24 +252,12 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
         f.flush()
         if top_rows is not None:
             write_top_k(top_rows, top_k_output)
-        atomic_copy(f.name, output)
+        atomic.copy(f.name, output)
     return stats
 
 
 class MissingProductsError(ValueError):
     """Some products cannot get a row; predict refuses unless told to allow it."""
-
-
-def atomic_copy(local: str, path: str) -> None:
-    """Copies a finished local file to ``path`` (local or gs://) so that ``path`` is
-    either the old file or the whole new one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        tf.io.gfile.copy(local, tmp, overwrite=True)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
-    finally:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.remove(tmp)
 
 
 def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:
@@ -287,4 +276,4 @@ def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:
     with tempfile.NamedTemporaryFile(suffix=os.path.splitext(path)[1]) as f:
         f.write(buf.getvalue())
         f.flush()
-        atomic_copy(f.name, path)
+        atomic.copy(f.name, path)

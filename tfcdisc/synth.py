@@ -337,17 +337,15 @@ def _tasks(plan: Plan, split: int, seed: int, category_ids, labeled: bool) -> It
 
 
 def _write_atomic(path: str, chunks, progress=None) -> int:
-    """Writes through tf.io.gfile to a temporary name, then renames (no partial files)."""
-    import tensorflow as tf
-    tmp = path + ".tmp"
+    """Streams chunks into ``path``, replaced whole (`tfcdisc.atomic`); returns the bytes."""
+    from tfcdisc import atomic
     total = 0
-    with tf.io.gfile.GFile(tmp, "wb") as f:
+    with atomic.writing(path) as f:
         for chunk in chunks:
             f.write(chunk)
             total += len(chunk)
             if progress:
                 progress(chunk)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
     return total
 
 

@@ -30,7 +30,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from tfcdisc import distribute, input_pipeline, models, product_eval, runtime
+from tfcdisc import atomic, distribute, input_pipeline, models, product_eval, runtime
 from tfcdisc import config as config_lib
 from tfcdisc.config import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
 
@@ -124,7 +124,7 @@ class Backup(keras.callbacks.Callback):
         best = getattr(self.best, "best", None)
         state = {"epoch": epoch, "step": step, "weights": name,
                  "best": None if best is None or abs(best) == float("inf") else float(best)}
-        _write_atomically(f"{self.directory}/state.json", json.dumps(state))
+        atomic.write(f"{self.directory}/state.json", json.dumps(state))
         for old in tf.io.gfile.glob(f"{self.directory}/epoch*.weights.h5"):
             if not old.endswith("/" + name):
                 tf.io.gfile.remove(old)
@@ -139,13 +139,6 @@ def read_backup(model_dir: str) -> dict | None:
         return json.load(f)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def _keep_history_before(path: str, epoch: int) -> None:
     """history.csv keeps exactly the rows of the epochs before ``epoch``: a run killed
     after writing an epoch's row but before its backup redoes that epoch, once."""
@@ -158,7 +151,7 @@ def _keep_history_before(path: str, epoch: int) -> None:
     kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < epoch]
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(kept)
-    _write_atomically(path, out.getvalue())
+    atomic.write(path, out.getvalue())
 
 
 # --------------------------------------------------------------------------- model
@@ -346,12 +339,12 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
     tf.io.gfile.makedirs(out_dir + "/checkpoints")
     if chief:
-        _write_atomically(_config_path(model_dir), json.dumps(
+        atomic.write(_config_path(model_dir), json.dumps(
             {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
              "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
              "global_batch_size": batch, "steps_per_epoch": steps_per_epoch}, indent=2))
         if flags_text is not None:
-            _write_atomically(model_dir + "/flags.txt", flags_text)
+            atomic.write(model_dir + "/flags.txt", flags_text)
     logging.info("training %s on %d replicas (%s), %d steps/epoch x %d epochs of %d images",
                  cfg.backbone, strategy.num_replicas_in_sync, policy, steps_per_epoch,
                  cfg.epochs, batch)

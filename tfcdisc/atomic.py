@@ -1,0 +1,40 @@
+"""Files replaced whole or not at all, local or gs://: one helper for every writer.
+
+A file is written under a temporary name beside it and renamed over the real one only
+once complete, so a reader sees the old file or the whole new one. An exception removes
+the temporary file; a SIGKILL cannot be caught, so long writes that must leave nothing
+behind (predict's rows) go to a local temporary file first and are then `copy`-ed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import tensorflow as tf
+
+
+@contextlib.contextmanager
+def writing(path: str, mode: str = "wb") -> Iterator:
+    """A file object whose content replaces ``path`` when the block ends without error."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with tf.io.gfile.GFile(tmp, mode) as f:
+            yield f
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    finally:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+
+
+def write(path: str, data: bytes | str) -> None:
+    with writing(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def copy(local: str, path: str) -> None:
+    """Copies a finished local file over ``path``."""
+    with writing(path) as f, open(local, "rb") as src:
+        while chunk := src.read(64 << 20):
+            f.write(chunk)
