@@ -254,3 +254,53 @@ def test_validation_in_training_equals_evaluate_on_the_same_checkpoint(dataset, 
     report = scoring.evaluate(str(saved), data_dir=dataset.data_dir, split="validation",
                               progress=False)
     assert report["product_accuracy"] == pytest.approx(best, abs=1e-9)
+
+
+def test_an_efficientnet_trained_from_imagenet_weights_exports_what_it_computes(
+        exported, tmp_path, monkeypatch):
+    """Keras adds a rescaling layer to EfficientNet B0-B7 only when built with
+    weights="imagenet"; a rebuild from flags (weights=None) lacked it, so such exports
+    computed other features. The "ImageNet" weights here are made offline."""
+    import shutil
+    import h5py
+    import tensorflow as tf
+    from keras.src.applications import efficientnet
+    from keras.src.legacy.saving import legacy_h5_format
+    run, _ = exported
+    fake = tmp_path / "imagenet_b0_notop.h5"
+    base = keras.applications.EfficientNetB0(include_top=False, weights=None,
+                                             input_shape=(32, 32, 3), pooling="avg")
+    with h5py.File(fake, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, base)
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *a, **k: str(fake))
+    config = json.load(open(run / "config.json"))
+    config["train"].update(backbone="efficientnet_b0", weights="imagenet")
+    info = config["dataset"]
+    model = models.build_image_model("efficientnet_b0", info["num_classes"], image_size=32,
+                                     weights="imagenet", num_level1=0, num_level2=0)
+    def rescalings(m):
+        return sum(type(layer).__name__ == "Rescaling"
+                   for layer in m.get_layer("efficientnetb0").layers)
+
+    assert rescalings(model) == 2
+    kernel, bias = model.get_layer("label").get_weights()  # logits that follow the features
+    model.get_layer("label").set_weights(
+        [np.random.default_rng(0).normal(size=kernel.shape).astype("float32") * 50, bias])
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "config.json").write_text(json.dumps(config))
+    model.save(copy / "checkpoints" / "best.keras")
+    out = tmp_path / "export"
+    serving.export(str(copy), str(out))
+    images = [[jpeg_bytes(seed=i), jpeg_bytes(seed=i + 10), b"", b""] for i in range(3)]
+    decoded = input_pipeline.decode_products(tf.constant(images), 32)
+    mask = tf.constant([[1.0, 1.0, 0.0, 0.0]] * 3)
+    expected = models.product_predictions(model, decoded, mask, k=5, skip_padding=True)
+    got = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(got["top_k_probability"].numpy(),
+                               expected["top_k_probabilities"].numpy(), rtol=1e-4, atol=1e-6)
+    exported_model = serving.load(str(out)).image_model  # what predict and evaluate run
+    assert rescalings(exported_model) == 2
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    np.testing.assert_allclose(exported_model(pixels)["label"], model(pixels)["label"],
+                               rtol=1e-4, atol=1e-4)

@@ -13,8 +13,9 @@ and the taxonomy is embedded. Signatures:
       keeps decoded batches a quarter of the size of float32.
   metadata() -> taxonomy_json, image_size, top_k, fallback_category_id.
 
-The model is rebuilt outside any distribution strategy in float32 and the run's weights
-are loaded into it, so a model trained on a TPU in bfloat16 exports the same way.
+The checkpoint's own model (its architecture read from the file) is loaded outside any
+distribution strategy in float32, so a model trained on a TPU in bfloat16 exports the same
+way.
 
 Beside it, ``assets/image_model.keras`` and ``assets/tfcdisc.json`` (image size, top k,
 fallback, taxonomy) let `tfcdisc.predict` and `tfcdisc.evaluate` run the same computation
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -96,11 +98,41 @@ def checkpoint_path(model_dir: str, which: str = "best") -> str:
     return path
 
 
+def _in_float32(config):
+    """A serialized model's config with every layer's dtype policy made float32."""
+    if isinstance(config, list):
+        return [_in_float32(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") == "DTypePolicy":
+        return {**config, "config": {**config["config"], "name": "float32"}}
+    return {k: _in_float32(v) for k, v in config.items()}
+
+
+def float32_model(checkpoint: str) -> keras.Model:
+    """The checkpoint's own model, in float32: its architecture is read from the file, not
+    rebuilt from flags. A rebuild can differ: Keras adds a layer to EfficientNet B0-B7
+    only when it is built with ``weights="imagenet"``, which a rebuild cannot ask for."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "m.keras")
+        tf.io.gfile.copy(checkpoint, local)
+        with zipfile.ZipFile(local) as z:
+            config = json.loads(z.read("config.json"))
+        previous = keras.mixed_precision.global_policy().name
+        keras.mixed_precision.set_global_policy("float32")  # portable serving on any device
+        try:
+            model = keras.saving.deserialize_keras_object(_in_float32(config))
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        model.load_weights(local)
+    return model
+
+
 def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str = "best"
            ) -> dict:
     """Writes the SavedModel; returns a summary (paths, classes, fallback category)."""
     config = training.load_config(model_dir)
-    cfg, info = training.TrainConfig(**config["train"]), config["dataset"]
+    cfg = training.TrainConfig(**config["train"])
     builder = input_pipeline.load_builder(cfg.data_dir)
     meta = builder.info.metadata or {}
     if "taxonomy" not in meta:
@@ -113,12 +145,7 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
                         "products without images")
         counts = np.zeros(taxonomy.num_classes)
     top_k = min(top_k, taxonomy.num_classes)
-    previous = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy("float32")  # portable serving on any device
-    try:
-        image_model = training.image_model(cfg, info, checkpoint_path(model_dir, checkpoint))
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    image_model = float32_model(checkpoint_path(model_dir, checkpoint))
     module = ProductClassifier(image_model, taxonomy, cfg.image_size, top_k,
                                int(np.argmax(counts)))
     tf.saved_model.save(module, export_dir, signatures={
