@@ -5,7 +5,7 @@ so that local worker processes and Beam workers run exactly the same code:
 
   * `plan` decides, from the offset indexes alone, which product goes to which split
     and shard. The validation split is a stratified, hash-chosen hold-out from
-    train.bson (the file is ordered in category blocks, so a slice would be biased).
+    train.bson (a slice of the file would not be stratified, whatever its order).
   * A `ShardSpec` is a small picklable recipe for one output shard. Calling it
     streams that shard's examples: train shards read many runs spread over the file,
     interleaved, so each shard mixes many categories without any in-memory shuffle.

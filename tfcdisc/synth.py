@@ -8,8 +8,8 @@ The images are learnable through the hierarchy: the level-1 category decides the
 coarse look (background tint and gradient, the object's hue band), level 2 the shape
 family, level 3 the detail (exact hue, texture, mark). A product's 1-4 images are
 views of one item (position, scale, rotation, lighting, noise). Category sizes are
-long-tailed and train.bson is written in category blocks, as the real file is, so a
-sequential split would be biased.
+long-tailed, and train.bson is in no category order, as the real file is (its first
+five products are in four categories).
 
     python -m tfcdisc.synth --output_dir DIR --num_train_products N \
         --num_test_products M [--num_categories K] [--category_names CSV] [--seed S]
@@ -280,7 +280,7 @@ class Plan:
 
 def plan_catalogue(num_classes: int, num_train: int, num_test: int, rng: np.random.Generator
                    ) -> tuple[Plan, Plan]:
-    """Long-tailed category sizes, train in category blocks, ids increasing with gaps."""
+    """Long-tailed category sizes, train in no category order, ids increasing with gaps."""
     if num_train < MIN_PRODUCTS_PER_CATEGORY * num_classes:
         raise ValueError(f"--num_train_products={num_train} is too few for {num_classes} "
                          f"categories: every category gets at least "
@@ -289,8 +289,7 @@ def plan_catalogue(num_classes: int, num_train: int, num_test: int, rng: np.rand
     weights = rng.permutation(weights / weights.sum())
     sizes = MIN_PRODUCTS_PER_CATEGORY + rng.multinomial(
         num_train - MIN_PRODUCTS_PER_CATEGORY * num_classes, weights)
-    block_order = rng.permutation(num_classes)
-    train_classes = np.repeat(block_order, sizes[block_order])
+    train_classes = rng.permutation(np.repeat(np.arange(num_classes), sizes))
     test_classes = rng.choice(num_classes, size=num_test, p=weights)
     # One increasing id sequence with gaps; a random part of it becomes the test ids.
     ids = np.cumsum(rng.integers(1, 4, size=num_train + num_test)).astype(np.int64)
