@@ -200,6 +200,14 @@ def open_export(saved_model: str | serving.Export, strategy: str | tf.distribute
     return serving.load(saved_model, strategy), strategy
 
 
+def max_image_pixels(saved_model: str | serving.Export) -> int | None:
+    """The largest frame an image may declare: the training catalogue's (from the export's
+    metadata, read without loading its model)."""
+    if isinstance(saved_model, serving.Export):
+        return saved_model.max_image_pixels
+    return serving.read_metadata(saved_model).get("max_image_pixels")
+
+
 def check_output(path: str, flag: str = "--output") -> None:
     """Refuses, before any work, an output that is a folder or in a folder that does not
     exist."""
@@ -228,9 +236,8 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
     if top_k_output:
         check_output(top_k_output, "--top_k_output")
     stats = PredictStats()
-    export, strategy = open_export(saved_model, strategy, tpu)
     products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats,
-                                    errors=errors, max_pixels=export.max_image_pixels)
+                                    errors=errors, max_pixels=max_image_pixels(saved_model))
     if stats.products_lost and not allow_missing:
         offset, problem = stats.lost[0]
         raise MissingProductsError(
@@ -238,6 +245,7 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
             f"cannot be read (first at byte offset {offset}: {problem}), so their products "
             "would have no row; fix the file, or rerun with --allow_missing to write the "
             "submission without them")
+    export, strategy = open_export(saved_model, strategy, tpu)
     top_rows = [] if top_k_output else None
     # Rows go to a local temporary file, copied over the output only when complete: a run
     # killed at any moment leaves neither a partial submission nor a stray file beside it.

@@ -90,10 +90,10 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
                 raise ValueError(f"{labels}: no label for product _id "
                                  f"{int(index.product_ids[lacking[0]])} of {bson} "
                                  f"({len(lacking)} products lack one)")
+    products, total = inference.open_products(
+        bson=bson, data_dir=data_dir, split=split, stats=stats, errors=errors,
+        max_pixels=inference.max_image_pixels(saved_model))
     export, strategy = inference.open_export(saved_model, strategy, tpu)
-    products, total = inference.open_products(bson=bson, data_dir=data_dir, split=split,
-                                              stats=stats, errors=errors,
-                                              max_pixels=export.max_image_pixels)
     if label_map is not None:
         products = _with_labels(products, label_map)
     cols = collections.defaultdict(list)

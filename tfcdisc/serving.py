@@ -186,14 +186,22 @@ class Export:
         return self.taxonomy.category_ids
 
 
-def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Export:
-    """The export's Keras image model (variables placed by ``strategy``) and metadata."""
-    path = f"{export_dir.rstrip('/')}/{KERAS_MODEL}"
-    if not tf.io.gfile.exists(path):
+def read_metadata(export_dir: str) -> dict:
+    """The export's tfcdisc.json (image size, top k, fallback, taxonomy), without loading
+    the model: what can be checked before the model is loaded is checked first."""
+    path = f"{export_dir.rstrip('/')}/{METADATA}"
+    if not tf.io.gfile.exists(f"{export_dir.rstrip('/')}/{KERAS_MODEL}") or \
+            not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{export_dir}: not a tfcdisc export (no {KERAS_MODEL}); give "
                                 "the --export_dir of `python -m tfcdisc.export`")
-    with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{METADATA}") as f:
-        meta = json.load(f)
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Export:
+    """The export's Keras image model (variables placed by ``strategy``) and metadata."""
+    meta = read_metadata(export_dir)
+    path = f"{export_dir.rstrip('/')}/{KERAS_MODEL}"
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "m.keras")
         tf.io.gfile.copy(path, local)

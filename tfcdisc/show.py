@@ -23,10 +23,10 @@ def main(argv: Sequence[str]) -> None:
     try:
         if f.saved_model:
             stats = inference.PredictStats()
+            products, _ = inference.open_products(
+                bson=f.bson, data_dir=f.data_dir, split=f.split, stats=stats,
+                max_pixels=inference.max_image_pixels(f.saved_model))
             export, strategy = inference.open_export(f.saved_model, "default")
-            products, _ = inference.open_products(bson=f.bson, data_dir=f.data_dir,
-                                                  split=f.split, stats=stats,
-                                                  max_pixels=export.max_image_pixels)
             samples = gallery.prediction_samples(export, products().as_numpy_iterator(),
                                                  strategy, f.num_products)
         elif f.data_dir:
