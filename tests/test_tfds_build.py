@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import garbled_jpeg, build_dataset, doc, jpeg_bytes, read_split, write, write_taxonomy
-from tfcdisc import bsonfile, examples
+from tfcdisc import bsonfile, examples, records
 from tfcdisc import taxonomy as taxonomy_lib
 from tfcdisc.bsonfile import BsonFormatError
 
@@ -198,7 +198,7 @@ def test_fast_serializer_matches_tfds(catalogue):
                {"product_id": 5, "images": [], "num_images": 0, "label": -1,
                 "label_level1": -1, "label_level2": -1}):
         theirs = tfds_serializer.serialize_example(feature_dict.encode_example(ex))
-        assert tf.train.Example.FromString(examples.serialize(ex)) == \
+        assert tf.train.Example.FromString(records.serialize(ex)) == \
             tf.train.Example.FromString(theirs)
 
 

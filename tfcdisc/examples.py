@@ -40,7 +40,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfcdisc import index as index_lib
-from tfcdisc import screen
+from tfcdisc import records, screen
 from tfcdisc import taxonomy as taxonomy_lib
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
@@ -441,24 +441,10 @@ def default_workers() -> int:
     return int(os.environ.get("TFCDISC_BUILD_WORKERS", 0)) or os.cpu_count() or 1
 
 
-def serialize(example: dict) -> bytes:
-    """The tf.train.Example that TFDS's serializer makes of our features, three times
-    faster; `tests/test_tfds_build.py` checks that the two agree."""
-    feature, ints = tf.train.Feature, tf.train.Int64List
-    return tf.train.Example(features=tf.train.Features(feature={
-        "product_id": feature(int64_list=ints(value=[example["product_id"]])),
-        "images": feature(bytes_list=tf.train.BytesList(value=example["images"])),
-        "num_images": feature(int64_list=ints(value=[example["num_images"]])),
-        "label": feature(int64_list=ints(value=[example["label"]])),
-        "label_level1": feature(int64_list=ints(value=[example["label_level1"]])),
-        "label_level2": feature(int64_list=ints(value=[example["label_level2"]])),
-    })).SerializeToString()
-
-
 def write_shard(task: tuple[ShardSpec, str, object]) -> int:
     """Writes one shard file (runs in a worker process).
 
-    TFRecord shards are written with `serialize`; other formats go through TFDS's own
+    TFRecord shards are written with `records.serialize`; other formats go through TFDS's own
     shard writer.
     """
     spec, path, file_format = task
@@ -466,7 +452,7 @@ def write_shard(task: tuple[ShardSpec, str, object]) -> int:
         n = 0
         with tf.io.TFRecordWriter(path) as writer:
             for _, example in spec():
-                writer.write(serialize(example))
+                writer.write(records.serialize(example))
                 n += 1
         return n
     from etils import epath

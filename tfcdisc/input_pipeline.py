@@ -22,9 +22,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfcdisc import jpeg as jpeg_lib
+from tfcdisc import records
+from tfcdisc.records import LABEL_KEYS
 
 MAX_IMAGES = 4
-LABEL_KEYS = ("label", "label_level1", "label_level2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +132,7 @@ def _read(builder, split: str, shuffle: bool, options: PipelineOptions,
                               decoders={"images": tfds.decode.SkipDecoding()})
 
 
-# How `tfcdisc.examples.serialize` lays out a product (checked by the tests).
-_PARSE_SPEC = {"images": tf.io.RaggedFeature(tf.string),
-               **{k: tf.io.FixedLenFeature([], tf.int64) for k in LABEL_KEYS}}
+_PARSE_SPEC = records.parse_spec()
 
 
 def _labels(ex: dict, count=None) -> dict:
