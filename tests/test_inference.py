@@ -304,3 +304,25 @@ def test_an_efficientnet_trained_from_imagenet_weights_exports_what_it_computes(
     pixels = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
     np.testing.assert_allclose(exported_model(pixels)["label"], model(pixels)["label"],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_flip_tta_averages_the_mirrored_view_in_log_probability_space(exported, tmp_path):
+    import tensorflow as tf
+    run, _ = exported
+    out = tmp_path / "tta"
+    summary = serving.export(str(run), str(out), tta="flip")
+    assert summary["tta"] == "flip" and serving.read_metadata(str(out))["tta"] == "flip"
+    plain = serving.float32_model(serving.checkpoint_path(str(run)))
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 48, 48, 3)).astype("uint8")
+    by_hand = (tf.nn.log_softmax(plain(pixels)["label"]) +
+               tf.nn.log_softmax(plain(pixels[:, :, ::-1])["label"])) / 2
+    tta = serving.load(str(out)).image_model
+    np.testing.assert_allclose(tta(pixels)["label"], by_hand, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(by_hand, tf.nn.log_softmax(plain(pixels)["label"]), atol=1e-3)
+    images = [[jpeg_bytes(seed=i), b"", b"", b""] for i in range(3)]
+    decoded = input_pipeline.decode_products(tf.constant(images), 32)
+    mask = tf.constant([[1.0, 0.0, 0.0, 0.0]] * 3)
+    expected = models.product_predictions(tta, decoded, mask, k=5, skip_padding=True)
+    got = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(got["top_k_probability"], expected["top_k_probabilities"],
+                               rtol=1e-4, atol=1e-6)

@@ -19,6 +19,7 @@ BACKBONE_NAMES = (
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker_mirrored", "one_device", "default")
 INFERENCE_STRATEGIES = ("auto", "tpu", "mirrored", "default")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with_tta`)
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None,

@@ -1,6 +1,6 @@
 """Exports a trained run as a self-contained SavedModel for batch inference and serving.
 
-    python -m tfcdisc.export --model_dir=RUN --export_dir=EXPORT [--top_k=5]
+    python -m tfcdisc.export --model_dir=RUN --export_dir=EXPORT [--top_k=5] [--tta=flip]
 
 The SavedModel needs neither tfcdisc nor category_names.csv (`tfcdisc.serving` says what
 its signatures take and return); `tfcdisc.predict` and `tfcdisc.evaluate` read it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from tfcdisc import cli
+from tfcdisc import cli, config
 
 
 def main(argv: Sequence[str]) -> None:
@@ -21,7 +21,7 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     try:
         summary = serving.export(f.model_dir, f.export_dir, top_k=f.top_k,
-                                 checkpoint=f.checkpoint)
+                                 checkpoint=f.checkpoint, tta=f.tta)
     except (FileNotFoundError, ValueError) as e:
         cli.fail("export", str(e))
     print(json.dumps(summary, indent=2))
@@ -36,6 +36,9 @@ def _define_flags() -> None:
                          lower_bound=1)
     flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "best: highest validation "
                       "product accuracy; last: the last finished epoch.")
+    flags.DEFINE_enum("tta", "none", list(config.TTA_MODES), "Test-time augmentation: flip averages "
+                      "each image's original and mirrored views (log-probabilities); twice "
+                      "the compute, same signatures.")
 
 
 def run() -> None:

@@ -128,6 +128,41 @@ class CaffeScaling(layers.Layer):
 
 
 @keras.saving.register_keras_serializable("tfcdisc")
+class Mirror(layers.Layer):
+    """The images seen in a mirror (left and right swapped): the second view of flip TTA."""
+
+    def call(self, x):
+        return ops.flip(x, axis=-2)
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class MeanLogProbs(layers.Layer):
+    """The mean of several views' log-probabilities (a geometric mean of probabilities;
+    `image_log_probs` renormalises it)."""
+
+    def call(self, views):
+        return ops.mean(ops.stack([ops.log_softmax(ops.cast(v, "float32"), axis=-1)
+                                   for v in views]), axis=0)
+
+
+def with_tta(image_model: keras.Model, tta: str) -> keras.Model:
+    """``image_model`` averaged over test-time views: "flip" adds the mirrored image.
+
+    The result is an image model like any other (uint8 in, ``label`` out, here as
+    log-probabilities), so every inference path runs it unchanged, on any device.
+    """
+    if tta not in config.TTA_MODES:
+        raise ValueError(f"--tta={tta}: choose from {', '.join(config.TTA_MODES)}")
+    if tta == "none":
+        return image_model
+    inputs = keras.Input(image_model.input.shape[1:], dtype=image_model.input.dtype,
+                         name="image")
+    views = [image_model(inputs)["label"], image_model(Mirror(name="mirror")(inputs))["label"]]
+    label = MeanLogProbs(dtype="float32", name="label")(views)
+    return keras.Model(inputs, {"label": label}, name=f"{image_model.name}_flip_tta")
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
 class SparseCrossentropy(keras.losses.Loss):
     """Sparse categorical cross-entropy from logits, with label smoothing, in float32.
 

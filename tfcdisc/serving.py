@@ -128,9 +128,13 @@ def float32_model(checkpoint: str) -> keras.Model:
     return model
 
 
-def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str = "best"
-           ) -> dict:
-    """Writes the SavedModel; returns a summary (paths, classes, fallback category)."""
+def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str = "best",
+           tta: str = "none") -> dict:
+    """Writes the SavedModel; returns a summary (paths, classes, fallback category).
+
+    ``tta="flip"`` averages each image's original and mirrored views in log-probability
+    space (`models.with_tta`): twice the compute, the same signatures.
+    """
     config = training.load_config(model_dir)
     cfg = training.TrainConfig(**config["train"])
     builder = input_pipeline.load_builder(cfg.data_dir)
@@ -145,7 +149,7 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
                         "products without images")
         counts = np.zeros(taxonomy.num_classes)
     top_k = min(top_k, taxonomy.num_classes)
-    image_model = float32_model(checkpoint_path(model_dir, checkpoint))
+    image_model = models.with_tta(float32_model(checkpoint_path(model_dir, checkpoint)), tta)
     module = ProductClassifier(image_model, taxonomy, cfg.image_size, top_k,
                                int(np.argmax(counts)))
     tf.saved_model.save(module, export_dir, signatures={
@@ -157,6 +161,7 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
             "fallback_category_id": int(taxonomy.category_ids[fallback_class]),
             # predict refuses headers declaring more (the catalogue's own frame size)
             "max_image_pixels": int(np.prod(built_size)) if built_size else None,
+            "tta": tta,
             "taxonomy": taxonomy.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         image_model.save(os.path.join(tmp, "m.keras"))
@@ -165,7 +170,7 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
     with tf.io.gfile.GFile(f"{export_dir}/{METADATA}", "w") as f:
         json.dump(meta, f, ensure_ascii=False)
     return {"export_dir": export_dir, "checkpoint": checkpoint, "classes": taxonomy.num_classes,
-            "image_size": cfg.image_size, "top_k": top_k,
+            "image_size": cfg.image_size, "top_k": top_k, "tta": tta,
             "fallback_category_id": meta["fallback_category_id"]}
 
 
