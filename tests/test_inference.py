@@ -326,3 +326,55 @@ def test_flip_tta_averages_the_mirrored_view_in_log_probability_space(exported, 
     got = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(got["top_k_probability"], expected["top_k_probabilities"],
                                rtol=1e-4, atol=1e-6)
+
+
+def test_an_ensemble_averages_its_members_probabilities(dataset, exported, catalogue,
+                                                        tmp_path):
+    """Members of other backbones' sizes and TTA; checked by hand, in a process that cannot
+    import tfcdisc, and through predict."""
+    import tensorflow as tf
+    from tfcdisc import training
+    run_b = tmp_path / "run_b"
+    training.train(training.TrainConfig(
+        data_dir=dataset.data_dir, model_dir=str(run_b), backbone="small_cnn", image_size=40,
+        global_batch_size=32, epochs=1, steps_per_epoch=4, optimizer="adamw",
+        learning_rate=0.004, bn_momentum=0.9, strategy="default", mixed_precision="float32",
+        shuffle_buffer=256, eval_batch_size=16, seed=1, verbose=0))
+    serving.export(str(run_b), str(tmp_path / "b"), tta="flip")
+    members = [str(exported[1]), str(tmp_path / "b")]
+    out = tmp_path / "ensemble"
+    summary = serving.ensemble(members, str(out), weights=[1, 3])
+    assert summary["image_size"] == 40 and [m["weight"] for m in summary["members"]] == [1, 3]
+    a, b = (serving.load(m).image_model for m in members)
+    images = [[jpeg_bytes(seed=i), jpeg_bytes(seed=i + 5), b"", b""] for i in range(4)]
+    decoded = input_pipeline.decode_products(tf.constant(images), 40)
+    flat = tf.reshape(decoded, [-1, 40, 40, 3])
+    probs = (1 * tf.nn.softmax(a(flat)["label"]) + 3 * tf.nn.softmax(b(flat)["label"])) / 4
+    log_p = tf.reshape(tf.math.log(probs), [4, 4, -1])
+    mask = np.array([[1.0, 1.0, 0.0, 0.0]] * 4, np.float32)
+    combined = tf.reduce_sum(log_p * mask[..., None], axis=1) / 2  # masked mean, 2 images
+    expected = tf.nn.softmax(combined).numpy()
+    script = textwrap.dedent("""
+        import json, sys
+        sys.modules["tfcdisc"] = None  # the ensemble must not need tfcdisc
+        import tensorflow as tf
+        images = json.loads(sys.stdin.read())
+        model = tf.saved_model.load(sys.argv[1])
+        out = model.signatures["serving_default"](
+            images=tf.constant([[bytes.fromhex(b) for b in p] for p in images]))
+        print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
+                          text=True, timeout=300,
+                          input=json.dumps([[x.hex() for x in i] for i in images]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    ids = serving.load(str(out)).category_ids
+    top = np.argsort(-expected, axis=1)[:, :5]
+    assert got["top_k_category_id"] == ids[top].tolist()
+    np.testing.assert_allclose(got["top_k_probability"], np.take_along_axis(expected, top, 1),
+                               rtol=1e-3, atol=1e-5)
+    sub = tmp_path / "submission.csv"
+    stats = inference.predict(str(out), str(sub), bson=str(catalogue[0] / "test.bson"),
+                              progress=False)
+    assert len(pd.read_csv(sub)) == stats.products == 60

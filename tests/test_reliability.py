@@ -284,6 +284,8 @@ def _mistakes(catalogue, exported, tmp):
         ("labels_missing_file", evaluate + [f"--labels={tmp}/nope.csv"], "no such file"),
         ("evaluate_unlabelled_without_labels", evaluate, "give --labels"),
         ("inspect_missing", ["-m", "tfcdisc.inspect", "--bson=/no/such.bson"], "no such file"),
+        ("ensemble_of_one", ["-m", "tfcdisc.ensemble", f"--saved_model={saved}",
+                             f"--export_dir={tmp}/e"], "at least two"),
         ("global_batch_size_zero", ["-m", "tfcdisc.train", f"--data_dir={tmp}",
                                     f"--model_dir={tmp}/r", "--global_batch_size=0"],
          "global_batch_size"),

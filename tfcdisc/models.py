@@ -163,6 +163,36 @@ def with_tta(image_model: keras.Model, tta: str) -> keras.Model:
 
 
 @keras.saving.register_keras_serializable("tfcdisc")
+class WeightedMeanProbs(layers.Layer):
+    """log of the weighted mean of several models' probabilities (weights sum to 1)."""
+
+    def __init__(self, member_weights: list[float], **kwargs):
+        super().__init__(**kwargs)
+        self.member_weights = [float(w) for w in member_weights]
+
+    def call(self, logits):
+        log_w = ops.log(ops.convert_to_tensor(self.member_weights, "float32"))
+        stacked = ops.stack([ops.log_softmax(ops.cast(v, "float32"), axis=-1) for v in logits])
+        return ops.logsumexp(stacked + log_w[:, None, None], axis=0)
+
+    def get_config(self):
+        return {**super().get_config(), "member_weights": self.member_weights}
+
+
+def ensemble_model(image_models: list[keras.Model], weights: list[float]) -> keras.Model:
+    """One image model whose ``label`` is the log of the weighted mean of the members'
+    probabilities. Members may differ in backbone and input size: each resizes the
+    images it is given in its own first layer."""
+    total = float(sum(weights))
+    inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
+    logits = [keras.Model(m.input, m.output["label"], name=f"member_{i}")(inputs)
+              for i, m in enumerate(image_models)]
+    label = WeightedMeanProbs([w / total for w in weights], dtype="float32",
+                              name="label")(logits)
+    return keras.Model(inputs, {"label": label}, name="ensemble")
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
 class SparseCrossentropy(keras.losses.Loss):
     """Sparse categorical cross-entropy from logits, with label smoothing, in float32.
 

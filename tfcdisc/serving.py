@@ -30,12 +30,13 @@ import logging
 import os
 import tempfile
 import zipfile
+from typing import Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import input_pipeline, models, training
+from tfcdisc import atomic, input_pipeline, models, training
 from tfcdisc import taxonomy as taxonomy_lib
 
 KERAS_MODEL = "assets/image_model.keras"
@@ -148,30 +149,64 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
         logging.warning("no class counts in the dataset metadata: falling back to class 0 for "
                         "products without images")
         counts = np.zeros(taxonomy.num_classes)
-    top_k = min(top_k, taxonomy.num_classes)
+    built_size = (meta.get("build_options") or {}).get("image_size")
     image_model = models.with_tta(float32_model(checkpoint_path(model_dir, checkpoint)), tta)
-    module = ProductClassifier(image_model, taxonomy, cfg.image_size, top_k,
-                               int(np.argmax(counts)))
+    summary = write(export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
+                    fallback_class=int(np.argmax(counts)),
+                    max_image_pixels=int(np.prod(built_size)) if built_size else None,
+                    tta=tta)
+    return {**summary, "checkpoint": checkpoint}
+
+
+def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy, *,
+          image_size: int, top_k: int, fallback_class: int,
+          max_image_pixels: int | None = None, **extra) -> dict:
+    """Writes an export of ``image_model`` (uint8 images in, ``label`` logits or
+    log-probabilities out): the SavedModel, the Keras model and the metadata that
+    `load` reads. ``extra`` goes into the metadata (how the model was made)."""
+    top_k = min(top_k, taxonomy.num_classes)
+    module = ProductClassifier(image_model, taxonomy, image_size, top_k, fallback_class)
     tf.saved_model.save(module, export_dir, signatures={
         "serving_default": module.serve, "predict_decoded": module.predict_decoded,
         "metadata": module.metadata})
-    fallback_class = int(np.argmax(counts))
-    built_size = (meta.get("build_options") or {}).get("image_size")
-    meta = {"image_size": cfg.image_size, "top_k": top_k, "fallback_class": fallback_class,
+    meta = {"image_size": image_size, "top_k": top_k, "fallback_class": fallback_class,
             "fallback_category_id": int(taxonomy.category_ids[fallback_class]),
             # predict refuses headers declaring more (the catalogue's own frame size)
-            "max_image_pixels": int(np.prod(built_size)) if built_size else None,
-            "tta": tta,
-            "taxonomy": taxonomy.to_dict()}
+            "max_image_pixels": max_image_pixels, **extra, "taxonomy": taxonomy.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         image_model.save(os.path.join(tmp, "m.keras"))
-        tf.io.gfile.copy(os.path.join(tmp, "m.keras"), f"{export_dir}/{KERAS_MODEL}",
-                         overwrite=True)
-    with tf.io.gfile.GFile(f"{export_dir}/{METADATA}", "w") as f:
-        json.dump(meta, f, ensure_ascii=False)
-    return {"export_dir": export_dir, "checkpoint": checkpoint, "classes": taxonomy.num_classes,
-            "image_size": cfg.image_size, "top_k": top_k, "tta": tta,
+        atomic.copy(os.path.join(tmp, "m.keras"), f"{export_dir}/{KERAS_MODEL}")
+    atomic.write(f"{export_dir}/{METADATA}", json.dumps(meta, ensure_ascii=False))
+    return {"export_dir": export_dir, "classes": taxonomy.num_classes,
+            "image_size": image_size, "top_k": top_k, **extra,
             "fallback_category_id": meta["fallback_category_id"]}
+
+
+def ensemble(members: Sequence[str], export_dir: str,
+             weights: Sequence[float] | None = None) -> dict:
+    """One self-contained export that averages its members' probabilities (with
+    ``weights``, equal by default). Members are exports of the same taxonomy; they may
+    differ in backbone and image size and carry their own test-time augmentation."""
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two --saved_model")
+    weights = [1.0] * len(members) if not weights else [float(w) for w in weights]
+    if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--weights: {len(members)} non-negative numbers, not all zero, one "
+                         f"per --saved_model (got {list(weights)})")
+    opened = [load(m) for m in members]
+    first = opened[0]
+    for e in opened[1:]:
+        if not np.array_equal(e.taxonomy.category_ids, first.taxonomy.category_ids):
+            raise ValueError(f"{e.path}: another taxonomy than {first.path}; an ensemble's "
+                             "members must classify into the same categories")
+    limits = [e.max_image_pixels for e in opened]
+    model = models.ensemble_model([e.image_model for e in opened], list(weights))
+    return write(export_dir, model, first.taxonomy,
+                 image_size=max(e.image_size for e in opened),
+                 top_k=max(e.top_k for e in opened), fallback_class=first.fallback_class,
+                 max_image_pixels=None if None in limits else max(limits),
+                 members=[{"saved_model": e.path, "weight": w, "image_size": e.image_size}
+                          for e, w in zip(opened, weights)])
 
 
 @dataclasses.dataclass
