@@ -1,6 +1,7 @@
 """Exports a trained run as a self-contained SavedModel for batch inference and serving.
 
-    python -m tfcdisc.export --model_dir=RUN --export_dir=EXPORT [--top_k=5] [--tta=flip]
+    python -m tfcdisc.export --model_dir=RUN --export_dir=EXPORT [--top_k=5] [--tta=flip] \
+        [--duplicates_from=DATA]
 
 The SavedModel needs neither tfcdisc nor category_names.csv (`tfcdisc.serving` says what
 its signatures take and return); `tfcdisc.predict` and `tfcdisc.evaluate` read it.
@@ -21,7 +22,8 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     try:
         summary = serving.export(f.model_dir, f.export_dir, top_k=f.top_k,
-                                 checkpoint=f.checkpoint, tta=f.tta)
+                                 checkpoint=f.checkpoint, tta=f.tta,
+                                 duplicates_from=f.duplicates_from)
     except (FileNotFoundError, ValueError) as e:
         cli.fail("export", str(e))
     print(json.dumps(summary, indent=2))
@@ -39,6 +41,10 @@ def _define_flags() -> None:
     flags.DEFINE_enum("tta", "none", list(config.TTA_MODES), "Test-time augmentation: flip averages "
                       "each image's original and mirrored views (log-probabilities); twice "
                       "the compute, same signatures.")
+    flags.DEFINE_string("duplicates_from", None, "A built dataset (usually the run's "
+                        "--data_dir): embed a table of its training images' exact bytes, "
+                        "blended with the model where a product's image recurs, with a "
+                        "weight chosen on its validation split.")
 
 
 def run() -> None:

@@ -155,10 +155,13 @@ def run_predictions(export: serving.Export, products: Callable[[], tf.data.Datas
                     ) -> Iterator[dict[str, np.ndarray]]:
     """Yields one batch of predictions (numpy, category ids) at a time, with a progress bar."""
     from tqdm import tqdm
+    table = export.duplicate_table
+    table = table if table is not None and table.weight > 0 else None
     predictor = product_eval.ProductPredictor(export.image_model, export.top_k, strategy,
-                                              export.fallback_class)
+                                              export.fallback_class,
+                                              duplicate_weight=table.weight if table else 0.0)
     batches = product_eval.distribute_products(strategy, products, batch_size,
-                                               export.image_size, total)
+                                               export.image_size, total, table)
     ids = export.category_ids
     stats.strategy = type(strategy).__name__
     stats.replicas = strategy.num_replicas_in_sync
@@ -178,6 +181,8 @@ def run_predictions(export: serving.Export, products: Callable[[], tf.data.Datas
                                               -1),
                 "label_category_id": out["category_id"],
                 "num_images": out["mask"].sum(axis=1).astype(np.int32),
+                "duplicate_hits": out.get("duplicate_hits",
+                                          np.zeros(len(out["product_id"]), np.int32)),
             }
             stats.products += len(result["product_id"])
             bar.update(len(result["product_id"]))

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfcdisc import jpeg as jpeg_lib
-from tfcdisc import records
+from tfcdisc import duplicates, records
 from tfcdisc.records import LABEL_KEYS
 
 MAX_IMAGES = 4
@@ -169,6 +169,12 @@ def _image_records(builder, split: str, options: PipelineOptions,
     return ds.batch(256).map(flatten, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
+def image_labels(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
+    """(jpeg, class index) for every image of a split, in no particular order."""
+    return _image_records(builder, split, PipelineOptions(seed=0), None).map(
+        lambda jpeg, labels: (jpeg, labels["label"]), num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def _tf_options(options: PipelineOptions) -> tf.data.Options:
     opts = tf.data.Options()
     opts.deterministic = options.deterministic
@@ -239,8 +245,8 @@ def product_dataset(builder: tfds.core.DatasetBuilder, split: str, batch_size: i
 
 def batch_products(products: tf.data.Dataset, batch_size: int, image_size: int,
                    num_products: int | None = None,
-                   input_context: tf.distribute.InputContext | None = None
-                   ) -> tf.data.Dataset:
+                   input_context: tf.distribute.InputContext | None = None,
+                   duplicate_table=None) -> tf.data.Dataset:
     """Static batches of products for evaluation and prediction under any strategy.
 
     ``products`` yields dicts with ``images`` ([MAX_IMAGES] JPEG strings, "" as padding)
@@ -250,6 +256,8 @@ def batch_products(products: tf.data.Dataset, batch_size: int, image_size: int,
     being dropped. ``batch_size`` is global; with an ``input_context`` each input
     pipeline reads every n-th product, and all pipelines make the same number of batches
     (collectives across workers must line up), each split into per-replica batches.
+    With a ``duplicate_table`` (`tfcdisc.duplicates.Table`) batches also carry each
+    image's ``duplicate_class`` and ``duplicate_share``, looked up here on the host.
     """
     pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline = input_context.input_pipeline_id if input_context else 0
@@ -280,8 +288,11 @@ def batch_products(products: tf.data.Dataset, batch_size: int, image_size: int,
     if per_replica != local:
         ds = ds.rebatch(per_replica, drop_remainder=True)
 
+    lookup = duplicates.lookup_fn(duplicate_table) if duplicate_table is not None else None
+
     def decode(batch):
-        return {**batch, "images": decode_products(batch["images"], image_size),
+        out = lookup(batch) if lookup else batch
+        return {**out, "images": decode_products(batch["images"], image_size),
                 "mask": padding_mask(batch["images"])}
 
     opts = tf.data.Options()

@@ -361,11 +361,22 @@ def image_log_probs(image_model: keras.Model, images: tf.Tensor,
 
 
 def product_predictions(image_model: keras.Model, images: tf.Tensor, mask: tf.Tensor,
-                        k: int = 5, skip_padding: bool = False) -> dict[str, tf.Tensor]:
+                        k: int = 5, skip_padding: bool = False,
+                        adjust: Callable[[tf.Tensor], tf.Tensor] | None = None
+                        ) -> dict[str, tf.Tensor]:
     """What evaluation and export need, kept small: top-k classes and probabilities of
     each product, and each image's own top class. ``skip_padding`` runs the model on
-    real images only (dynamic shapes: for CPU/GPU inference, not for TPUs)."""
+    real images only (dynamic shapes: for CPU/GPU inference, not for TPUs). ``adjust``
+    changes the per-image log-probabilities before they are combined (the duplicate
+    lookup's blend)."""
     per_image = image_log_probs(image_model, images, mask if skip_padding else None)
+    if adjust is not None:
+        per_image = adjust(per_image)
+    return top_k_of(per_image, mask, k)
+
+
+def top_k_of(per_image: tf.Tensor, mask: tf.Tensor, k: int = 5) -> dict[str, tf.Tensor]:
+    """`product_predictions` from per-image log-probabilities [B, N, C]."""
     combined = combine_log_probs(per_image, mask)
     if combined.shape[-1] is not None:  # a catalogue may have fewer categories than k
         k = min(k, combined.shape[-1])

@@ -10,13 +10,13 @@ per image), never the products-by-classes probabilities.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import distribute, input_pipeline, models
+from tfcdisc import distribute, duplicates, input_pipeline, models
 
 
 class ProductPredictor:
@@ -28,15 +28,24 @@ class ProductPredictor:
 
     def __init__(self, image_model: keras.Model, k: int = 5,
                  strategy: tf.distribute.Strategy | None = None, fallback_class: int = 0,
-                 jit_compile: bool | None = None):
+                 jit_compile: bool | None = None, duplicate_weight: float = 0.0,
+                 weight_grid: Sequence[float] = ()):
         self.strategy = strategy or tf.distribute.get_strategy()
         self.k = k
         tpu = distribute.is_tpu(self.strategy)
 
         def step(batch):
             mask = batch["mask"]
-            out = models.product_predictions(image_model, batch["images"], mask, k,
-                                             skip_padding=not (tpu or jit_compile))
+            per_image = models.image_log_probs(image_model, batch["images"],
+                                               None if (tpu or jit_compile) else mask)
+            lookup = "duplicate_class" in batch  # batches carry the table's answers
+
+            def blended(weight):
+                return duplicates.blend(per_image, batch["duplicate_class"],
+                                        batch["duplicate_share"], weight)
+
+            out = models.top_k_of(blended(duplicate_weight) if lookup and duplicate_weight
+                                  else per_image, mask, k)
             has_image = tf.reduce_sum(mask, axis=1) > 0
             result = {
                 "top_k_classes": tf.where(has_image[:, None], out["top_k_classes"],
@@ -46,6 +55,13 @@ class ProductPredictor:
                 "image_top1": tf.where(mask > 0, out["image_top1"], -1),
             }
             result.update({key: value for key, value in batch.items() if key != "images"})
+            if lookup:
+                found = tf.cast((batch["duplicate_class"] >= 0) & (mask > 0), tf.int32)
+                result["duplicate_hits"] = tf.reduce_sum(found, axis=1)
+                if weight_grid:  # top class for each candidate weight (choosing it)
+                    result["top1_by_weight"] = tf.stack(
+                        [tf.argmax(models.combine_log_probs(blended(w), mask), axis=-1,
+                                   output_type=tf.int32) for w in weight_grid], axis=1)
             return result
 
         self.step = tf.function(step, jit_compile=jit_compile)
@@ -92,7 +108,7 @@ class ProductPredictor:
 
 def distribute_products(strategy: tf.distribute.Strategy,
                         products: Callable[[], tf.data.Dataset], batch_size: int,
-                        image_size: int, num_products: int | None):
+                        image_size: int, num_products: int | None, duplicate_table=None):
     """``products()`` batched for ``strategy``: static per-replica batches, every product
     once, dummies masked (`input_pipeline.batch_products`).
 
@@ -103,11 +119,12 @@ def distribute_products(strategy: tf.distribute.Strategy,
             strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # One CPU or GPU: the plain dataset (a distributed iterator there costs ~17% of a
         # model-bound prediction, measured on a CPU).
-        return input_pipeline.batch_products(products(), batch_size, image_size, num_products)
+        return input_pipeline.batch_products(products(), batch_size, image_size, num_products,
+                                             duplicate_table=duplicate_table)
     batch_size = -(-batch_size // replicas) * replicas
     return strategy.distribute_datasets_from_function(
         lambda ctx: input_pipeline.batch_products(products(), batch_size, image_size,
-                                                  num_products, ctx))
+                                                  num_products, ctx, duplicate_table))
 
 
 def accuracy_report(pred: dict[str, np.ndarray]) -> dict[str, float]:

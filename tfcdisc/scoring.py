@@ -100,7 +100,7 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
     for out in inference.run_predictions(export, products, total, strategy, stats, batch_size,
                                          progress):
         for key in ("label_category_id", "top_k_category_id", "image_category_id",
-                    "num_images", "product_id"):
+                    "num_images", "product_id", "duplicate_hits"):
             cols[key].append(out[key])
     data = {k: np.concatenate(v) for k, v in cols.items()}
     truth = data["label_category_id"]
@@ -113,6 +113,13 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
                          "--labels for a test file")
     report = score(truth, data["top_k_category_id"], data["image_category_id"],
                    data["num_images"], export.taxonomy)
+    if export.duplicate_table is not None:  # what the duplicate lookup touched
+        touched = data["duplicate_hits"] > 0
+        hit = data["top_k_category_id"][:, 0] == truth
+        report["duplicates"] = {
+            "weight": export.duplicate_table.weight,
+            "products_touched": int(touched.sum()),
+            "accuracy_on_touched": float(hit[touched].mean()) if touched.any() else None}
     report["input"] = {"saved_model": export.path, "source": bson or f"{data_dir}[{split}]",
                        "labels": labels, **stats.as_dict()}
     return report

@@ -36,20 +36,28 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, input_pipeline, models, training
+from tfcdisc import atomic, duplicates, input_pipeline, models, product_eval, training
 from tfcdisc import taxonomy as taxonomy_lib
 
 KERAS_MODEL = "assets/image_model.keras"
 METADATA = "assets/tfcdisc.json"
+DUPLICATES = "assets/duplicates.npz"
 
 
 class ProductClassifier(tf.Module):
     """The exported module: image model + decoding + product combination + id table."""
 
     def __init__(self, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy,
-                 image_size: int, top_k: int, fallback_class: int):
+                 image_size: int, top_k: int, fallback_class: int,
+                 duplicate_table: duplicates.Table | None = None):
         super().__init__()
         self.image_model = image_model
+        self._duplicates = None
+        if duplicate_table is not None and duplicate_table.weight > 0:
+            self._duplicates = (duplicates.static_table(duplicate_table),
+                                tf.constant(duplicate_table.top_class),
+                                tf.constant(duplicate_table.share),
+                                float(duplicate_table.weight))
         self.image_size = image_size
         self.top_k = top_k
         self._category_ids = tf.constant(taxonomy.category_ids, tf.int64)
@@ -66,11 +74,17 @@ class ProductClassifier(tf.Module):
 
     def _serve(self, images):
         decoded = input_pipeline.decode_products(images, self.image_size)
-        return self._predict(decoded, input_pipeline.padding_mask(images))
+        adjust = None
+        if self._duplicates is not None:  # the bytes are here: look the images up
+            lookup, top_class, share, weight = self._duplicates
+            found = duplicates.features(lookup, top_class, share, images)
+            adjust = lambda lp: duplicates.blend(  # noqa: E731
+                lp, found["duplicate_class"], found["duplicate_share"], weight)
+        return self._predict(decoded, input_pipeline.padding_mask(images), adjust)
 
-    def _predict(self, images, mask):
+    def _predict(self, images, mask, adjust=None):
         out = models.product_predictions(self.image_model, images, mask, self.top_k,
-                                         skip_padding=True)
+                                         skip_padding=True, adjust=adjust)
         has_image = tf.reduce_sum(mask, axis=1) > 0
         top_ids = tf.gather(self._category_ids, out["top_k_classes"])
         top_probs = tf.where(has_image[:, None], out["top_k_probabilities"], 0.0)
@@ -130,11 +144,14 @@ def float32_model(checkpoint: str) -> keras.Model:
 
 
 def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str = "best",
-           tta: str = "none") -> dict:
+           tta: str = "none", duplicates_from: str | None = None) -> dict:
     """Writes the SavedModel; returns a summary (paths, classes, fallback category).
 
     ``tta="flip"`` averages each image's original and mirrored views in log-probability
     space (`models.with_tta`): twice the compute, the same signatures.
+    ``duplicates_from`` (a built dataset of the same taxonomy) embeds a duplicate-image
+    table made from its train split, blended with a weight chosen on its validation
+    split (`tfcdisc.duplicates`; the weight is 0, the table off, unless it helped).
     """
     config = training.load_config(model_dir)
     cfg = training.TrainConfig(**config["train"])
@@ -151,21 +168,58 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
         counts = np.zeros(taxonomy.num_classes)
     built_size = (meta.get("build_options") or {}).get("image_size")
     image_model = models.with_tta(float32_model(checkpoint_path(model_dir, checkpoint)), tta)
+    table = None
+    if duplicates_from:
+        table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size)
     summary = write(export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
                     fallback_class=int(np.argmax(counts)),
                     max_image_pixels=int(np.prod(built_size)) if built_size else None,
-                    tta=tta)
+                    duplicate_table=table, tta=tta)
     return {**summary, "checkpoint": checkpoint}
+
+
+def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model: keras.Model,
+                    image_size: int, batch_size: int = 256) -> duplicates.Table:
+    """The table of ``data_dir``'s train split (never validation or test), its blend weight
+    chosen by product accuracy on the validation split."""
+    builder = input_pipeline.load_builder(data_dir)
+    theirs = (builder.info.metadata or {}).get("taxonomy")
+    if theirs is None or not np.array_equal(
+            taxonomy_lib.Taxonomy.from_dict(theirs).category_ids, taxonomy.category_ids):
+        raise ValueError(f"--duplicates_from={data_dir}: not built with the run's taxonomy")
+    table = duplicates.build(input_pipeline.image_labels(builder, "train"))
+    grid = duplicates.WEIGHT_GRID
+    predictor = product_eval.ProductPredictor(image_model, 1, weight_grid=grid)
+    hits = np.zeros(len(grid))
+    n = builder.info.splits["validation"].num_examples
+    batches = product_eval.distribute_products(
+        tf.distribute.get_strategy(), lambda: input_pipeline.split_products(builder, "validation"),
+        batch_size, image_size, n, duplicate_table=table)
+    for out in predictor.batches(batches):
+        hits += (out["top1_by_weight"] == out["label"][:, None]).sum(axis=0)
+    table.weight = duplicates.choose_weight(list(hits), grid)
+    table.accuracy_by_weight = {str(w): float(h / max(n, 1)) for w, h in zip(grid, hits)}
+    logging.info("duplicate table: %d unique images of %d; validation accuracy by weight %s; "
+                 "weight %.1f", len(table), table.images, table.accuracy_by_weight,
+                 table.weight)
+    return table
 
 
 def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy, *,
           image_size: int, top_k: int, fallback_class: int,
-          max_image_pixels: int | None = None, **extra) -> dict:
+          max_image_pixels: int | None = None,
+          duplicate_table: duplicates.Table | None = None, **extra) -> dict:
     """Writes an export of ``image_model`` (uint8 images in, ``label`` logits or
     log-probabilities out): the SavedModel, the Keras model and the metadata that
     `load` reads. ``extra`` goes into the metadata (how the model was made)."""
     top_k = min(top_k, taxonomy.num_classes)
-    module = ProductClassifier(image_model, taxonomy, image_size, top_k, fallback_class)
+    module = ProductClassifier(image_model, taxonomy, image_size, top_k, fallback_class,
+                               duplicate_table)
+    if duplicate_table is not None:
+        extra["duplicates"] = {
+            "unique_images": len(duplicate_table), "training_images": duplicate_table.images,
+            "weight": duplicate_table.weight,
+            "validation_accuracy_by_weight": duplicate_table.accuracy_by_weight}
     tf.saved_model.save(module, export_dir, signatures={
         "serving_default": module.serve, "predict_decoded": module.predict_decoded,
         "metadata": module.metadata})
@@ -176,6 +230,8 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
     with tempfile.TemporaryDirectory() as tmp:
         image_model.save(os.path.join(tmp, "m.keras"))
         atomic.copy(os.path.join(tmp, "m.keras"), f"{export_dir}/{KERAS_MODEL}")
+    if duplicate_table is not None:
+        atomic.write(f"{export_dir}/{DUPLICATES}", duplicate_table.to_bytes())
     atomic.write(f"{export_dir}/{METADATA}", json.dumps(meta, ensure_ascii=False))
     return {"export_dir": export_dir, "classes": taxonomy.num_classes,
             "image_size": image_size, "top_k": top_k, **extra,
@@ -220,6 +276,7 @@ class Export:
     fallback_class: int
     taxonomy: taxonomy_lib.Taxonomy
     max_image_pixels: int | None = None  # the training catalogue's frame size, if fixed
+    duplicate_table: duplicates.Table | None = None  # with its blend weight
 
     @property
     def category_ids(self) -> np.ndarray:
@@ -247,8 +304,12 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
         tf.io.gfile.copy(path, local)
         with (strategy or tf.distribute.get_strategy()).scope():
             model = keras.saving.load_model(local, compile=False)
+    table = None
+    if meta.get("duplicates"):
+        with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{DUPLICATES}", "rb") as f:
+            table = duplicates.Table.from_bytes(f.read())
     return Export(export_dir, model, meta["image_size"], meta["top_k"], meta["fallback_class"],
                   taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"]),
-                  meta.get("max_image_pixels"))
+                  meta.get("max_image_pixels"), table)
 
 
