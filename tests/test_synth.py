@@ -141,3 +141,22 @@ def test_cli_writes_a_catalogue(tmp_path):
     assert out.returncode == 0, out.stderr
     assert '"train_products": 40' in out.stdout
     assert len(_docs(tmp_path / "test.bson")) == 8
+
+
+def test_the_hard_catalogue_has_copies_noise_and_wrong_labels(tmp_path):
+    easy = synth.generate(str(tmp_path / "easy"), 400, 100, num_categories=10, seed=1,
+                          workers=1)
+    hard = synth.generate(str(tmp_path / "hard"), 400, 100, num_categories=10, seed=1,
+                          workers=1, difficulty="hard")
+    assert easy["duplicates"]["train_images_that_copy_another"] == 0.0
+    assert easy["wrong_training_labels"] == 0
+    rates = hard["duplicates"]
+    assert 0.25 < rates["train_images_that_copy_another"] < 0.5  # the real file: 0.38
+    assert rates["train_images_with_a_copy_in_another_category"] > 0.05
+    assert rates["test_images_seen_in_train"] > 0.2
+    assert 5 <= hard["wrong_training_labels"] <= 40  # 5% of 400
+    # Test labels stay true: the wrong labels are only in train.bson.
+    labels = pd.read_csv(tmp_path / "hard" / "test_labels.csv")
+    assert len(labels) == 100
+    with pytest.raises(ValueError, match="difficulty"):
+        synth.generate(str(tmp_path / "x"), 40, 5, num_categories=5, difficulty="extreme")

@@ -18,6 +18,7 @@ five products are in four categories).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 import multiprocessing
@@ -53,6 +54,37 @@ _BUILTIN = {
     "LIBRAIRIE": ["ROMAN", "BANDE DESSINEE", "SCOLAIRE", "BEAUX LIVRES"],
 }
 _LEAF_STYLES = ("CLASSIQUE", "PRO", "MINI", "ENFANT", "PREMIUM")
+_NOISE_POOL = 64  # images that belong to no category, shared by every category
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """How far a catalogue is from the easy, clean default.
+
+    Attributes:
+      shared_look: categories of one level-1 branch share shapes and palettes; only
+        texture and mark (and a small hue shift) tell the leaves apart.
+      noise_images: share of images that belong to no category's style (a pool shared
+        by all categories: the same noise image recurs across categories).
+      stock_images: share of images drawn from a small pool of stock photos per
+        category, reused byte for byte by other products, in train and in test.
+      stock_pool: stock photos per category.
+      wrong_labels: share of training products labelled with another category (test
+        labels stay true).
+    """
+
+    shared_look: bool = False
+    noise_images: float = 0.0
+    stock_images: float = 0.0
+    stock_pool: int = 4
+    wrong_labels: float = 0.0
+
+
+# "hard": about 38% of training images are byte-identical copies of another, as in the
+# real train.bson (7.7M unique of 12.4M); the generator reports the rates it produced.
+DIFFICULTIES = {"easy": Difficulty(),
+                "hard": Difficulty(shared_look=True, noise_images=0.15, stock_images=0.25,
+                                   stock_pool=4, wrong_labels=0.05)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +137,12 @@ def sample_categories(taxonomy, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.array(chosen))
 
 
-def category_styles(taxonomy) -> list[CategoryStyle]:
-    """One style per class. Stable per category id, whatever subset a catalogue uses."""
+def category_styles(taxonomy, shared_look: bool = False) -> list[CategoryStyle]:
+    """One style per class. Stable per category id, whatever subset a catalogue uses.
+
+    With ``shared_look`` the leaves of a level-1 branch share two shapes and one narrow
+    palette; texture, mark and a small hue shift still tell them apart.
+    """
     styles = []
     l2_rank = {}  # rank of each level-2 node among its level-1 siblings
     for l1 in range(taxonomy.num_level1):
@@ -122,16 +158,18 @@ def category_styles(taxonomy) -> list[CategoryStyle]:
         h1 = zlib.crc32(taxonomy.level1_names[l1].encode()) / 2**32
         h2 = zlib.crc32(taxonomy.level2_names[l2].encode())
         k = leaf_rank[c]
+        if shared_look:
+            shape = (int(h1 * 2**32) + 5 * (l2_rank[l2] % 2)) % len(_SHAPES)
+            hue = (h1 + 0.5 + 0.05 * ((k * 0.618) % 1.0 - 0.5)) % 1.0
+            saturation = 0.6 + 0.1 * ((k * 0.382) % 1.0)
+        else:  # siblings step through the shapes (5 is prime to 12), so they all differ
+            shape = (int(h1 * 2**32) + 5 * l2_rank[l2]) % len(_SHAPES)
+            hue = (h1 + 0.5 + 0.22 * ((k * 0.618) % 1.0 - 0.5)) % 1.0
+            saturation = 0.45 + 0.45 * ((k * 0.382) % 1.0)
         styles.append(CategoryStyle(
-            bg_hue=h1,
-            bg_gradient=int(h1 * 1000) % 3,
-            # Siblings step through the shapes (5 is prime to 12), so they all differ.
-            shape=(int(h1 * 2**32) + 5 * l2_rank[l2]) % len(_SHAPES),
-            hue=(h1 + 0.5 + 0.22 * ((k * 0.618) % 1.0 - 0.5)) % 1.0,
-            saturation=0.45 + 0.45 * ((k * 0.382) % 1.0),
-            texture=k % len(_TEXTURES),
-            mark=(k // len(_TEXTURES) + h2) % len(_MARKS),
-        ))
+            bg_hue=h1, bg_gradient=int(h1 * 1000) % 3, shape=shape, hue=hue,
+            saturation=saturation, texture=k % len(_TEXTURES),
+            mark=(k // len(_TEXTURES) + h2) % len(_MARKS)))
     return styles
 
 
@@ -266,6 +304,16 @@ def render_product(style: CategoryStyle, num_images: int, seed: Sequence[int]) -
     return [_view(item, style, rng) for _ in range(num_images)]
 
 
+def _noise_style(seed: Sequence[int]) -> CategoryStyle:
+    """A look that belongs to no category: any shape, hue and texture, together."""
+    rng = np.random.default_rng(list(seed))
+    return CategoryStyle(bg_hue=float(rng.random()), bg_gradient=int(rng.integers(3)),
+                         shape=int(rng.integers(len(_SHAPES))), hue=float(rng.random()),
+                         saturation=float(rng.uniform(0.2, 0.9)),
+                         texture=int(rng.integers(len(_TEXTURES))),
+                         mark=int(rng.integers(len(_MARKS))))
+
+
 # --------------------------------------------------------------------------- catalogue plan
 
 
@@ -274,12 +322,13 @@ class Plan:
     """Which products go where, decided before any image is drawn."""
 
     product_ids: np.ndarray
-    classes: np.ndarray
+    classes: np.ndarray  # the true class: what the images show
     num_images: np.ndarray
+    labels: np.ndarray | None = None  # the class written in the file, if it differs
 
 
-def plan_catalogue(num_classes: int, num_train: int, num_test: int, rng: np.random.Generator
-                   ) -> tuple[Plan, Plan]:
+def plan_catalogue(num_classes: int, num_train: int, num_test: int, rng: np.random.Generator,
+                   wrong_labels: float = 0.0) -> tuple[Plan, Plan]:
     """Long-tailed category sizes, train in no category order, ids increasing with gaps."""
     if num_train < MIN_PRODUCTS_PER_CATEGORY * num_classes:
         raise ValueError(f"--num_train_products={num_train} is too few for {num_classes} "
@@ -296,43 +345,82 @@ def plan_catalogue(num_classes: int, num_train: int, num_test: int, rng: np.rand
     is_test = np.zeros(len(ids), bool)
     is_test[rng.choice(len(ids), num_test, replace=False)] = True
     counts = lambda n: rng.choice(4, size=n, p=IMAGES_PER_PRODUCT_P) + 1  # noqa: E731
-    return (Plan(ids[~is_test], train_classes, counts(num_train)),
-            Plan(ids[is_test], test_classes, counts(num_test)))
+    train = Plan(ids[~is_test], train_classes, counts(num_train))
+    if wrong_labels:  # a separate stream: the easy catalogue is the same with or without
+        noisy = np.random.default_rng([int(rng.integers(2**31)), 5])
+        wrong = noisy.random(num_train) < wrong_labels
+        shift = noisy.integers(1, max(num_classes, 2), size=num_train)
+        train.labels = np.where(wrong, (train_classes + shift) % num_classes, train_classes)
+    return train, Plan(ids[is_test], test_classes, counts(num_test))
 
 
 # --------------------------------------------------------------------------- writing
 
 _WORKER_STYLES: list[CategoryStyle] = []
+_WORKER_DIFFICULTY = Difficulty()
+_POOL: dict = {}  # pooled images (stock photos, noise), rendered once per worker
 
 
-def _init_worker(styles: list[CategoryStyle]) -> None:
-    global _WORKER_STYLES
-    _WORKER_STYLES = styles
+def _init_worker(styles: list[CategoryStyle], difficulty: Difficulty) -> None:
+    global _WORKER_STYLES, _WORKER_DIFFICULTY
+    _WORKER_STYLES, _WORKER_DIFFICULTY = styles, difficulty
+    _POOL.clear()
 
 
-def _encode_chunk(task) -> tuple[bytes, int]:
+def _pooled(seed: int, key: tuple) -> bytes:
+    """A pooled image, the same bytes wherever it is used."""
+    if key not in _POOL:
+        if key[0] == "noise":
+            style = _noise_style((seed, 98, key[1]))
+        else:
+            style = _WORKER_STYLES[key[1]]
+        _POOL[key] = render_product(style, 1, (seed, 99, *key[1:]))[0]
+    return _POOL[key]
+
+
+def _pictures(seed: int, split: int, pid: int, cls: int, n: int) -> list[bytes]:
+    """A product's images: views of its item, some replaced by pooled images when hard."""
+    pictures = render_product(_WORKER_STYLES[cls], n, (seed, split, pid))
+    d = _WORKER_DIFFICULTY
+    if not (d.noise_images or d.stock_images):
+        return pictures
+    for j in range(n):
+        u = np.random.default_rng([seed, split, pid, j, 11]).random(2)
+        if u[0] < d.noise_images:
+            pictures[j] = _pooled(seed, ("noise", int(u[1] * _NOISE_POOL)))
+        elif u[0] < d.noise_images + d.stock_images:
+            pictures[j] = _pooled(seed, ("stock", cls, int(u[1] * d.stock_pool)))
+    return pictures
+
+
+def _encode_chunk(task) -> tuple[bytes, int, np.ndarray]:
     """Renders and BSON-encodes a run of products (runs in a worker process).
 
-    Returns the documents and the number of JPEG bytes among them.
+    Returns the documents, the number of JPEG bytes among them, and (fingerprint, written
+    class) per image, to count duplicates.
     """
-    seed, split, ids, classes, counts, category_ids = task
-    out = []
+    seed, split, ids, classes, counts, labels, category_ids = task
+    out, seen = [], []
     jpeg_bytes = 0
-    for pid, cls, n, cid in zip(ids, classes, counts, category_ids):
-        pictures = render_product(_WORKER_STYLES[cls], int(n), (seed, split, int(pid)))
+    for pid, cls, n, label, cid in zip(ids, classes, counts, labels, category_ids):
+        pictures = _pictures(seed, split, int(pid), int(cls), int(n))
         jpeg_bytes += sum(map(len, pictures))
+        seen.extend((int.from_bytes(hashlib.blake2b(p, digest_size=8).digest(), "little"),
+                     int(label)) for p in pictures)
         doc = {"_id": int(pid), "imgs": [{"picture": p} for p in pictures]}
         if cid is not None:
             doc["category_id"] = int(cid)
         out.append(bson.encode(doc))
-    return b"".join(out), jpeg_bytes
+    return b"".join(out), jpeg_bytes, np.array(seen, np.uint64).reshape(-1, 2)
 
 
 def _tasks(plan: Plan, split: int, seed: int, category_ids, labeled: bool) -> Iterator:
+    labels = plan.classes if plan.labels is None else plan.labels
     for i in range(0, len(plan.product_ids), _CHUNK):
         sl = slice(i, i + _CHUNK)
-        cids = (category_ids[plan.classes[sl]] if labeled else [None] * len(plan.product_ids[sl]))
-        yield (seed, split, plan.product_ids[sl], plan.classes[sl], plan.num_images[sl], cids)
+        cids = category_ids[labels[sl]] if labeled else [None] * len(plan.product_ids[sl])
+        yield (seed, split, plan.product_ids[sl], plan.classes[sl], plan.num_images[sl],
+               labels[sl], cids)
 
 
 def _write_atomic(path: str, chunks, progress=None) -> int:
@@ -350,7 +438,8 @@ def _write_atomic(path: str, chunks, progress=None) -> int:
 
 def generate(output_dir: str, num_train_products: int, num_test_products: int, *,
              num_categories: int | None = None, category_names: str | None = None,
-             seed: int = 0, workers: int | None = None, verbose: bool = False) -> dict:
+             seed: int = 0, workers: int | None = None, verbose: bool = False,
+             difficulty: str = "easy") -> dict:
     """Writes a synthetic catalogue in the Kaggle layout; returns a summary dict.
 
     Args:
@@ -361,11 +450,17 @@ def generate(output_dir: str, num_train_products: int, num_test_products: int, *
         copied whole into the output, as a user's folder would have it.
       seed: the catalogue is a deterministic function of its arguments and seed.
       workers: processes rendering images (default: every core).
+      difficulty: "easy" (clean, distinct looks) or "hard" (`DIFFICULTIES`: shared looks
+        within a level-1 branch, noise images, stock photos reused across products and
+        between train and test, wrong training labels).
     """
     import pandas as pd
     import tensorflow as tf
     from tfcdisc import taxonomy as taxonomy_lib
 
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"--difficulty={difficulty}: choose from {', '.join(DIFFICULTIES)}")
+    hard = DIFFICULTIES[difficulty]
     rng = np.random.default_rng(seed)
     if category_names:
         full = taxonomy_lib.load(category_names)
@@ -373,10 +468,11 @@ def generate(output_dir: str, num_train_products: int, num_test_products: int, *
         full = taxonomy_lib.from_frame(builtin_taxonomy_frame(), "built-in taxonomy")
     k = num_categories or min(40, full.num_classes)
     used = sample_categories(full, k, rng)
-    styles_all = category_styles(full)
+    styles_all = category_styles(full, hard.shared_look)
     styles = [styles_all[c] for c in used]
     category_ids = full.category_ids[used]
-    train, test = plan_catalogue(k, num_train_products, num_test_products, rng)
+    train, test = plan_catalogue(k, num_train_products, num_test_products, rng,
+                                 hard.wrong_labels)
 
     tf.io.gfile.makedirs(output_dir)
     join = lambda name: output_dir.rstrip("/") + "/" + name  # noqa: E731
@@ -393,18 +489,22 @@ def generate(output_dir: str, num_train_products: int, num_test_products: int, *
     sizes = {}
     jpeg_bytes = 0
 
-    def documents(results):
+    seen: dict[str, list] = {"train.bson": [], "test.bson": []}
+
+    def documents(results, name):
         nonlocal jpeg_bytes
-        for blob, n in results:
+        for blob, n, images in results:
             jpeg_bytes += n
+            seen[name].append(images)
             yield blob
 
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(styles,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(styles, hard)) as pool:
         for name, plan, split, labeled in (("train.bson", train, 0, True),
                                            ("test.bson", test, 1, False)):
             tasks = _tasks(plan, split, seed, category_ids, labeled)
             bar = _progress(len(plan.product_ids), f"{name}", verbose)
-            sizes[name] = _write_atomic(join(name), documents(pool.imap(_encode_chunk, tasks)),
+            sizes[name] = _write_atomic(join(name),
+                                        documents(pool.imap(_encode_chunk, tasks), name),
                                         lambda _: bar.update(min(_CHUNK, bar.total - bar.n)))
             bar.close()
     elapsed = time.perf_counter() - start
@@ -427,6 +527,28 @@ def generate(output_dir: str, num_train_products: int, num_test_products: int, *
         "seconds": round(elapsed, 2),
         "products_per_second": round(total_products / max(elapsed, 1e-9), 1),
         "mean_jpeg_bytes": round(jpeg_bytes / max(images, 1), 1),
+        "difficulty": difficulty,
+        "wrong_training_labels": int((train.labels != train.classes).sum())
+        if train.labels is not None else 0,
+        "duplicates": duplicate_rates(np.concatenate(seen["train.bson"]),
+                                      np.concatenate(seen["test.bson"] or [np.zeros((0, 2))])),
+    }
+
+
+def duplicate_rates(train: np.ndarray, test: np.ndarray) -> dict:
+    """From (fingerprint, class) per image: how much of the catalogue is exact copies."""
+    keys, inverse, counts = np.unique(train[:, 0], return_inverse=True, return_counts=True)
+    pairs = np.unique(train[counts[inverse] > 1], axis=0)  # (image, class) among copies
+    pair_keys, spread = np.unique(pairs[:, 0], return_counts=True)
+    multi = pair_keys[spread > 1]  # images seen under more than one category
+    return {
+        # like the real train.bson's 38%: images whose bytes also occur elsewhere in it,
+        # beyond the first occurrence
+        "train_images_that_copy_another": round(1 - len(keys) / max(len(train), 1), 3),
+        "train_images_with_a_copy_in_another_category": round(
+            float(np.isin(train[:, 0], multi).mean()) if len(train) else 0.0, 3),
+        "test_images_seen_in_train": round(
+            float(np.isin(test[:, 0], keys).mean()) if len(test) else 0.0, 3),
     }
 
 
@@ -450,7 +572,8 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     summary = generate(f.output_dir, f.num_train_products, f.num_test_products,
                        num_categories=f.num_categories, category_names=f.category_names,
-                       seed=f.seed, workers=f.workers, verbose=True)
+                       seed=f.seed, workers=f.workers, verbose=True,
+                       difficulty=f.difficulty)
     print(json.dumps(summary, indent=2))
 
 
@@ -467,6 +590,11 @@ def _define_flags() -> None:
                         "invented taxonomy.")
     flags.DEFINE_integer("seed", 0, "Random seed; the catalogue is deterministic for a seed.")
     flags.DEFINE_integer("workers", None, "Rendering processes (default: every core).")
+    flags.DEFINE_enum("difficulty", "easy", ["easy", "hard"], "easy: distinct looks, clean "
+                      "labels. hard: leaves of a level-1 branch look alike, 15% noise images "
+                      "shared across categories, stock photos reused across products and "
+                      "between train and test (about 38% of training images are copies, as "
+                      "in the real file), 5% wrong training labels.")
 
 
 def run() -> None:
