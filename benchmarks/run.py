@@ -7,7 +7,7 @@
 import importlib
 import sys
 
-SUITES = ["bson", "tfds", "train", "predict"]
+SUITES = ["bson", "tfds", "train", "predict", "gains"]
 
 
 def main() -> None:

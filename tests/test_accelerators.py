@@ -240,6 +240,7 @@ def test_a_finished_run_is_not_trained_again(dataset, tmp_path):
 def test_entry_points_import_no_tensorflow_before_their_main():
     import subprocess
     code = ("import sys, tfcdisc.train, tfcdisc.export, tfcdisc.predict, tfcdisc.evaluate, "
-            "tfcdisc.show, tfcdisc.inspect, tfcdisc.synth, tfcdisc.ensemble; print('tensorflow' in sys.modules)")
+            "tfcdisc.show, tfcdisc.inspect, tfcdisc.synth, tfcdisc.ensemble, "
+            "tfcdisc.train_fusion; print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -41,7 +41,7 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
 @pytest.mark.parametrize("command,flag", [
     ("synth", "--num_train_products"), ("inspect", "--errors"), ("train", "--strategy"),
     ("export", "--tta"), ("ensemble", "--weights"), ("predict", "--allow_missing"),
-    ("evaluate", "--labels"),
+    ("evaluate", "--labels"), ("train-fusion", "--fusion_dir"),
     ("show", "--saved_model")])
 def test_console_commands_explain_their_flags(command, flag):
     exe = pathlib.Path(sys.executable).parent / f"tfcdisc-{command}"

@@ -1,7 +1,7 @@
 """Combines exports into one: a self-contained SavedModel averaging their probabilities.
 
     python -m tfcdisc.ensemble --saved_model=A --saved_model=B [--saved_model=...] \
-        [--weights=1,1,...] --export_dir=ENSEMBLE
+        [--weights=1,1,...] [--duplicates_from=DATA] --export_dir=ENSEMBLE
 
 Members may differ in backbone, image size and test-time augmentation (`--tta` of
 `tfcdisc.export`); they must share the taxonomy. The result has the same signatures as
@@ -23,7 +23,7 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     try:
         weights = [float(w) for w in f.weights] if f.weights else None
-        summary = serving.ensemble(f.saved_model, f.export_dir, weights)
+        summary = serving.ensemble(f.saved_model, f.export_dir, weights, f.duplicates_from)
     except (FileNotFoundError, ValueError) as e:
         cli.fail("ensemble", str(e))
     print(json.dumps(summary, indent=2))
@@ -37,6 +37,9 @@ def _define_flags() -> None:
                       "equal).")
     flags.DEFINE_string("export_dir", None, "Where to write the ensemble (local or gs://).",
                         required=True)
+    flags.DEFINE_string("duplicates_from", None, "A built dataset: give the ensemble a "
+                        "duplicate-image table, weighed on its validation split (as "
+                        "`tfcdisc.export --duplicates_from`).")
 
 
 def run() -> None:

@@ -23,7 +23,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         summary = serving.export(f.model_dir, f.export_dir, top_k=f.top_k,
                                  checkpoint=f.checkpoint, tta=f.tta,
-                                 duplicates_from=f.duplicates_from)
+                                 duplicates_from=f.duplicates_from, fusion_dir=f.fusion_dir)
     except (FileNotFoundError, ValueError) as e:
         cli.fail("export", str(e))
     print(json.dumps(summary, indent=2))
@@ -41,6 +41,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("tta", "none", list(config.TTA_MODES), "Test-time augmentation: flip averages "
                       "each image's original and mirrored views (log-probabilities); twice "
                       "the compute, same signatures.")
+    flags.DEFINE_string("fusion_dir", None, "A fusion head of this run (`tfcdisc.train_fusion`): "
+                        "products are scored from their images' embeddings together.")
     flags.DEFINE_string("duplicates_from", None, "A built dataset (usually the run's "
                         "--data_dir): embed a table of its training images' exact bytes, "
                         "blended with the model where a product's image recurs, with a "

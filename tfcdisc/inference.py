@@ -159,7 +159,8 @@ def run_predictions(export: serving.Export, products: Callable[[], tf.data.Datas
     table = table if table is not None and table.weight > 0 else None
     predictor = product_eval.ProductPredictor(export.image_model, export.top_k, strategy,
                                               export.fallback_class,
-                                              duplicate_weight=table.weight if table else 0.0)
+                                              duplicate_weight=table.weight if table else 0.0,
+                                              fusion=export.fusion_model)
     batches = product_eval.distribute_products(strategy, products, batch_size,
                                                export.image_size, total, table)
     ids = export.category_ids

@@ -333,9 +333,10 @@ def combine_log_probs(log_probs: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
     return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)[:, None]
 
 
-def image_log_probs(image_model: keras.Model, images: tf.Tensor,
-                    mask: tf.Tensor | None = None) -> tf.Tensor:
-    """[B, N, H, W, 3] uint8 -> [B, N, C] float32 log-probabilities, in inference mode.
+def image_outputs(image_model: keras.Model, images: tf.Tensor,
+                  mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """[B, N, H, W, 3] uint8 -> every output of the model per image slot, [B, N, ...]
+    float32, in inference mode; ``label`` as log-probabilities.
 
     With a ``mask``, the model runs only on the real images (padding is ~55% of the
     slots at 1.75 images a product) and padded slots get zeros. That shape is dynamic:
@@ -343,41 +344,66 @@ def image_log_probs(image_model: keras.Model, images: tf.Tensor,
     """
     shape = tf.shape(images)
     flat = tf.reshape(images, [-1, *images.shape[2:]])  # static image size for the view
+    widths = {key: out.shape[-1] for key, out in image_model.output.items()}
+
+    def run(x):
+        out = {key: tf.cast(value, tf.float32)
+               for key, value in image_model(x, training=False).items()}
+        out["label"] = tf.nn.log_softmax(out["label"], axis=-1)
+        return out
+
     if mask is None:
-        logits = image_model(flat, training=False)["label"]
-        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
+        per_image = run(flat)
     else:
         where = tf.where(tf.reshape(mask > 0, [-1]))
-        classes = image_model.output["label"].shape[-1]
+        scored = tf.cond(  # a batch of only padding: a replica's share of the filler
+            tf.size(where) > 0, lambda: run(tf.gather_nd(flat, where)),
+            lambda: {key: tf.zeros([0, width]) for key, width in widths.items()})
+        rows = tf.shape(flat, out_type=tf.int64)[0]
+        per_image = {key: tf.scatter_nd(where, value, tf.stack(
+            [rows, tf.constant(widths[key], tf.int64)])) for key, value in scored.items()}
+    return {key: tf.reshape(value, tf.stack([shape[0], shape[1], -1]))
+            for key, value in per_image.items()}
 
-        def real_images():  # a batch of only padding (a replica's share of the filler)
-            logits = image_model(tf.gather_nd(flat, where), training=False)["label"]
-            return tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1)
 
-        scored = tf.cond(tf.size(where) > 0, real_images, lambda: tf.zeros([0, classes]))
-        log_probs = tf.scatter_nd(where, scored, tf.stack(
-            [tf.shape(flat, out_type=tf.int64)[0], tf.constant(classes, tf.int64)]))
-    return tf.reshape(log_probs, tf.stack([shape[0], shape[1], -1]))
+def image_log_probs(image_model: keras.Model, images: tf.Tensor,
+                    mask: tf.Tensor | None = None) -> tf.Tensor:
+    """[B, N, H, W, 3] uint8 -> [B, N, C] float32 log-probabilities (`image_outputs`)."""
+    return image_outputs(image_model, images, mask)["label"]
 
 
 def product_predictions(image_model: keras.Model, images: tf.Tensor, mask: tf.Tensor,
                         k: int = 5, skip_padding: bool = False,
-                        adjust: Callable[[tf.Tensor], tf.Tensor] | None = None
-                        ) -> dict[str, tf.Tensor]:
+                        adjust: Callable[[tf.Tensor], tf.Tensor] | None = None,
+                        fusion: keras.Model | None = None) -> dict[str, tf.Tensor]:
     """What evaluation and export need, kept small: top-k classes and probabilities of
     each product, and each image's own top class. ``skip_padding`` runs the model on
     real images only (dynamic shapes: for CPU/GPU inference, not for TPUs). ``adjust``
     changes the per-image log-probabilities before they are combined (the duplicate
-    lookup's blend)."""
-    per_image = image_log_probs(image_model, images, mask if skip_padding else None)
+    lookup's blend). A ``fusion`` model (`tfcdisc.fusion`) combines the images'
+    embeddings into the product's classes instead."""
+    outputs = image_outputs(image_model, images, mask if skip_padding else None)
+    per_image = outputs["label"]
     if adjust is not None:
         per_image = adjust(per_image)
-    return top_k_of(per_image, mask, k)
+    return top_k_of(per_image, mask, k, fused_logits(fusion, outputs, mask))
 
 
-def top_k_of(per_image: tf.Tensor, mask: tf.Tensor, k: int = 5) -> dict[str, tf.Tensor]:
-    """`product_predictions` from per-image log-probabilities [B, N, C]."""
-    combined = combine_log_probs(per_image, mask)
+def fused_logits(fusion: keras.Model | None, outputs: dict[str, tf.Tensor],
+                 mask: tf.Tensor) -> tf.Tensor | None:
+    """The fusion model's product logits from `image_outputs`, or None without one."""
+    if fusion is None:
+        return None
+    return tf.cast(fusion({"embedding": outputs["embedding"], "mask": mask},
+                          training=False)["label"], tf.float32)
+
+
+def top_k_of(per_image: tf.Tensor, mask: tf.Tensor, k: int = 5,
+             product_logits: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """`product_predictions` from per-image log-probabilities [B, N, C], or from
+    ``product_logits`` [B, C] where a fusion model gave them."""
+    combined = (combine_log_probs(per_image, mask) if product_logits is None
+                else tf.nn.log_softmax(product_logits, axis=-1))
     if combined.shape[-1] is not None:  # a catalogue may have fewer categories than k
         k = min(k, combined.shape[-1])
     top_log_probs, top_classes = tf.math.top_k(combined, k=k)

@@ -29,15 +29,16 @@ class ProductPredictor:
     def __init__(self, image_model: keras.Model, k: int = 5,
                  strategy: tf.distribute.Strategy | None = None, fallback_class: int = 0,
                  jit_compile: bool | None = None, duplicate_weight: float = 0.0,
-                 weight_grid: Sequence[float] = ()):
+                 weight_grid: Sequence[float] = (), fusion: keras.Model | None = None):
         self.strategy = strategy or tf.distribute.get_strategy()
         self.k = k
         tpu = distribute.is_tpu(self.strategy)
 
         def step(batch):
             mask = batch["mask"]
-            per_image = models.image_log_probs(image_model, batch["images"],
-                                               None if (tpu or jit_compile) else mask)
+            outputs = models.image_outputs(image_model, batch["images"],
+                                           None if (tpu or jit_compile) else mask)
+            per_image = outputs["label"]
             lookup = "duplicate_class" in batch  # batches carry the table's answers
 
             def blended(weight):
@@ -45,7 +46,8 @@ class ProductPredictor:
                                         batch["duplicate_share"], weight)
 
             out = models.top_k_of(blended(duplicate_weight) if lookup and duplicate_weight
-                                  else per_image, mask, k)
+                                  else per_image, mask, k,
+                                  models.fused_logits(fusion, outputs, mask))
             has_image = tf.reduce_sum(mask, axis=1) > 0
             result = {
                 "top_k_classes": tf.where(has_image[:, None], out["top_k_classes"],

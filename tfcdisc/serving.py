@@ -42,6 +42,7 @@ from tfcdisc import taxonomy as taxonomy_lib
 KERAS_MODEL = "assets/image_model.keras"
 METADATA = "assets/tfcdisc.json"
 DUPLICATES = "assets/duplicates.npz"
+FUSION = "assets/fusion.keras"
 
 
 class ProductClassifier(tf.Module):
@@ -49,9 +50,11 @@ class ProductClassifier(tf.Module):
 
     def __init__(self, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy,
                  image_size: int, top_k: int, fallback_class: int,
-                 duplicate_table: duplicates.Table | None = None):
+                 duplicate_table: duplicates.Table | None = None,
+                 fusion_model: keras.Model | None = None):
         super().__init__()
         self.image_model = image_model
+        self.fusion_model = fusion_model
         self._duplicates = None
         if duplicate_table is not None and duplicate_table.weight > 0:
             self._duplicates = (duplicates.static_table(duplicate_table),
@@ -84,7 +87,8 @@ class ProductClassifier(tf.Module):
 
     def _predict(self, images, mask, adjust=None):
         out = models.product_predictions(self.image_model, images, mask, self.top_k,
-                                         skip_padding=True, adjust=adjust)
+                                         skip_padding=True, adjust=adjust,
+                                         fusion=self.fusion_model)
         has_image = tf.reduce_sum(mask, axis=1) > 0
         top_ids = tf.gather(self._category_ids, out["top_k_classes"])
         top_probs = tf.where(has_image[:, None], out["top_k_probabilities"], 0.0)
@@ -144,7 +148,8 @@ def float32_model(checkpoint: str) -> keras.Model:
 
 
 def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str = "best",
-           tta: str = "none", duplicates_from: str | None = None) -> dict:
+           tta: str = "none", duplicates_from: str | None = None,
+           fusion_dir: str | None = None) -> dict:
     """Writes the SavedModel; returns a summary (paths, classes, fallback category).
 
     ``tta="flip"`` averages each image's original and mirrored views in log-probability
@@ -152,6 +157,9 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
     ``duplicates_from`` (a built dataset of the same taxonomy) embeds a duplicate-image
     table made from its train split, blended with a weight chosen on its validation
     split (`tfcdisc.duplicates`; the weight is 0, the table off, unless it helped).
+    ``fusion_dir`` (of `tfcdisc.train_fusion`) combines each product's image embeddings
+    with its fusion head instead of averaging log-probabilities; it uses the checkpoint
+    the head was trained on.
     """
     config = training.load_config(model_dir)
     cfg = training.TrainConfig(**config["train"])
@@ -167,14 +175,24 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
                         "products without images")
         counts = np.zeros(taxonomy.num_classes)
     built_size = (meta.get("build_options") or {}).get("image_size")
+    fusion_head = None
+    if fusion_dir:
+        from tfcdisc import fusion
+        if tta != "none" or duplicates_from:
+            raise ValueError("--fusion_dir reads embeddings of the plain model: it does not "
+                             "combine with --tta or --duplicates_from yet")
+        checkpoint = fusion.load_config(fusion_dir)["checkpoint"]
+        fusion_head = float32_model(f"{fusion_dir.rstrip('/')}/{fusion.FUSION_MODEL}")
     image_model = models.with_tta(float32_model(checkpoint_path(model_dir, checkpoint)), tta)
+    if fusion_head is not None:
+        image_model = fusion.with_embedding(image_model)
     table = None
     if duplicates_from:
         table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size)
     summary = write(export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
                     fallback_class=int(np.argmax(counts)),
                     max_image_pixels=int(np.prod(built_size)) if built_size else None,
-                    duplicate_table=table, tta=tta)
+                    duplicate_table=table, fusion_model=fusion_head, tta=tta)
     return {**summary, "checkpoint": checkpoint}
 
 
@@ -208,13 +226,15 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
 def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy, *,
           image_size: int, top_k: int, fallback_class: int,
           max_image_pixels: int | None = None,
-          duplicate_table: duplicates.Table | None = None, **extra) -> dict:
+          duplicate_table: duplicates.Table | None = None,
+          fusion_model: keras.Model | None = None, **extra) -> dict:
     """Writes an export of ``image_model`` (uint8 images in, ``label`` logits or
     log-probabilities out): the SavedModel, the Keras model and the metadata that
     `load` reads. ``extra`` goes into the metadata (how the model was made)."""
     top_k = min(top_k, taxonomy.num_classes)
     module = ProductClassifier(image_model, taxonomy, image_size, top_k, fallback_class,
-                               duplicate_table)
+                               duplicate_table, fusion_model)
+    extra["fusion"] = fusion_model is not None
     if duplicate_table is not None:
         extra["duplicates"] = {
             "unique_images": len(duplicate_table), "training_images": duplicate_table.images,
@@ -230,6 +250,9 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
     with tempfile.TemporaryDirectory() as tmp:
         image_model.save(os.path.join(tmp, "m.keras"))
         atomic.copy(os.path.join(tmp, "m.keras"), f"{export_dir}/{KERAS_MODEL}")
+        if fusion_model is not None:
+            fusion_model.save(os.path.join(tmp, "f.keras"))
+            atomic.copy(os.path.join(tmp, "f.keras"), f"{export_dir}/{FUSION}")
     if duplicate_table is not None:
         atomic.write(f"{export_dir}/{DUPLICATES}", duplicate_table.to_bytes())
     atomic.write(f"{export_dir}/{METADATA}", json.dumps(meta, ensure_ascii=False))
@@ -239,10 +262,13 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
 
 
 def ensemble(members: Sequence[str], export_dir: str,
-             weights: Sequence[float] | None = None) -> dict:
+             weights: Sequence[float] | None = None, duplicates_from: str | None = None
+             ) -> dict:
     """One self-contained export that averages its members' probabilities (with
     ``weights``, equal by default). Members are exports of the same taxonomy; they may
-    differ in backbone and image size and carry their own test-time augmentation."""
+    differ in backbone and image size and carry their own test-time augmentation. A
+    member's duplicate table is not used (it was weighed for that member alone):
+    ``duplicates_from`` gives the ensemble its own, weighed for the ensemble."""
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two --saved_model")
     weights = [1.0] * len(members) if not weights else [float(w) for w in weights]
@@ -251,16 +277,24 @@ def ensemble(members: Sequence[str], export_dir: str,
                          f"per --saved_model (got {list(weights)})")
     opened = [load(m) for m in members]
     first = opened[0]
+    for e in opened:
+        if e.fusion_model is not None:
+            raise ValueError(f"{e.path}: an export with a fusion head cannot be an ensemble "
+                             "member yet (its products are not scored image by image)")
     for e in opened[1:]:
         if not np.array_equal(e.taxonomy.category_ids, first.taxonomy.category_ids):
             raise ValueError(f"{e.path}: another taxonomy than {first.path}; an ensemble's "
                              "members must classify into the same categories")
     limits = [e.max_image_pixels for e in opened]
     model = models.ensemble_model([e.image_model for e in opened], list(weights))
-    return write(export_dir, model, first.taxonomy,
-                 image_size=max(e.image_size for e in opened),
+    image_size = max(e.image_size for e in opened)
+    table = None
+    if duplicates_from:
+        table = duplicate_table(duplicates_from, first.taxonomy, model, image_size)
+    return write(export_dir, model, first.taxonomy, image_size=image_size,
                  top_k=max(e.top_k for e in opened), fallback_class=first.fallback_class,
                  max_image_pixels=None if None in limits else max(limits),
+                 duplicate_table=table,
                  members=[{"saved_model": e.path, "weight": w, "image_size": e.image_size}
                           for e, w in zip(opened, weights)])
 
@@ -277,6 +311,7 @@ class Export:
     taxonomy: taxonomy_lib.Taxonomy
     max_image_pixels: int | None = None  # the training catalogue's frame size, if fixed
     duplicate_table: duplicates.Table | None = None  # with its blend weight
+    fusion_model: keras.Model | None = None  # combines the image model's embeddings
 
     @property
     def category_ids(self) -> np.ndarray:
@@ -299,17 +334,21 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
     """The export's Keras image model (variables placed by ``strategy``) and metadata."""
     meta = read_metadata(export_dir)
     path = f"{export_dir.rstrip('/')}/{KERAS_MODEL}"
+    fusion_model = None
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "m.keras")
         tf.io.gfile.copy(path, local)
         with (strategy or tf.distribute.get_strategy()).scope():
             model = keras.saving.load_model(local, compile=False)
+            if meta.get("fusion"):
+                tf.io.gfile.copy(f"{export_dir.rstrip('/')}/{FUSION}", local, overwrite=True)
+                fusion_model = keras.saving.load_model(local, compile=False)
     table = None
     if meta.get("duplicates"):
         with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{DUPLICATES}", "rb") as f:
             table = duplicates.Table.from_bytes(f.read())
     return Export(export_dir, model, meta["image_size"], meta["top_k"], meta["fallback_class"],
                   taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"]),
-                  meta.get("max_image_pixels"), table)
+                  meta.get("max_image_pixels"), table, fusion_model)
 
 
