@@ -1,7 +1,9 @@
 """Product-level predictions over product batches, under any strategy.
 
 The competition metric is product accuracy: a product's images are combined
-(`models.combine_log_probs`) before taking the top class. Validation during training,
+(`models.combine_log_probs`, or an export's fusion head) before taking the top class;
+where batches carry duplicate-table answers (`tfcdisc.duplicates`) they are blended in
+first. Validation during training,
 `tfcdisc.evaluate` and `tfcdisc.predict` all run this one path over
 `input_pipeline.batch_products` batches under the run's strategy (default, mirrored,
 multi-worker or TPU), and keep only small arrays (top-k classes per product, top class

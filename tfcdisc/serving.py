@@ -9,17 +9,24 @@ and the taxonomy is embedded. Signatures:
       A product's JPEG bytes, padded with empty strings. A product with no image gets
       the most frequent training category and probability 0.
   predict_decoded(images: uint8 [N, 4, S, S, 3], mask: float32 [N, 4]) -> the same
-      For callers that decode in their own parallel pipeline (`tfcdisc.predict`); uint8
-      keeps decoded batches a quarter of the size of float32.
+      For callers that decode in their own parallel pipeline; uint8 keeps decoded
+      batches a quarter of the size of float32. Without the bytes it cannot use a
+      duplicate table.
   metadata() -> taxonomy_json, image_size, top_k, fallback_category_id.
 
 The checkpoint's own model (its architecture read from the file) is loaded outside any
 distribution strategy in float32, so a model trained on a TPU in bfloat16 exports the same
 way.
 
+What an export may add, all in the graph and in the assets: flip TTA or an ensemble
+(inside the image model, `models.with_tta`, `models.ensemble_model`), a duplicate-image
+table (``assets/duplicates.npz``, `tfcdisc.duplicates`), a fusion head
+(``assets/fusion.keras``, `tfcdisc.fusion`).
+
 Beside it, ``assets/image_model.keras`` and ``assets/tfcdisc.json`` (image size, top k,
-fallback, taxonomy) let `tfcdisc.predict` and `tfcdisc.evaluate` run the same computation
-under a distribution strategy (a TPU, several GPUs), which a loaded SavedModel cannot.
+fallback, taxonomy, how the export was made) let `tfcdisc.predict` and
+`tfcdisc.evaluate` run the same computation under a distribution strategy (a TPU,
+several GPUs), which a loaded SavedModel cannot.
 """
 
 from __future__ import annotations
