@@ -26,7 +26,10 @@ def test_a_fusion_head_trains_exports_and_predicts(exported, dataset, catalogue,
     assert export.fusion_model is not None
     sub = tmp_path / "submission.csv"
     test = str(catalogue[0] / "test.bson")
-    inference.predict(str(out), str(sub), bson=test, progress=False)
+    done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={out}",
+                           f"--bson={test}", f"--output={sub}"], capture_output=True,
+                          text=True, timeout=300)  # a fresh process: the head's layers load
+    assert done.returncode == 0, done.stderr[-3000:]
     rows = pd.read_csv(sub)
     # The same answers from the SavedModel alone, in a process that cannot import tfcdisc.
     products = list(bsonfile.iter_products(test))[:12]

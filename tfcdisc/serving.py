@@ -348,6 +348,7 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
         with (strategy or tf.distribute.get_strategy()).scope():
             model = keras.saving.load_model(local, compile=False)
             if meta.get("fusion"):
+                from tfcdisc import fusion  # noqa: F401 (registers the head's layers)
                 tf.io.gfile.copy(f"{export_dir.rstrip('/')}/{FUSION}", local, overwrite=True)
                 fusion_model = keras.saving.load_model(local, compile=False)
     table = None
