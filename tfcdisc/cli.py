@@ -78,6 +78,7 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
         fv(sys.argv)
     except flags.Error as e:
         fail(program, f"{e}; see --help")
+    fv.unparse_flags()  # app.run parses again; a second parse would double multi-flags
     app.run(quiet_main)
 
 

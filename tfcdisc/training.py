@@ -245,15 +245,19 @@ def prepare_model_dir(model_dir: str, cfg: TrainConfig, delete: bool = True) -> 
             return True  # the same run: resumed (or left alone if finished)
         problem = (f"{model_dir} holds a run of {'another model' if model else 'other settings'}"
                    f": {', '.join(model + recipe)}")
+    if not delete:
+        # A worker other than the chief: what it sees may be the chief's own fresh start
+        # (its checkpoints folder before its config.json). The chief refuses or deletes;
+        # the worker starts afresh with it.
+        return False
     if not cfg.overwrite:
         raise ValueError(f"{problem}; give the run's own values to resume it, another "
                          "--model_dir, or --overwrite to delete it and start afresh")
-    if delete:
-        for name in present:
-            path = f"{model_dir}/{name}"
-            (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
-        logging.warning("--overwrite: deleted the previous run's %s in %s",
-                        ", ".join(present), model_dir)
+    for name in present:
+        path = f"{model_dir}/{name}"
+        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+    logging.warning("--overwrite: deleted the previous run's %s in %s", ", ".join(present),
+                    model_dir)
     return False
 
 
