@@ -203,6 +203,38 @@ def run_training(cfg, *, logical_cpus: int = 1, env: dict | None = None,
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+_SERVE_SCRIPT = """
+import json, sys
+sys.modules["tfcdisc"] = None  # any import of tfcdisc now fails
+try:
+    import tfcdisc  # noqa
+    raise SystemExit("tfcdisc imported")
+except ImportError:
+    pass
+import tensorflow as tf
+images = json.loads(sys.stdin.read())
+model = tf.saved_model.load(sys.argv[1])
+out = model.signatures["serving_default"](
+    images=tf.constant([[bytes.fromhex(b) for b in p] for p in images]))
+meta = model.signatures["metadata"]()
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()} |
+                 {"taxonomy": meta["taxonomy_json"].numpy().decode()}))
+"""
+
+
+def serve_without_tfcdisc(export_dir, images: list[list[bytes]]) -> dict:
+    """An export's ``serving_default`` on products' JPEG bytes (4 slots, b"" padding), in a
+    process that cannot import tfcdisc: the SavedModel must stand alone. Its outputs as
+    lists, and ``taxonomy`` (the metadata's JSON)."""
+    import json
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", _SERVE_SCRIPT, str(export_dir)],
+                          capture_output=True, text=True, timeout=300,
+                          input=json.dumps([[b.hex() for b in p] for p in images]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def last_json(text: str) -> dict:
     import json
     return json.loads(text.strip().splitlines()[-1])

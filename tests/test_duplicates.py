@@ -1,15 +1,11 @@
 """The duplicate-image lookup: its table, its blend, and an export that carries both."""
 
-import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from conftest import build_dataset, doc, jpeg_bytes, write_taxonomy
+from conftest import build_dataset, doc, jpeg_bytes, serve_without_tfcdisc, write_taxonomy
 from tfcdisc import duplicates, inference, scoring, serving, training
 
 
@@ -97,20 +93,7 @@ def test_an_export_with_duplicates_blends_where_images_recur(tmp_path):
     inference.predict(str(with_table), str(out), bson=test, progress=False)
     predicted = pd.read_csv(out)
     # The SavedModel looks the bytes up itself, in a process that cannot import tfcdisc.
-    script = textwrap.dedent("""
-        import json, sys
-        sys.modules["tfcdisc"] = None
-        import tensorflow as tf
-        images = json.loads(sys.stdin.read())
-        model = tf.saved_model.load(sys.argv[1])
-        out = model.signatures["serving_default"](
-            images=tf.constant([[bytes.fromhex(b) for b in p] for p in images]))
-        print(json.dumps(out["category_id"].numpy().tolist()))
-    """)
     from tfcdisc import bsonfile
     products = list(bsonfile.iter_products(test))
-    images = [[p.images[0].hex(), "", "", ""] for p in products]
-    done = subprocess.run([sys.executable, "-c", script, str(with_table)], capture_output=True,
-                          text=True, timeout=300, input=json.dumps(images))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == predicted["category_id"].tolist()
+    got = serve_without_tfcdisc(with_table, [[p.images[0], b"", b"", b""] for p in products])
+    assert got["category_id"] == predicted["category_id"].tolist()

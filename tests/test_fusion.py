@@ -1,15 +1,14 @@
 """The product-level fusion head: trained on a run's cached embeddings, exported with the
 same signatures, runnable under XLA (TPU rules)."""
 
-import json
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from conftest import serve_without_tfcdisc
 from tfcdisc import bsonfile, fusion, inference, input_pipeline, models, product_eval, serving
 
 
@@ -33,22 +32,9 @@ def test_a_fusion_head_trains_exports_and_predicts(exported, dataset, catalogue,
     rows = pd.read_csv(sub)
     # The same answers from the SavedModel alone, in a process that cannot import tfcdisc.
     products = list(bsonfile.iter_products(test))[:12]
-    images = [[b.hex() for b in p.images[:4]] + [""] * (4 - len(p.images[:4]))
-              for p in products]
-    script = textwrap.dedent("""
-        import json, sys
-        sys.modules["tfcdisc"] = None
-        import tensorflow as tf
-        images = json.loads(sys.stdin.read())
-        model = tf.saved_model.load(sys.argv[1])
-        out = model.signatures["serving_default"](
-            images=tf.constant([[bytes.fromhex(b) for b in p] for p in images]))
-        print(json.dumps(out["category_id"].numpy().tolist()))
-    """)
-    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
-                          text=True, timeout=300, input=json.dumps(images))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == rows["category_id"][:12].tolist()
+    images = [p.images[:4] + [b""] * (4 - len(p.images[:4])) for p in products]
+    got = serve_without_tfcdisc(out, images)
+    assert got["category_id"] == rows["category_id"][:12].tolist()
     # The head is what scores the products (checked by hand), and under XLA (static
     # shapes, every slot through the model) it gives the same answers.
     batch = next(iter(input_pipeline.batch_products(

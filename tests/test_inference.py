@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import doc, garbled_jpeg, huge_jpeg, jpeg_bytes, write
+from conftest import doc, garbled_jpeg, huge_jpeg, jpeg_bytes, serve_without_tfcdisc, write
 from tfcdisc import bsonfile, inference, input_pipeline, models, scoring, serving
 
 
@@ -30,28 +30,7 @@ def test_savedmodel_runs_without_tfcdisc_and_matches_keras(catalogue, exported, 
     decoded = input_pipeline.decode_products(tf.constant(images), 32)
     mask = tf.constant([[1.0 if b else 0.0 for b in i] for i in images])
     expected = models.product_predictions(model, decoded, mask, k=5, skip_padding=True)
-    script = textwrap.dedent("""
-        import json, sys
-        sys.modules["tfcdisc"] = None  # any import of tfcdisc now fails
-        try:
-            import tfcdisc  # noqa
-            raise SystemExit("tfcdisc imported")
-        except ImportError:
-            pass
-        import tensorflow as tf
-        images = json.loads(sys.stdin.read())
-        model = tf.saved_model.load(sys.argv[1])
-        out = model.signatures["serving_default"](
-            images=tf.constant([[bytes.fromhex(b) for b in p] for p in images]))
-        meta = model.signatures["metadata"]()
-        print(json.dumps({k: v.numpy().tolist() for k, v in out.items()} |
-                         {"taxonomy": meta["taxonomy_json"].numpy().decode()}))
-    """)
-    done = subprocess.run([sys.executable, "-c", script, str(saved)], capture_output=True,
-                          text=True, timeout=300,
-                          input=json.dumps([[b.hex() for b in i] for i in images]))
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = serve_without_tfcdisc(saved, images)
     taxonomy = json.loads(got["taxonomy"])
     ids = np.array(taxonomy["category_ids"])
     assert got["category_id"] == ids[expected["top_k_classes"].numpy()[:, 0]].tolist()
@@ -354,21 +333,7 @@ def test_an_ensemble_averages_its_members_probabilities(dataset, exported, catal
     mask = np.array([[1.0, 1.0, 0.0, 0.0]] * 4, np.float32)
     combined = tf.reduce_sum(log_p * mask[..., None], axis=1) / 2  # masked mean, 2 images
     expected = tf.nn.softmax(combined).numpy()
-    script = textwrap.dedent("""
-        import json, sys
-        sys.modules["tfcdisc"] = None  # the ensemble must not need tfcdisc
-        import tensorflow as tf
-        images = json.loads(sys.stdin.read())
-        model = tf.saved_model.load(sys.argv[1])
-        out = model.signatures["serving_default"](
-            images=tf.constant([[bytes.fromhex(b) for b in p] for p in images]))
-        print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
-    """)
-    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
-                          text=True, timeout=300,
-                          input=json.dumps([[x.hex() for x in i] for i in images]))
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    got = serve_without_tfcdisc(out, images)  # the ensemble must not need tfcdisc
     ids = serving.load(str(out)).category_ids
     top = np.argsort(-expected, axis=1)[:, :5]
     assert got["top_k_category_id"] == ids[top].tolist()
