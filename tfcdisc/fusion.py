@@ -73,7 +73,7 @@ def fusion_model(num_classes: int, dim: int, hidden: int = 256,
 # --------------------------------------------------------------------------- feature cache
 
 
-def _feature_spec(dim: int) -> dict:
+def _feature_spec() -> dict:
     return {EMBEDDING: tf.io.FixedLenFeature([], tf.string),
             "mask": tf.io.FixedLenFeature([SLOTS], tf.float32),
             "label": tf.io.FixedLenFeature([], tf.int64)}
@@ -118,7 +118,7 @@ def cache_features(image_model: keras.Model, builder, image_size: int, folder: s
 def features_dataset(folder: str, split: str, dim: int) -> tf.data.Dataset:
     """({embedding [4, dim] float32, mask [4]}, label) per cached product."""
     def parse(record):
-        ex = tf.io.parse_single_example(record, _feature_spec(dim))
+        ex = tf.io.parse_single_example(record, _feature_spec())
         emb = tf.reshape(tf.cast(tf.io.decode_raw(ex[EMBEDDING], tf.float16), tf.float32),
                          [SLOTS, dim])
         return {EMBEDDING: emb, "mask": ex["mask"]}, tf.cast(ex["label"], tf.int32)

@@ -117,7 +117,7 @@ def bson_products(source, stats: PredictStats, max_pixels: int | None = None,
 
 def open_products(*, bson: str | None, data_dir: str | None, split: str,
                   stats: PredictStats, errors: str = "strict",
-                  max_pixels: int | None = None
+                  max_pixels: int | None = None, index=None
                   ) -> tuple[Callable[[], tf.data.Dataset], int]:
     """A function making the products to score (from a BSON file or a built TFDS split,
     with ``category_id`` where known: -1 otherwise), and their number.
@@ -129,8 +129,9 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
     if bool(bson) == bool(data_dir):
         raise ValueError("give exactly one of --bson and --data_dir")
     if bson:
-        from tfcdisc import index as index_lib
-        index = index_lib.load_or_build(bson, errors=errors)
+        if index is None:  # a caller that checked the file first passes its index
+            from tfcdisc import index as index_lib
+            index = index_lib.load_or_build(bson, errors=errors)
         stats.bad_documents, stats.skipped_bytes = index.bad_documents, index.skipped_bytes
         stats.lost = [list(p) for p in index.problems[:_MAX_LISTED]]
         return lambda: bson_products(index, stats, max_pixels), len(index)

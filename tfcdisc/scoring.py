@@ -78,6 +78,7 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
     """
     stats = inference.PredictStats()
     label_map = read_labels(labels) if labels else None
+    index = None
     if bson:  # what can be checked before predicting is checked before predicting
         from tfcdisc import index as index_lib
         index = index_lib.load_or_build(bson, errors=errors)
@@ -92,7 +93,7 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
                                  f"({len(lacking)} products lack one)")
     products, total = inference.open_products(
         bson=bson, data_dir=data_dir, split=split, stats=stats, errors=errors,
-        max_pixels=inference.max_image_pixels(saved_model))
+        max_pixels=inference.max_image_pixels(saved_model), index=index)
     export, strategy = inference.open_export(saved_model, strategy, tpu)
     if label_map is not None:
         products = _with_labels(products, label_map)
