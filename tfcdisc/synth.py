@@ -67,7 +67,9 @@ class Difficulty:
       noise_images: share of images that belong to no category's style (a pool shared
         by all categories: the same noise image recurs across categories).
       stock_images: share of images drawn from a small pool of stock photos per
-        category, reused byte for byte by other products, in train and in test.
+        category, reused byte for byte by other products, in train and in test. Half of
+        a category's stock photos do not look like it (a packaging shot, a logo): only
+        having seen those exact bytes tells their category.
       stock_pool: stock photos per category.
       wrong_labels: share of training products labelled with another category (test
         labels stay true).
@@ -83,7 +85,7 @@ class Difficulty:
 # "hard": about 38% of training images are byte-identical copies of another, as in the
 # real train.bson (7.7M unique of 12.4M); the generator reports the rates it produced.
 DIFFICULTIES = {"easy": Difficulty(),
-                "hard": Difficulty(shared_look=True, noise_images=0.15, stock_images=0.25,
+                "hard": Difficulty(shared_look=True, noise_images=0.08, stock_images=0.30,
                                    stock_pool=4, wrong_labels=0.05)}
 
 
@@ -372,6 +374,8 @@ def _pooled(seed: int, key: tuple) -> bytes:
     if key not in _POOL:
         if key[0] == "noise":
             style = _noise_style((seed, 98, key[1]))
+        elif key[2] % 2:  # a stock photo that does not look like its category
+            style = _noise_style((seed, 97, key[1], key[2]))
         else:
             style = _WORKER_STYLES[key[1]]
         _POOL[key] = render_product(style, 1, (seed, 99, *key[1:]))[0]
@@ -591,10 +595,11 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Random seed; the catalogue is deterministic for a seed.")
     flags.DEFINE_integer("workers", None, "Rendering processes (default: every core).")
     flags.DEFINE_enum("difficulty", "easy", ["easy", "hard"], "easy: distinct looks, clean "
-                      "labels. hard: leaves of a level-1 branch look alike, 15% noise images "
+                      "labels. hard: leaves of a level-1 branch look alike, 8% noise images "
                       "shared across categories, stock photos reused across products and "
-                      "between train and test (about 38% of training images are copies, as "
-                      "in the real file), 5% wrong training labels.")
+                      "between train and test, half of them unlike their category (about "
+                      "38% of training images are copies, as in the real file), 5% wrong "
+                      "training labels.")
 
 
 def run() -> None:
