@@ -112,3 +112,70 @@ def test_changed_file_under_an_old_index_is_detected(tmp_path):
     write(tmp_path, doc(1), doc(3), doc(4))
     with pytest.raises(BsonFormatError, match="changed since its index was built"):
         list(idx.iter_products())
+
+
+def _same_index(a, b):
+    for name in ("offsets", "lengths", "product_ids", "category_ids", "num_images"):
+        assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+    assert (a.labeled, a.bad_documents, a.skipped_bytes, a.bad_document_bytes) == (
+        b.labeled, b.bad_documents, b.skipped_bytes, b.bad_document_bytes)
+
+
+def _corrupt_file(tmp_path):
+    """400 products; document #100's length prefix points into #101, and #250 does not
+    decode: both are resynchronised past in "skip" mode."""
+    docs = [doc(i, n_images=1 + i % 3) for i in range(1, 401)]
+    blob = bytearray(b"".join(docs))
+    at = sum(map(len, docs[:100]))
+    blob[at:at + 4] = (len(docs[100]) + 40).to_bytes(4, "little")
+    at = sum(map(len, docs[:250]))
+    blob[at + 4] = 0x7F  # not a BSON element type
+    return write(tmp_path, bytes(blob))
+
+
+@pytest.mark.parametrize("range_bytes", [700, 4096, 10**9])
+def test_byte_range_pieces_join_into_the_one_pass_index(catalogue, tmp_path, range_bytes):
+    """Ranges cut anywhere (inside documents, smaller than a document) join into what
+    one pass gives, for a clean file and a corrupt one read in "skip" mode."""
+    folder, _ = catalogue
+    for path, errors in ((str(folder / "train.bson"), "strict"),
+                         (_corrupt_file(tmp_path), "skip")):
+        fp = index_lib.fingerprint(path)
+        cuts = list(range(0, fp["size"], range_bytes)) + [fp["size"]]
+        pieces = [index_lib.scan_range(path, a, b, errors=errors)
+                  for a, b in zip(cuts[:-1], cuts[1:])]
+        joined = index_lib.join(path, fp, pieces, errors)
+        whole = index_lib.build(path, errors=errors)
+        _same_index(joined, whole)
+        assert len(whole.problems) == (2 if errors == "skip" else 0)
+
+
+def test_pieces_that_do_not_meet_are_refused(catalogue):
+    folder, _ = catalogue
+    path = str(folder / "train.bson")
+    fp = index_lib.fingerprint(path)
+    half = fp["size"] // 2
+    a, b = (index_lib.scan_range(path, 0, half), index_lib.scan_range(path, half, None))
+    b["first"] += 1  # as if the second reader had begun at a false document start
+    assert index_lib.join(path, fp, [a, b], "strict") is None
+
+
+def test_beam_indexing_matches_and_reports_problems_at_their_offset(catalogue, tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from tfcdisc import beam_index
+    folder, _ = catalogue
+    clean, corrupt = str(folder / "test.bson"), _corrupt_file(tmp_path)
+    options = PipelineOptions(["--runner=DirectRunner"])
+    stores = [str(tmp_path / "work" / "clean.idx.npz"), str(tmp_path / "work" / "bad.idx.npz")]
+    got = beam_index.index_files([clean, corrupt], stores, errors="skip",
+                                 beam_options=options, range_bytes=3000)
+    _same_index(got[clean], index_lib.build(clean))
+    _same_index(got[corrupt], index_lib.build(corrupt, errors="skip"))
+    assert sorted(os.listdir(tmp_path / "work")) == ["bad.idx.npz", "clean.idx.npz"]
+    assert index_lib.load_stored(clean, index_path=stores[0]) is not None  # reused later
+    with pytest.raises(BsonFormatError) as strict:
+        beam_index.index_files([corrupt], [str(tmp_path / "strict.idx.npz")],
+                               errors="strict", beam_options=options, range_bytes=3000)
+    with pytest.raises(BsonFormatError) as one_pass:
+        index_lib.build(corrupt)
+    assert strict.value.offset == one_pass.value.offset

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import garbled_jpeg, build_dataset, doc, jpeg_bytes, read_split, write, write_taxonomy
-from tfcdisc import bsonfile, examples, records
+from tfcdisc import build_plan, bsonfile, records
 from tfcdisc import taxonomy as taxonomy_lib
 from tfcdisc.bsonfile import BsonFormatError
 
@@ -52,9 +52,10 @@ def test_validation_is_stratified_and_not_a_slice(built):
     positions = [order.index(i) for i in val_ids]
     assert max(positions) - min(positions) > len(order) // 2  # spread, not a slice
     # A shard interleaves runs spread over the file: whatever order a catalogue file has,
-    # its first products come from all over the file, not from one stretch of it.
+    # its first products come from all over the file, not from one stretch of it (TFDS
+    # reads 16 from each shard in turn: 64 is two rounds of the two shards).
     ds = builder.as_dataset(split="train", shuffle_files=False)
-    first = [int(ex["product_id"]) for ex in ds.take(30).as_numpy_iterator()]
+    first = [int(ex["product_id"]) for ex in ds.take(64).as_numpy_iterator()]
     spread = [order.index(i) for i in first]
     assert max(spread) - min(spread) >= len(order) // 2
 
@@ -72,10 +73,10 @@ def test_metadata_carries_taxonomy_and_counts(built):
 
 
 def test_validation_quota():
-    q = examples.validation_quota(np.array([1, 2, 3, 100, 1000]), 30)
+    q = build_plan.validation_quota(np.array([1, 2, 3, 100, 1000]), 30)
     assert q.sum() == 30 and q[0] == 0 and (q[1:] >= 1).all() and q[4] > q[3] > q[2]
     assert (q <= np.array([0, 1, 2, 99, 999])).all()
-    assert examples.validation_quota(np.array([5, 5, 5]), 2).sum() == 2
+    assert build_plan.validation_quota(np.array([5, 5, 5]), 2).sum() == 2
 
 
 def _small_catalogue(tmp_path, train_docs, test_docs, categories=(1000000100, 1000000200)):
@@ -191,7 +192,7 @@ def _records(path):
 def test_fast_serializer_matches_tfds(catalogue):
     from tensorflow_datasets.core import example_serializer
     folder, _ = catalogue
-    feature_dict = examples.features(taxonomy_lib.load(str(folder / "category_names.csv")))
+    feature_dict = records.features(taxonomy_lib.load(str(folder / "category_names.csv")))
     tfds_serializer = example_serializer.ExampleSerializer(feature_dict.get_serialized_info())
     for ex in ({"product_id": 2**40, "images": [jpeg_bytes(), jpeg_bytes("L")], "num_images": 2,
                 "label": 3, "label_level1": 1, "label_level2": 2},

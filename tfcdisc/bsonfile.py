@@ -87,6 +87,7 @@ class ReadStats:
     bad_document_bytes: int = 0
     skipped_bytes: int = 0  # bytes passed over to resynchronise (no document there)
     problems: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    end_offset: int | None = None  # where a finished read stopped: the next document's start
 
     def record(self, offset: int, problem: str) -> None:
         if len(self.problems) < _MAX_RECORDED_PROBLEMS:
@@ -270,6 +271,7 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
         if start:
             f.seek(start)
         w = _Window(f, start)
+        stats.end_offset = None
         while w.offset < limit:
             # Frame as many complete documents as the window holds, in a tight loop.
             buf, pos, stop = w.buf, w.pos, len(w.buf)
@@ -309,6 +311,7 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
             if not w.fill(4):
                 trailing = w.available()
                 if not trailing:
+                    stats.end_offset = w.offset
                     return
                 problem = f"file ends inside a length prefix ({trailing} trailing bytes)"
                 if errors == "strict":
@@ -316,6 +319,7 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
                                           advice="the file is truncated; " + _ADVICE_FRAME)
                 stats.skipped_bytes += trailing
                 stats.record(offset, problem)
+                stats.end_offset = w.offset + trailing
                 return
             length = unpack(w.buf, w.pos)[0]
             problem = w.framing_problem(length)
@@ -328,6 +332,7 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
             skipped = w.offset - offset
             stats.skipped_bytes += skipped
             stats.record(offset, f"{problem}; skipped {skipped} bytes to resynchronise")
+        stats.end_offset = w.offset
     finally:
         if owned:
             f.close()
@@ -415,3 +420,85 @@ def iter_products(source, *, start: int = 0, end: int | None = None, first_posit
             cid = doc.get("category_id") if labeled is not False else None
             yield Product(int(doc["_id"]), None if cid is None else int(cid),
                           [bytes(img["picture"]) for img in doc["imgs"]], offset)
+
+
+def first_document(source, start: int) -> int:
+    """The offset of the first whole product document at or after byte ``start`` (the
+    file size if there is none): where a reader of an arbitrary byte range begins.
+
+    Found as `iter_batches` resynchronises after corrupt bytes, so a reader that starts
+    here and one that framed its way from the file's start agree (`tfcdisc.index`
+    checks that they meet).
+    """
+    f, _, size, owned = _open(source)
+    try:
+        if start <= 0:
+            return 0
+        f.seek(start)
+        w = _Window(f, start)
+        if w._plausible():
+            return start
+        w.resynchronise()
+        return w.offset
+    finally:
+        if owned:
+            f.close()
+
+
+def iter_products_at(source, offsets, lengths, *, labeled: bool | None = None,
+                     expect: tuple | None = None, span_bytes: int = 8 << 20
+                     ) -> Iterator[Product]:
+    """Reads the documents at given offsets (ascending), and only those.
+
+    For a shard's members taken from an offset index: documents close together are
+    read in one request of at most ``span_bytes`` (a 2% sample is a few seeks, a
+    contiguous run one stream), so a reader touches its members, not the file.
+
+    Args:
+      source: a path (local or gs://) or binary file object.
+      offsets, lengths: the documents, in ascending offset order.
+      labeled: as in `iter_products`.
+      expect: (product_ids, category_ids) the index recorded for them, -1 for no
+        category; a document that differs means the file changed since it was indexed.
+    """
+    f, path, _, owned = _open(source)
+    offsets = [int(o) for o in offsets]
+    lengths = [int(n) for n in lengths]
+    try:
+        i = 0
+        while i < len(offsets):
+            j = i + 1
+            while (j < len(offsets) and offsets[j] - offsets[i] + lengths[j] <= span_bytes
+                   and offsets[j] - (offsets[j - 1] + lengths[j - 1]) < CHUNK_BYTES):
+                j += 1
+            base = offsets[i]
+            f.seek(base)
+            buf = f.read(offsets[j - 1] + lengths[j - 1] - base)
+            for k in range(i, j):
+                a = offsets[k] - base
+                doc, problem = None, None
+                if len(buf) < a + lengths[k] or _INT32.unpack_from(buf, a)[0] != lengths[k]:
+                    problem = f"no document of {lengths[k]} bytes here"
+                else:
+                    try:
+                        doc = bson.decode(buf[a:a + lengths[k]])
+                        problem = product_problem(doc, labeled)
+                    except (InvalidBSON, ValueError, OverflowError) as e:
+                        problem = f"invalid BSON ({e})"
+                if problem is None and expect is not None:
+                    cid = doc.get("category_id", -1)
+                    if doc["_id"] != expect[0][k] or (labeled is not False
+                                                       and cid != expect[1][k]):
+                        problem = (f"found _id {doc['_id']} (category {cid}) where the index "
+                                   f"has _id {expect[0][k]} (category {expect[1][k]})")
+                if problem is not None:
+                    raise BsonFormatError(
+                        path, offsets[k], problem, advice="the file changed since its index "
+                        "was built: delete the index (.idx.npz) so it is rebuilt")
+                cid = doc.get("category_id") if labeled is not False else None
+                yield Product(int(doc["_id"]), None if cid is None else int(cid),
+                              [bytes(img["picture"]) for img in doc["imgs"]], offsets[k])
+            i = j
+    finally:
+        if owned:
+            f.close()

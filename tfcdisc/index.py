@@ -155,29 +155,73 @@ def build(path: str, *, errors: str = "strict",
       progress: called with the byte offset reached, now and then.
     """
     fp = fingerprint(path)
+    piece = scan_range(path, 0, None, errors=errors, progress=progress)
+    index = join(path, fp, [piece], errors)
+    if progress:
+        progress(fp["size"])
+    return index
+
+
+def scan_range(path: str, start: int, end: int | None, *, errors: str = "strict",
+               progress: Callable[[int], None] | None = None) -> dict:
+    """Indexes the documents whose first byte lies in [start, end), an arbitrary byte
+    range: reading begins at the first document at or after ``start``
+    (`bsonfile.first_document`). Returns a piece for `join`, with where reading began
+    (``first``) and stopped (``stop``: the next document's start, at or past ``end``),
+    so that `join` can check that neighbouring pieces meet.
+    """
     stats = bsonfile.ReadStats()
+    first = bsonfile.first_document(path, start)
     offsets, lengths = array.array("q"), array.array("i")
     pids, cids, nimgs = array.array("q"), array.array("q"), array.array("h")
     next_report = 0
-    for docs in bsonfile.iter_documents(path, labeled=None, errors=errors, stats=stats):
-        for offset, length, doc in docs:
-            offsets.append(offset)
-            lengths.append(length)
-            pids.append(doc["_id"])
-            cids.append(doc.get("category_id", -1))
-            nimgs.append(len(doc["imgs"]))
-        if progress and docs and docs[-1][0] >= next_report:
-            progress(docs[-1][0])
-            next_report = docs[-1][0] + (64 << 20)
+    stop = first
+    if end is None or first < end:
+        for docs in bsonfile.iter_documents(path, start=first, end=end, labeled=None,
+                                            errors=errors, stats=stats):
+            for offset, length, doc in docs:
+                offsets.append(offset)
+                lengths.append(length)
+                pids.append(doc["_id"])
+                cids.append(doc.get("category_id", -1))
+                nimgs.append(len(doc["imgs"]))
+            if progress and docs and docs[-1][0] >= next_report:
+                progress(docs[-1][0])
+                next_report = docs[-1][0] + (64 << 20)
+        stop = stats.end_offset
+    return {"first": first, "stop": stop,
+            "offsets": np.frombuffer(offsets, np.int64), "lengths": np.frombuffer(lengths, np.int32),
+            "product_ids": np.frombuffer(pids, np.int64),
+            "category_ids": np.frombuffer(cids, np.int64),
+            "num_images": np.frombuffer(nimgs, np.int16),
+            "bad_documents": stats.bad_documents, "skipped_bytes": stats.skipped_bytes,
+            "bad_document_bytes": stats.bad_document_bytes, "problems": list(stats.problems)}
+
+
+def join(path: str, fp: dict, pieces: list[dict], errors: str) -> OffsetIndex | None:
+    """One index from the pieces of consecutive byte ranges covering the file, then the
+    whole-file checks (labels, duplicate ids). None if the pieces do not meet: a range
+    reader that began at a false document start (then index the file in one pass)."""
+    expected = 0
+    for piece in pieces:
+        if piece["first"] != expected:
+            logging.warning("%s: a range reader began at byte %d, its neighbour stopped at "
+                            "%d", path, piece["first"], expected)
+            return None
+        expected = piece["stop"]
+    if expected != fp["size"]:
+        logging.warning("%s: the range readers stopped at byte %d of %d", path, expected,
+                        fp["size"])
+        return None
+    cat = lambda key: np.concatenate([p[key] for p in pieces])  # noqa: E731
+    problems = [tuple(x) for p in pieces for x in p["problems"]][:1000]
     index = OffsetIndex(
-        path, np.frombuffer(offsets, np.int64), np.frombuffer(lengths, np.int32),
-        np.frombuffer(pids, np.int64), np.frombuffer(cids, np.int64),
-        np.frombuffer(nimgs, np.int16), False, fp, stats.bad_documents,
-        stats.skipped_bytes, list(stats.problems), bad_document_bytes=stats.bad_document_bytes)
+        path, cat("offsets"), cat("lengths"), cat("product_ids"), cat("category_ids"),
+        cat("num_images"), False, fp, sum(p["bad_documents"] for p in pieces),
+        sum(p["skipped_bytes"] for p in pieces), problems,
+        bad_document_bytes=sum(p["bad_document_bytes"] for p in pieces))
     _check_labels(index, errors)
     _check_duplicates(index, errors)
-    if progress:
-        progress(fp["size"])
     return index
 
 
@@ -303,13 +347,26 @@ def load_or_build(path: str, *, index_path: str | None = None, errors: str = "st
     An index built in "skip" mode that skipped something is not reused in "strict"
     mode: the first recorded problem is raised instead, as a fresh build would.
     """
-    check_file(path)
+    index = load_stored(path, index_path=index_path, errors=errors)
+    if index is None:
+        index = build(path, errors=errors, progress=progress)
+        store(index, index_path)
+    return index
+
+
+def _places(path: str, index_path: str | None) -> tuple[list[str], list[str]]:
     if index_path:
-        readable, writable = [index_path, default_index_path(path)], [index_path]
-    else:
-        readable = writable = [default_index_path(path), _cache_path(path)]
+        return [index_path, default_index_path(path)], [index_path]
+    places = [default_index_path(path), _cache_path(path)]
+    return places, places
+
+
+def load_stored(path: str, *, index_path: str | None = None, errors: str = "strict"
+                ) -> OffsetIndex | None:
+    """The stored index of an unchanged file (see `load_or_build`), or None."""
+    check_file(path)
     fp = fingerprint(path)
-    for candidate in readable:
+    for candidate in _places(path, index_path)[0]:
         if not tf.io.gfile.exists(candidate):
             continue
         try:
@@ -327,15 +384,18 @@ def load_or_build(path: str, *, index_path: str | None = None, errors: str = "st
                                            advice="rerun with errors='skip' to skip and count")
         index.stored_at = candidate
         return index
-    index = build(path, errors=errors, progress=progress)
-    for candidate in writable:
+    return None
+
+
+def store(index: OffsetIndex, index_path: str | None = None) -> None:
+    """Saves a new index where `load_stored` looks first and can write; sets stored_at."""
+    for candidate in _places(index.path, index_path)[1]:
         try:
             parent = os.path.dirname(candidate)
             if parent:
                 tf.io.gfile.makedirs(parent)
             save(index, candidate)
             index.stored_at = candidate
-            return index
+            return
         except (OSError, tf.errors.OpError) as e:
             logging.warning("cannot write index %s (%s); trying the next place", candidate, e)
-    return index

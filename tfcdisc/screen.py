@@ -10,7 +10,7 @@ image on one core here, is measured in `benchmarks/bench_tfds.py`.
 
 Images are decoded `_GROUP` to a graph call, in a graph of that many independent decode
 ops (a `map_fn` loop costs half as much again); only a call that fails is redone one
-image at a time, to name the bad ones. The build (`tfcdisc.examples`) screens every
+image at a time, to name the bad ones. The build (`tfcdisc.shards`) screens every
 image it keeps; predict and evaluate screen what they read from a BSON file
 (`tfcdisc.inference`).
 """

@@ -4,10 +4,12 @@
     tfds build tfds_builder/cdiscount --manual_dir DIR --data_dir OUT \
         --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
 
-The work is in `tfcdisc.examples`, so that local worker processes and Beam workers
-run the same code and write the same shards. Without Beam, shards are written by
-one process per core; with Beam options, TFDS hands the same shard recipes to Beam.
-Files are read through tf.io.gfile only, so a gs:// manual dir works.
+The work is in tfcdisc, one module per stage: `tfcdisc.beam_index` (with Beam options,
+the offset indexes are built as Beam work over byte ranges), `tfcdisc.build_plan`
+(splits and shards, from the indexes) and `tfcdisc.shards` (one shard from its
+recipe). Without Beam, shards are written by one process per core; with Beam options,
+TFDS hands the same shard recipes to Beam. Files are read through tf.io.gfile only, so
+a gs:// manual dir works.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import splits as splits_lib
 
-from tfcdisc import examples
+from tfcdisc import beam_index, build_plan, records, shards
 
 _HOMEPAGE = "https://www.kaggle.com/c/cdiscount-image-classification-challenge"
 
 
 @dataclasses.dataclass
 class CdiscountConfig(tfds.core.BuilderConfig):
-    """What decides the content of a build; see `tfcdisc.examples.BuildOptions`.
+    """What decides the content of a build; see `tfcdisc.shards.BuildOptions`.
 
     Custom configs from the command line:
       tfds build ... --config '{"name": "val100k", "validation_size": 100000}'
@@ -44,9 +46,9 @@ class CdiscountConfig(tfds.core.BuilderConfig):
     bad_documents: str = "fail"
     decode_images: bool = True
 
-    def options(self) -> examples.BuildOptions:
+    def options(self) -> shards.BuildOptions:
         size = (self.image_height, self.image_width) if self.image_height else None
-        return examples.BuildOptions(
+        return shards.BuildOptions(
             validation_size=self.validation_size, seed=self.seed,
             shard_bytes=self.shard_mb << 20, runs_per_shard=self.runs_per_shard,
             image_size=size, bad_images=self.bad_images, bad_documents=self.bad_documents,
@@ -80,7 +82,7 @@ class Builder(tfds.core.ShardBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         options = self.builder_config.options()
         return self.dataset_info_from_configs(
-            features=examples.features(None, options.image_size),
+            features=records.features(None, options.image_size),
             supervised_keys=None,
             homepage=_HOMEPAGE,
             metadata=tfds.core.MetadataDict(),
@@ -88,21 +90,25 @@ class Builder(tfds.core.ShardBasedBuilder):
 
     # ----------------------------------------------------------------------- planning
 
-    def _plan(self, dl_manager: tfds.download.DownloadManager):
-        if getattr(self, "_specs", None) is None:
+    def _plan(self, dl_manager: tfds.download.DownloadManager, download_config=None
+              ) -> build_plan.BuildPlan:
+        if getattr(self, "_build_plan", None) is None:
             work_dir = str(dl_manager.download_dir).rstrip("/") + "/cdiscount_work"
-            specs, taxonomy, class_counts = examples.plan(
-                str(dl_manager.manual_dir), work_dir, self.builder_config.options())
-            examples.set_label_names(self.info.features, taxonomy)
-            self.info.metadata["taxonomy"] = taxonomy.to_dict()
-            self.info.metadata["class_counts"] = class_counts.tolist()  # train split
-            self.info.metadata["build_options"] = dataclasses.asdict(
-                self.builder_config.options())
-            self._specs = specs
-        return self._specs
+            options = self.builder_config.options()
+            indexes = None
+            if download_config is not None and download_config.beam_runner is not None:
+                indexes = _index_on_beam(str(dl_manager.manual_dir), work_dir, options,
+                                         download_config)
+            plan = build_plan.plan(str(dl_manager.manual_dir), work_dir, options, indexes)
+            records.set_label_names(self.info.features, plan.taxonomy)
+            self.info.metadata["taxonomy"] = plan.taxonomy.to_dict()
+            self.info.metadata["class_counts"] = plan.class_counts.tolist()  # train split
+            self.info.metadata["build_options"] = dataclasses.asdict(options)
+            self._build_plan = plan
+        return self._build_plan
 
     def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager):
-        return self._plan(dl_manager)
+        return self._plan(dl_manager).specs
 
     # ----------------------------------------------------------------------- generation
 
@@ -121,17 +127,17 @@ class Builder(tfds.core.ShardBasedBuilder):
 
     def _prepare(self, dl_manager, download_config) -> None:
         download_config = download_config or tfds.download.DownloadConfig()
-        self._specs = None
-        specs = self._plan(dl_manager)
-        if download_config.beam_runner is not None or download_config.beam_options is not None:
+        self._build_plan = None
+        if download_config.beam_runner is None and download_config.beam_options is not None:
             # ShardBasedBuilder only takes the Beam branch when a runner is given.
-            if download_config.beam_runner is None:
-                download_config = dataclasses.replace(
-                    download_config, beam_runner=_runner_from(download_config.beam_options))
+            download_config = dataclasses.replace(
+                download_config, beam_runner=_runner_from(download_config.beam_options))
+        plan = self._plan(dl_manager, download_config)
+        if download_config.beam_runner is not None:
             super()._download_and_prepare(dl_manager, download_config)
         else:
-            self._write_locally(specs)
-        stats = examples.collect_stats(specs)
+            self._write_locally(plan.specs)
+        stats = shards.collect_stats(plan.specs, plan.unreadable)
         self.info.metadata["build_stats"] = stats
         logging.info("cdiscount build: %s", {k: v for k, v in stats.items() if k != "examples"})
         if stats["dropped_images"] or stats["dropped_products"]:
@@ -153,7 +159,7 @@ class Builder(tfds.core.ShardBasedBuilder):
                      for i in range(len(shard_specs))]
             layout.append((split, template, paths))
             tasks += [(spec, str(path), file_format) for spec, path in zip(shard_specs, paths)]
-        counts = iter(examples.write_shards_in_parallel(tasks, examples.default_workers()))
+        counts = iter(shards.write_shards(tasks, shards.default_workers()))
         split_infos = []
         for split, template, paths in layout:
             lengths = [next(counts) for _ in paths]
@@ -162,6 +168,18 @@ class Builder(tfds.core.ShardBasedBuilder):
                 num_bytes=sum(tf.io.gfile.stat(str(p)).length for p in paths),
                 filename_template=template))
         self.info.set_splits(splits_lib.SplitDict(split_infos))
+
+
+def _index_on_beam(manual_dir: str, work_dir: str, options: shards.BuildOptions,
+                   download_config) -> dict:
+    """The offset indexes, built by the build's own Beam runner over byte ranges."""
+    paths = build_plan.check_manual_dir(manual_dir)
+    names = ("train.bson", "test.bson")
+    built = beam_index.index_files(
+        [paths[n] for n in names], [build_plan.index_path(work_dir, n) for n in names],
+        errors="skip" if options.bad_documents == "skip" else "strict",
+        beam_options=download_config.beam_options, beam_runner=download_config.beam_runner)
+    return {n: built[paths[n]] for n in names}
 
 
 def _runner_from(beam_options):
