@@ -20,7 +20,7 @@ import sys
 from benchmarks import common
 
 _ROOT = common.ROOT.parent
-_HARD = dict(num_train=4000, num_test=1000, categories=40, seed=0)
+_HARD = dict(num_train=4000, num_test=1000, categories=100, seed=0)
 
 
 def _cli(*args: str) -> str:
@@ -80,7 +80,7 @@ def _evaluate(export: pathlib.Path, kaggle: pathlib.Path, data: pathlib.Path) ->
 
 
 def run() -> None:
-    work = common.CACHE / "gains-hard-2"  # the catalogue of this version of synth
+    work = common.CACHE / f"gains-hard-2-{_HARD['categories']}"  # this synth, this size
     work.mkdir(parents=True, exist_ok=True)
     kaggle, data, rates = _prepare(work)
     runs = []

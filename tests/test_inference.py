@@ -343,3 +343,31 @@ def test_an_ensemble_averages_its_members_probabilities(dataset, exported, catal
     stats = inference.predict(str(out), str(sub), bson=str(catalogue[0] / "test.bson"),
                               progress=False)
     assert len(pd.read_csv(sub)) == stats.products == 60
+
+
+def test_predict_on_beam_writes_the_local_submission(catalogue, exported, tmp_path):
+    """RunInference over byte ranges (DirectRunner, the launcher's way to Dataflow) writes
+    the local path's submission: header, one row per product, file order, same
+    categories; bad images are counted as locally."""
+    from tfcdisc import beam_predict
+    folder, _ = catalogue
+    good = jpeg_bytes(seed=1)
+    pics = lambda *b: [{"picture": x} for x in b]  # noqa: E731
+    odd = write(tmp_path, doc(11, cid=None, imgs=pics(good)),
+                doc(12, cid=None, imgs=pics(b"garbage bytes", good)),
+                doc(13, cid=None, imgs=pics(garbled_jpeg())), name="odd.bson")
+    options = beam_predict.pipeline_options("runner=DirectRunner")
+    for bson_path in (str(folder / "test.bson"), odd):
+        local, beam = tmp_path / "local.csv", tmp_path / "beam.csv"
+        expected = inference.predict(str(exported[1]), str(local), bson=bson_path,
+                                     progress=False)
+        got = beam_predict.predict(str(exported[1]), str(beam), bson=bson_path,
+                                   beam_options=options, batch_size=16, range_bytes=20_000)
+        assert beam.read_text() == local.read_text()
+        assert (got.products, got.images, got.corrupt_images, got.products_without_images,
+                got.skipped_images) == (expected.products, expected.images,
+                                        expected.corrupt_images,
+                                        expected.products_without_images,
+                                        expected.skipped_images)
+        assert not (tmp_path / "beam.csv.parts").exists()
+    assert got.corrupt_images == 2 and got.products_without_images == 1

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import REAL_CATEGORY_NAMES
-from tfcdisc import synth
+from tfcdisc import bsonfile, synth
 from tfcdisc import taxonomy as taxonomy_lib
 
 
@@ -160,3 +160,20 @@ def test_the_hard_catalogue_has_copies_noise_and_wrong_labels(tmp_path):
     assert len(labels) == 100
     with pytest.raises(ValueError, match="difficulty"):
         synth.generate(str(tmp_path / "x"), 40, 5, num_categories=5, difficulty="extreme")
+
+
+def test_replicate_reuses_images_under_new_ids(catalogue, tmp_path):
+    folder, _ = catalogue
+    n = synth.replicate(str(folder), str(tmp_path), 3)
+    source = list(bsonfile.iter_products(str(folder / "train.bson")))
+    copies = list(bsonfile.iter_products(str(tmp_path / "train.bson")))
+    assert n == len(copies) == 3 * len(source)
+    assert len({p.product_id for p in copies}) == n  # new ids, all distinct
+    for k in range(3):
+        part = copies[k * len(source):(k + 1) * len(source)]
+        assert [(p.images, p.category_id) for p in part] == [
+            (p.images, p.category_id) for p in source]
+    data = (tmp_path / "train.bson").read_bytes()
+    at = copies[-1].offset
+    last = bson.decode(data[at:])
+    assert list(last) == ["_id", "imgs", "category_id"] and data[at + 4] == 0x10  # int32 _id

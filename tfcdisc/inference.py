@@ -70,12 +70,37 @@ class PredictStats:
         return d
 
 
+def screened(products: Iterator, stats: PredictStats, max_pixels: int | None = None,
+             chunk: int = 256) -> Iterator[list[tuple[object, list[bytes]]]]:
+    """Products ``chunk`` at a time, each with its images padded to the export's slots
+    (``b""``): an image that fails the screen (`tfcdisc.screen`) is blanked, counted and
+    listed with its product's _id. Shared by the local and the Beam reader."""
+    n = input_pipeline.MAX_IMAGES
+    while batch := list(itertools.islice(products, chunk)):
+        problems = iter(screen.screen([d for p in batch for d in p.images[:n]],
+                                      max_pixels=max_pixels))
+        out = []
+        for p in batch:
+            good = []
+            for k, data in enumerate(p.images[:n]):
+                problem = next(problems)
+                if problem is None:
+                    good.append(data)
+                    continue
+                stats.corrupt_images += 1
+                if len(stats.skipped_images) < _MAX_LISTED:
+                    stats.skipped_images.append((p.product_id, k, str(problem)))
+            stats.images += len(good)
+            stats.products_without_images += not good
+            out.append((p, good + [b""] * (n - len(good))))
+        yield out
+
+
 def bson_products(source, stats: PredictStats, max_pixels: int | None = None,
                   chunk: int = 256) -> tf.data.Dataset:
     """Padded products (``images``, ``product_id``, ``category_id``) of a BSON file (a path,
-    or its `tfcdisc.index.OffsetIndex`): exactly the index's products, in file order; an
-    image that fails the screen (`tfcdisc.screen`) is blanked and counted before
-    TensorFlow sees it.
+    or its `tfcdisc.index.OffsetIndex`): exactly the index's products, in file order, each
+    image screened (`screened`) before TensorFlow sees it.
 
     Python hands products over ``chunk`` at a time (one generator call per chunk, not per
     product: far less GIL traffic beside the model's own threads).
@@ -86,27 +111,11 @@ def bson_products(source, stats: PredictStats, max_pixels: int | None = None,
         source = index_lib.load_or_build(source)
 
     def gen():
-        stream = source.iter_products()
-        while products := list(itertools.islice(stream, chunk)):
-            problems = iter(screen.screen([d for p in products for d in p.images[:n]],
-                                          max_pixels=max_pixels))
-            ids, images, labels = [], [], []
-            for p in products:
-                good = []
-                for k, data in enumerate(p.images[:n]):
-                    problem = next(problems)
-                    if problem is None:
-                        good.append(data)
-                        continue
-                    stats.corrupt_images += 1
-                    if len(stats.skipped_images) < _MAX_LISTED:
-                        stats.skipped_images.append((p.product_id, k, str(problem)))
-                stats.images += len(good)
-                stats.products_without_images += not good
-                ids.append(p.product_id)
-                images.append(good + [b""] * (n - len(good)))
-                labels.append(-1 if p.category_id is None else p.category_id)
-            yield np.array(ids, np.int64), np.array(images, object), np.array(labels, np.int64)
+        for batch in screened(source.iter_products(), stats, max_pixels, chunk):
+            yield (np.array([p.product_id for p, _ in batch], np.int64),
+                   np.array([images for _, images in batch], object),
+                   np.array([-1 if p.category_id is None else p.category_id
+                             for p, _ in batch], np.int64))
 
     ds = tf.data.Dataset.from_generator(gen, output_signature=(
         tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, n], tf.string),
@@ -132,8 +141,7 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
         if index is None:  # a caller that checked the file first passes its index
             from tfcdisc import index as index_lib
             index = index_lib.load_or_build(bson, errors=errors)
-        stats.bad_documents, stats.skipped_bytes = index.bad_documents, index.skipped_bytes
-        stats.lost = [list(p) for p in index.problems[:_MAX_LISTED]]
+        lost_from(index, stats)
         return lambda: bson_products(index, stats, max_pixels), len(index)
     builder = input_pipeline.load_builder(data_dir)
     if split not in builder.info.splits:
@@ -245,13 +253,7 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
     stats = PredictStats()
     products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats,
                                     errors=errors, max_pixels=max_image_pixels(saved_model))
-    if stats.products_lost and not allow_missing:
-        offset, problem = stats.lost[0]
-        raise MissingProductsError(
-            f"{bson}: {stats.bad_documents} document(s) and {stats.skipped_bytes} byte(s) "
-            f"cannot be read (first at byte offset {offset}: {problem}), so their products "
-            "would have no row; fix the file, or rerun with --allow_missing to write the "
-            "submission without them")
+    refuse_missing(stats, bson, allow_missing)
     export, strategy = open_export(saved_model, strategy, tpu)
     top_rows = [] if top_k_output else None
     # Rows go to a local temporary file, copied over the output only when complete: a run
@@ -273,6 +275,24 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
 
 class MissingProductsError(ValueError):
     """Some products cannot get a row; predict refuses unless told to allow it."""
+
+
+def refuse_missing(stats: PredictStats, bson: str | None, allow_missing: bool) -> None:
+    """Raises `MissingProductsError` if unreadable documents leave products without a row,
+    unless ``allow_missing``: before any prediction."""
+    if stats.products_lost and not allow_missing:
+        offset, problem = stats.lost[0]
+        raise MissingProductsError(
+            f"{bson}: {stats.bad_documents} document(s) and {stats.skipped_bytes} byte(s) "
+            f"cannot be read (first at byte offset {offset}: {problem}), so their products "
+            "would have no row; fix the file, or rerun with --allow_missing to write the "
+            "submission without them")
+
+
+def lost_from(index, stats: PredictStats) -> None:
+    """Copies what reading the file skipped (from its offset index) into ``stats``."""
+    stats.bad_documents, stats.skipped_bytes = index.bad_documents, index.skipped_bytes
+    stats.lost = [list(p) for p in index.problems[:_MAX_LISTED]]
 
 
 def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:

@@ -4,6 +4,8 @@
     python -m tfcdisc.predict --saved_model=EXPORT --data_dir=DATA --split=test \
         --output=submission.csv [--top_k_output=top5.parquet] [--strategy=auto] [--tpu=local]
     python -m tfcdisc.predict ... --bson=test.bson --errors=skip [--allow_missing]
+    python -m tfcdisc.predict --saved_model=EXPORT --bson=gs://B/test.bson \
+        --output=gs://B/submission.csv --beam_pipeline_options="runner=DataflowRunner,..."
 
 Every product gets a row; an image that cannot be decoded is skipped and counted with its
 product's _id. A document that cannot be read at all has no _id to give a row to: with
@@ -11,7 +13,10 @@ product's _id. A document that cannot be read at all has no _id to give a row to
 with rows missing unless --allow_missing.
 
 The model runs on the accelerator the strategy names (a TPU VM's chips, every GPU) or the
-CPU; the submission is written atomically, in file order (`tfcdisc.inference`).
+CPU; the submission is written atomically, in file order (`tfcdisc.inference`). With
+--beam_pipeline_options the same submission is computed on Apache Beam (Dataflow, Flink,
+Spark, or the DirectRunner), by Beam's RunInference over byte ranges of the file
+(`tfcdisc.beam_predict`).
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ def main(argv: Sequence[str]) -> None:
     from tfcdisc import bsonfile, inference
     f = flags.FLAGS
     try:
-        stats = inference.predict(f.saved_model, f.output, bson=f.bson, data_dir=f.data_dir,
-                                  split=f.split, batch_size=f.batch_size,
-                                  top_k_output=f.top_k_output, strategy=f.strategy, tpu=f.tpu,
-                                  errors=f.errors, allow_missing=f.allow_missing)
+        if f.beam_pipeline_options:
+            stats = _predict_on_beam(f)
+        else:
+            stats = inference.predict(
+                f.saved_model, f.output, bson=f.bson, data_dir=f.data_dir, split=f.split,
+                batch_size=f.batch_size, top_k_output=f.top_k_output, strategy=f.strategy,
+                tpu=f.tpu, errors=f.errors, allow_missing=f.allow_missing)
     except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
         cli.fail("predict", str(e))
     print(json.dumps({"output": f.output, **stats.as_dict(listed=None)}, indent=2))
@@ -40,6 +48,21 @@ def main(argv: Sequence[str]) -> None:
         print(f"predict: {stats.bad_documents} unreadable document(s) and "
               f"{stats.skipped_bytes} skipped byte(s) have no row in {f.output} "
               "(--allow_missing); see \"lost\" above", file=sys.stderr)
+
+
+def _predict_on_beam(f):
+    if not f.bson or f.data_dir:
+        raise ValueError("--beam_pipeline_options reads a BSON file: give --bson, not "
+                         "--data_dir")
+    if f.top_k_output:
+        raise ValueError("--top_k_output is not written on Beam yet; drop it, or predict "
+                         "without --beam_pipeline_options")
+    from tfcdisc import beam_predict
+    return beam_predict.predict(f.saved_model, f.output, bson=f.bson,
+                                beam_options=beam_predict.pipeline_options(
+                                    f.beam_pipeline_options),
+                                batch_size=f.batch_size, errors=f.errors,
+                                allow_missing=f.allow_missing)
 
 
 def define_inference_flags(split: str) -> None:
@@ -69,6 +92,10 @@ def _define_flags() -> None:
     flags.DEFINE_bool("allow_missing", False, "With --errors=skip, write the submission even "
                       "if unreadable documents leave products without a row (listed in the "
                       "report as lost).")
+    flags.DEFINE_string("beam_pipeline_options", None, "Run on Apache Beam with these "
+                        "options, comma-separated as for `tfds build` (e.g. "
+                        "\"runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,"
+                        "setup_file=./pyproject.toml\"); needs --bson.")
 
 
 def run() -> None:

@@ -1,0 +1,158 @@
+"""Batch prediction on Apache Beam: RunInference over byte ranges of a BSON file.
+
+    python -m tfcdisc.predict --saved_model=EXPORT --bson=gs://B/test.bson \
+        --output=gs://B/submission.csv --beam_pipeline_options="runner=DataflowRunner,..."
+
+For a model or an ensemble too large for one machine's hours. The file's offset index
+is built as Beam work (`tfcdisc.beam_index`) or reused; the products are cut into
+contiguous ranges of about ``range_bytes``; each Beam worker reads its range, screens
+the images as the local reader does (`tfcdisc.inference.screened`), and Beam's
+RunInference runs the export's own ``serving_default`` signature on batches of products
+(the SavedModel stands alone: workers need TensorFlow, and tfcdisc only to read BSON).
+Static shapes are not needed here: Beam workers run on CPUs or GPUs, not TPUs.
+Each range's rows are written to a part file in file order; the launcher joins the
+parts in range order into the same ``submission.csv`` as the local path (header, one row
+per product, file order), written atomically once every product has its row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from typing import Any, Iterable, Sequence
+
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+import tensorflow as tf
+
+from tfcdisc import atomic, beam_index, bsonfile, inference
+from tfcdisc import index as index_lib
+
+RANGE_BYTES = 64 << 20  # one Beam element: about 8,000 real products
+
+
+def pipeline_options(flag_value: str):
+    """`PipelineOptions` from the comma-separated form `tfds build` takes too
+    (``runner=DirectRunner,direct_num_workers=2``)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    return PipelineOptions([f"--{kv.strip()}" for kv in flag_value.split(",") if kv.strip()])
+
+
+def predict(saved_model: str, output: str, *, bson: str, beam_options,
+            batch_size: int = 256, errors: str = "strict", allow_missing: bool = False,
+            range_bytes: int = RANGE_BYTES) -> inference.PredictStats:
+    """Writes ``output`` as `tfcdisc.inference.predict` does, running on Beam."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    inference.check_output(output)
+    stats = inference.PredictStats()
+    max_pixels = inference.max_image_pixels(saved_model)  # also checks it is an export
+    work = f"{output}.parts"
+    if tf.io.gfile.exists(work):
+        tf.io.gfile.rmtree(work)
+    tf.io.gfile.makedirs(work)
+    try:
+        index = index_lib.load_stored(bson, errors=errors)
+        if index is None:
+            index = beam_index.index_files(
+                [bson], [f"{work}/index.idx.npz"], errors=errors, beam_options=beam_options,
+                range_bytes=beam_index.RANGE_BYTES)[bson]
+        inference.lost_from(index, stats)
+        inference.refuse_missing(stats, bson, allow_missing)
+        size = int(index.offsets[-1] + index.lengths[-1] - index.offsets[0]) if len(index) else 0
+        n = max(1, min(len(index), math.ceil(size / range_bytes)))
+        shards = [index.shard(k, n) for k in range(n)]
+        ranges = [(k, index.offsets[r.lo:r.hi], index.lengths[r.lo:r.hi],
+                   index.product_ids[r.lo:r.hi], index.category_ids[r.lo:r.hi])
+                  for k, r in enumerate(shards) if r.num_products]
+        start = time.perf_counter()
+        handler = KeyedModelHandler(ExportHandler(saved_model, batch_size))
+        with beam.Pipeline(options=beam_options) as pipeline:
+            _ = (pipeline
+                 | "Ranges" >> beam.Create(ranges) | "Spread" >> beam.Reshuffle()
+                 | "Read" >> beam.FlatMap(_read_range, bson, index.labeled, max_pixels, work)
+                 | "Predict" >> RunInference(handler)
+                 | "ByRange" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[0][2],
+                                                                int(kv[1].inference))))
+                 | "Group" >> beam.GroupByKey()
+                 | "Write" >> beam.Map(_write_part, work))
+        stats.seconds = time.perf_counter() - start
+        stats.strategy = "beam:" + (beam_options.get_all_options().get("runner") or
+                                    "DirectRunner")
+        _join(ranges, work, output, stats)
+    finally:
+        if tf.io.gfile.exists(work):
+            tf.io.gfile.rmtree(work)
+    return stats
+
+
+class ExportHandler(ModelHandler):
+    """Beam ModelHandler for a tfcdisc export: products (4 JPEG slots, ``b""`` padding)
+    in, category ids out, through the SavedModel's ``serving_default``."""
+
+    def __init__(self, saved_model: str, batch_size: int):
+        super().__init__()
+        self._saved_model, self._batch_size = saved_model, batch_size
+
+    def load_model(self):
+        return tf.saved_model.load(self._saved_model).signatures["serving_default"]
+
+    def run_inference(self, batch: Sequence[list[bytes]], model: Any,
+                      inference_args=None) -> Iterable[PredictionResult]:
+        out = model(images=tf.constant(list(batch), tf.string))
+        return [PredictionResult(x, c)
+                for x, c in zip(batch, out["category_id"].numpy().tolist())]
+
+    def batch_elements_kwargs(self) -> dict:
+        return {"max_batch_size": self._batch_size}
+
+
+def _read_range(element: tuple, bson: str, labeled: bool, max_pixels: int | None,
+                work: str) -> Iterable:
+    """Beam work: one range's products as ((range, position, _id), padded images),
+    exactly the index's (`bsonfile.iter_products_at` checks each _id); the range's
+    screening counts go to a stats file beside its part."""
+    k, offsets, lengths, ids, cids = element
+    stats = inference.PredictStats()
+    reader = bsonfile.iter_products_at(bson, offsets, lengths, labeled=labeled,
+                                       expect=(ids.tolist(), cids.tolist()))
+    position = 0
+    for batch in inference.screened(reader, stats, max_pixels):
+        for product, images in batch:
+            yield (k, position, product.product_id), images
+            position += 1
+    atomic.write(f"{work}/stats-{k:05d}.json", json.dumps(
+        {name: getattr(stats, name) for name in ("images", "corrupt_images",
+                                                 "products_without_images",
+                                                 "skipped_images")}))
+
+
+def _write_part(group: tuple, work: str) -> None:
+    k, rows = group
+    rows = sorted(rows)
+    atomic.write(f"{work}/part-{k:05d}.csv",
+                 "".join(f"{pid},{cid}\n" for _, pid, cid in rows))
+
+
+def _join(ranges: list, work: str, output: str, stats: inference.PredictStats) -> None:
+    """The parts in range order, checked complete, as one submission (atomically)."""
+    with tempfile.NamedTemporaryFile("w", prefix="tfcdisc-predict-", suffix=".csv") as f:
+        f.write("_id,category_id\n")
+        for k, offsets, *_ in ranges:
+            with tf.io.gfile.GFile(f"{work}/part-{k:05d}.csv") as part:
+                text = part.read()
+            if text.count("\n") != len(offsets):
+                raise RuntimeError(f"range {k} ({len(offsets)} products) came back with "
+                                   f"{text.count(chr(10))} rows")
+            f.write(text)
+            with tf.io.gfile.GFile(f"{work}/stats-{k:05d}.json") as s:
+                part_stats = json.load(s)
+            stats.images += part_stats["images"]
+            stats.corrupt_images += part_stats["corrupt_images"]
+            stats.products_without_images += part_stats["products_without_images"]
+            room = inference._MAX_LISTED - len(stats.skipped_images)
+            stats.skipped_images += [tuple(x) for x in part_stats["skipped_images"][:room]]
+            stats.products += len(offsets)
+        f.flush()
+        atomic.copy(f.name, output)
