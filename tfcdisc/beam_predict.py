@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 import tensorflow as tf
 
-from tfcdisc import atomic, beam_index, bsonfile, inference
+from tfcdisc import atomic, beam_index, bsonfile, inference, problems
 from tfcdisc import index as index_lib
 
 RANGE_BYTES = 64 << 20  # one Beam element: about 8,000 real products
@@ -151,8 +151,8 @@ def _join(ranges: list, work: str, output: str, stats: inference.PredictStats) -
             stats.images += part_stats["images"]
             stats.corrupt_images += part_stats["corrupt_images"]
             stats.products_without_images += part_stats["products_without_images"]
-            room = inference._MAX_LISTED - len(stats.skipped_images)
-            stats.skipped_images += [tuple(x) for x in part_stats["skipped_images"][:room]]
+            problems.extend(stats.skipped_images,
+                            (tuple(x) for x in part_stats["skipped_images"]))
             stats.products += len(offsets)
         f.flush()
         atomic.copy(f.name, output)

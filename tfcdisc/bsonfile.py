@@ -30,11 +30,12 @@ import bson
 import tensorflow as tf
 from bson.errors import InvalidBSON
 
+from tfcdisc import problems
+
 # MongoDB's maximum document size; Cdiscount documents are far smaller.
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 MIN_DOCUMENT_BYTES = 5
 CHUNK_BYTES = 256 * 1024  # larger reads thrash malloc beside the decoder: 2-4x slower here
-_MAX_RECORDED_PROBLEMS = 1000
 _INT32 = struct.Struct("<i")
 _ADVICE_DOC = ("fix or remove this document, or rerun with errors='skip' "
                "(inspect: --errors=skip) to skip and count bad documents")
@@ -90,16 +91,14 @@ class ReadStats:
     end_offset: int | None = None  # where a finished read stopped: the next document's start
 
     def record(self, offset: int, problem: str) -> None:
-        if len(self.problems) < _MAX_RECORDED_PROBLEMS:
-            self.problems.append((offset, problem))
+        problems.note(self.problems, (offset, problem))
 
     def merge(self, other: "ReadStats") -> None:
         self.documents += other.documents
         self.bad_documents += other.bad_documents
         self.bad_document_bytes += other.bad_document_bytes
         self.skipped_bytes += other.skipped_bytes
-        for offset, problem in other.problems:
-            self.record(offset, problem)
+        problems.extend(self.problems, other.problems)
 
 
 # --------------------------------------------------------------------------- validation

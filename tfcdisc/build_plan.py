@@ -19,13 +19,12 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic
+from tfcdisc import atomic, problems
 from tfcdisc import index as index_lib
 from tfcdisc import taxonomy as taxonomy_lib
 from tfcdisc.shards import NO_LABEL, TEST, TRAIN, VALIDATION, BuildOptions, ShardSpec
 
 MANUAL_FILES = ("train.bson", "test.bson", "category_names.csv")
-MAX_RECORDED = 1000
 
 
 @dataclasses.dataclass
@@ -153,7 +152,7 @@ def plan(manual_dir: str, work_dir: str, options: BuildOptions, indexes: dict | 
     unreadable = {index.path: {
         "bad_documents": index.bad_documents, "bad_document_bytes": index.bad_document_bytes,
         "skipped_bytes": index.skipped_bytes,
-        "lost": [list(p) for p in index.problems[:MAX_RECORDED]]}
+        "lost": problems.first(index.problems)}
         for index in (train, test) if index.bad_documents or index.skipped_bytes}
     return BuildPlan(specs, taxonomy, class_counts, unreadable)
 

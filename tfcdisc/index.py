@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, bsonfile
+from tfcdisc import atomic, bsonfile, problems
 
 FORMAT_VERSION = 2  # 2: labelled by all documents, bad-document bytes
 _FINGERPRINT_BYTES = 64 * 1024
@@ -214,11 +214,12 @@ def join(path: str, fp: dict, pieces: list[dict], errors: str) -> OffsetIndex | 
                         fp["size"])
         return None
     cat = lambda key: np.concatenate([p[key] for p in pieces])  # noqa: E731
-    problems = [tuple(x) for p in pieces for x in p["problems"]][:1000]
+    listed: list = []
+    problems.extend(listed, (tuple(x) for p in pieces for x in p["problems"]))
     index = OffsetIndex(
         path, cat("offsets"), cat("lengths"), cat("product_ids"), cat("category_ids"),
         cat("num_images"), False, fp, sum(p["bad_documents"] for p in pieces),
-        sum(p["skipped_bytes"] for p in pieces), problems,
+        sum(p["skipped_bytes"] for p in pieces), listed,
         bad_document_bytes=sum(p["bad_document_bytes"] for p in pieces))
     _check_labels(index, errors)
     _check_duplicates(index, errors)
@@ -227,8 +228,8 @@ def join(path: str, fp: dict, pieces: list[dict], errors: str) -> OffsetIndex | 
 
 def _drop(index: OffsetIndex, drop: np.ndarray, problem: Callable[[int], str]) -> None:
     """Leaves documents out of the index ("skip" mode), counted as bad documents."""
-    for j in np.flatnonzero(drop)[:100]:
-        index.problems.append((int(index.offsets[j]), problem(int(j))))
+    problems.extend(index.problems, ((int(index.offsets[j]), problem(int(j)))
+                                     for j in np.flatnonzero(drop)[:problems.LISTED]))
     index.bad_documents += int(drop.sum())
     index.bad_document_bytes += int(index.lengths[drop].sum(dtype=np.int64))
     for name in ("offsets", "lengths", "product_ids", "category_ids", "num_images"):

@@ -31,10 +31,8 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, distribute, input_pipeline, product_eval, screen, serving
+from tfcdisc import atomic, distribute, input_pipeline, problems, product_eval, screen, serving
 
-
-_MAX_LISTED = 1000  # skipped images and lost documents listed one by one in the report
 
 
 @dataclasses.dataclass
@@ -43,7 +41,7 @@ class PredictStats:
 
     ``skipped_images`` lists (product _id, image position, reason) and ``lost`` lists
     (byte offset, problem) of documents that could not be read, so no product has a row
-    (the first `_MAX_LISTED` of each; the counts are exact).
+    (the first `problems.LISTED` of each; the counts are exact).
     """
 
     products: int = 0
@@ -77,19 +75,18 @@ def screened(products: Iterator, stats: PredictStats, max_pixels: int | None = N
     listed with its product's _id. Shared by the local and the Beam reader."""
     n = input_pipeline.MAX_IMAGES
     while batch := list(itertools.islice(products, chunk)):
-        problems = iter(screen.screen([d for p in batch for d in p.images[:n]],
+        verdicts = iter(screen.screen([d for p in batch for d in p.images[:n]],
                                       max_pixels=max_pixels))
         out = []
         for p in batch:
             good = []
             for k, data in enumerate(p.images[:n]):
-                problem = next(problems)
+                problem = next(verdicts)
                 if problem is None:
                     good.append(data)
                     continue
                 stats.corrupt_images += 1
-                if len(stats.skipped_images) < _MAX_LISTED:
-                    stats.skipped_images.append((p.product_id, k, str(problem)))
+                problems.note(stats.skipped_images, (p.product_id, k, str(problem)))
             stats.images += len(good)
             stats.products_without_images += not good
             out.append((p, good + [b""] * (n - len(good))))
@@ -292,7 +289,7 @@ def refuse_missing(stats: PredictStats, bson: str | None, allow_missing: bool) -
 def lost_from(index, stats: PredictStats) -> None:
     """Copies what reading the file skipped (from its offset index) into ``stats``."""
     stats.bad_documents, stats.skipped_bytes = index.bad_documents, index.skipped_bytes
-    stats.lost = [list(p) for p in index.problems[:_MAX_LISTED]]
+    stats.lost = problems.first(index.problems)
 
 
 def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:

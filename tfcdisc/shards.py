@@ -28,12 +28,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import bsonfile, records, screen
+from tfcdisc import bsonfile, problems, records, screen
 from tfcdisc import taxonomy as taxonomy_lib
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 NO_LABEL = -1
-MAX_RECORDED = 1000  # bad images listed (file, offset, _id, image, why); counts are exact
 _SCREEN_PRODUCTS = 128  # products whose images are decoded in one call
 
 
@@ -144,12 +143,12 @@ def _generate(spec: ShardSpec) -> Iterator[tuple[int, dict]]:
              "dropped_images": {}, "dropped_products": 0, "products_without_images": 0,
              "examples": []}
     for chunk in _chunks(_interleave(spec), _SCREEN_PRODUCTS):
-        problems = iter(screen.screen([data for p in chunk for data in p.images], size,
+        verdicts = iter(screen.screen([data for p in chunk for data in p.images], size,
                                       decode=spec.options.decode_images))
         for product in chunk:
             images = []
             for k, data in enumerate(product.images):
-                e = next(problems)
+                e = next(verdicts)
                 if e is None:
                     images.append(data)
                     continue
@@ -158,8 +157,7 @@ def _generate(spec: ShardSpec) -> Iterator[tuple[int, dict]]:
                 if spec.options.bad_images == "fail":
                     raise ValueError(where + "; the build's bad_images policy is 'fail'")
                 stats["dropped_images"][e.kind] = stats["dropped_images"].get(e.kind, 0) + 1
-                if len(stats["examples"]) < MAX_RECORDED:
-                    stats["examples"].append(where)
+                problems.note(stats["examples"], where)
             if not images:
                 if labels is not None:
                     stats["dropped_products"] += 1
@@ -198,7 +196,7 @@ def collect_stats(specs: dict[str, list[ShardSpec]], unreadable: dict) -> dict:
             for kind, n in shard["dropped_images"].items():
                 out["dropped_images"][kind] = out["dropped_images"].get(kind, 0) + n
                 s["dropped_images"] += n
-            out["examples"].extend(shard["examples"][:MAX_RECORDED - len(out["examples"])])
+            problems.extend(out["examples"], shard["examples"])
         out["splits"][split] = s
         out["dropped_products"] += s["dropped_products"]
         out["products_without_images"] += s["products_without_images"]
