@@ -2,7 +2,7 @@
 
     python -m benchmarks.run gains
 
-On `synth --difficulty=hard` (4,000 train / 1,000 test products, 40 categories): three
+On `synth --difficulty=hard` (4,000 train / 1,000 test products, 100 categories): three
 runs of `experiments/demo_cpu.cfg` (seeds 0, 1, 2), then product accuracy on the
 validation split and on the labelled test.bson for: one model, + flip TTA, + an
 ensemble of the three, + a product-level fusion head, + the duplicate-image table, and
