@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from conftest import serve_without_tfcdisc
+from conftest import read_split, serve_without_tfcdisc
 from tfcdisc import bsonfile, fusion, inference, input_pipeline, models, product_eval, serving
 
 
@@ -20,9 +20,23 @@ def test_a_fusion_head_trains_exports_and_predicts(exported, dataset, catalogue,
     cached = sum(1 for _ in tf.data.TFRecordDataset(str(head / "features" / "train.tfrecord")))
     assert cached == dataset.info.splits["train"].num_examples  # every product, once
     out = tmp_path / "export"
-    serving.export(str(run), str(out), fusion_dir=str(head))
+    # With the duplicate table too: blended with the head's product predictions.
+    summary = serving.export(str(run), str(out), fusion_dir=str(head),
+                             duplicates_from=dataset.data_dir)
     export = serving.load(str(out))
-    assert export.fusion_model is not None
+    assert export.fusion_model is not None and export.duplicate_table is not None
+    # This catalogue has no recurring images, so validation chose a weight of 0 (off). At
+    # weight 1 the table alone decides wherever a product's images are in it: every
+    # training product must then get its own category, through the SavedModel alone and
+    # through predict (the host-side lookup and the predictor's product-level blend).
+    if export.duplicate_table.weight != 1.0:
+        export.duplicate_table.weight = 1.0
+        serving.write(str(out), export.image_model, export.taxonomy,
+                      image_size=export.image_size, top_k=export.top_k,
+                      fallback_class=export.fallback_class,
+                      duplicate_table=export.duplicate_table,
+                      fusion_model=export.fusion_model)
+        export = serving.load(str(out))
     sub = tmp_path / "submission.csv"
     test = str(catalogue[0] / "test.bson")
     done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={out}",
@@ -35,6 +49,17 @@ def test_a_fusion_head_trains_exports_and_predicts(exported, dataset, catalogue,
     images = [p.images[:4] + [b""] * (4 - len(p.images[:4])) for p in products]
     got = serve_without_tfcdisc(out, images)
     assert got["category_id"] == rows["category_id"][:12].tolist()
+    train = list(read_split(dataset, "train").values())[:12]
+    names = dataset.info.features["label"].names
+    truth = [int(names[ex["label"]]) for ex in train]
+    got = serve_without_tfcdisc(out, [ex["images"][:4] + [b""] * (4 - len(ex["images"][:4]))
+                                      for ex in train])
+    assert got["category_id"] == truth
+    sub_train = tmp_path / "train.csv"
+    inference.predict(str(out), str(sub_train), data_dir=dataset.data_dir, split="train",
+                      progress=False)
+    by_id = dict(zip(*pd.read_csv(sub_train).to_numpy().T))
+    assert [by_id[int(ex["product_id"])] for ex in train] == truth
     # The head is what scores the products (checked by hand), and under XLA (static
     # shapes, every slot through the model) it gives the same answers.
     batch = next(iter(input_pipeline.batch_products(

@@ -123,14 +123,32 @@ def blend(log_probs: tf.Tensor, duplicate_class: tf.Tensor, duplicate_share: tf.
     """Per-image log-probabilities [..., C] blended with the table's distribution where
     the image was found: log((1 - w) p + w q), q giving the top class its share and
     spreading the rest evenly. Plain arithmetic: it runs on any device."""
-    classes = tf.shape(log_probs)[-1]
     found = duplicate_class >= 0
+    q = _table_distribution(duplicate_class, duplicate_share, tf.shape(log_probs)[-1])
+    mixed = tf.math.log((1.0 - weight) * tf.exp(log_probs) + weight * q + 1e-30)
+    return tf.where(found[..., None], mixed, log_probs)
+
+
+def blend_product(log_probs: tf.Tensor, duplicate_class: tf.Tensor,
+                  duplicate_share: tf.Tensor, mask: tf.Tensor, weight) -> tf.Tensor:
+    """Product log-probabilities [B, C] (a fusion head's, which has no per-image ones)
+    blended with the mean of the table's distributions over the product's images found
+    in it [B, N]: log((1 - w) p + w mean(q)). Products with no image found are left."""
+    found = tf.cast((duplicate_class >= 0) & (mask > 0), tf.float32)
+    q = _table_distribution(duplicate_class, duplicate_share, tf.shape(log_probs)[-1])
+    count = tf.reduce_sum(found, axis=1)
+    q = tf.reduce_sum(q * found[..., None], axis=1) / tf.maximum(count, 1.0)[:, None]
+    mixed = tf.math.log((1.0 - weight) * tf.exp(log_probs) + weight * q + 1e-30)
+    return tf.where((count > 0)[:, None], mixed, log_probs)
+
+
+def _table_distribution(duplicate_class: tf.Tensor, duplicate_share: tf.Tensor,
+                        classes) -> tf.Tensor:
+    """q: the table's top class gets its share, the rest is spread evenly."""
     top = tf.one_hot(tf.maximum(duplicate_class, 0), classes, dtype=tf.float32)
     share = duplicate_share[..., None]
     others = tf.cast(tf.maximum(classes - 1, 1), tf.float32)
-    q = top * share + (1.0 - top) * (1.0 - share) / others
-    mixed = tf.math.log((1.0 - weight) * tf.exp(log_probs) + weight * q + 1e-30)
-    return tf.where(found[..., None], mixed, log_probs)
+    return top * share + (1.0 - top) * (1.0 - share) / others
 
 
 def choose_weight(accuracy_by_weight: Sequence[float],

@@ -375,18 +375,24 @@ def image_log_probs(image_model: keras.Model, images: tf.Tensor,
 def product_predictions(image_model: keras.Model, images: tf.Tensor, mask: tf.Tensor,
                         k: int = 5, skip_padding: bool = False,
                         adjust: Callable[[tf.Tensor], tf.Tensor] | None = None,
-                        fusion: keras.Model | None = None) -> dict[str, tf.Tensor]:
+                        fusion: keras.Model | None = None,
+                        product_adjust: Callable[[tf.Tensor], tf.Tensor] | None = None
+                        ) -> dict[str, tf.Tensor]:
     """What evaluation and export need, kept small: top-k classes and probabilities of
     each product, and each image's own top class. ``skip_padding`` runs the model on
     real images only (dynamic shapes: for CPU/GPU inference, not for TPUs). ``adjust``
     changes the per-image log-probabilities before they are combined (the duplicate
     lookup's blend). A ``fusion`` model (`tfcdisc.fusion`) combines the images'
-    embeddings into the product's classes instead."""
+    embeddings into the product's classes instead; ``product_adjust`` then changes its
+    product log-probabilities (the lookup's blend at product level)."""
     outputs = image_outputs(image_model, images, mask if skip_padding else None)
     per_image = outputs["label"]
-    if adjust is not None:
+    fused = fused_logits(fusion, outputs, mask)
+    if fused is not None and product_adjust is not None:
+        fused = product_adjust(tf.nn.log_softmax(fused, axis=-1))
+    elif adjust is not None:
         per_image = adjust(per_image)
-    return top_k_of(per_image, mask, k, fused_logits(fusion, outputs, mask))
+    return top_k_of(per_image, mask, k, fused)
 
 
 def fused_logits(fusion: keras.Model | None, outputs: dict[str, tf.Tensor],

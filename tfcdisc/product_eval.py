@@ -43,13 +43,21 @@ class ProductPredictor:
             per_image = outputs["label"]
             lookup = "duplicate_class" in batch  # batches carry the table's answers
 
-            def blended(weight):
-                return duplicates.blend(per_image, batch["duplicate_class"],
-                                        batch["duplicate_share"], weight)
+            fused = models.fused_logits(fusion, outputs, mask)
 
-            out = models.top_k_of(blended(duplicate_weight) if lookup and duplicate_weight
-                                  else per_image, mask, k,
-                                  models.fused_logits(fusion, outputs, mask))
+            def blended(weight):  # per image; with a fusion head, its product log-probs
+                if fused is None:
+                    return duplicates.blend(per_image, batch["duplicate_class"],
+                                            batch["duplicate_share"], weight)
+                return duplicates.blend_product(
+                    tf.nn.log_softmax(fused, axis=-1), batch["duplicate_class"],
+                    batch["duplicate_share"], mask, weight)
+
+            if lookup and duplicate_weight:
+                out = (models.top_k_of(blended(duplicate_weight), mask, k) if fused is None
+                       else models.top_k_of(per_image, mask, k, blended(duplicate_weight)))
+            else:
+                out = models.top_k_of(per_image, mask, k, fused)
             has_image = tf.reduce_sum(mask, axis=1) > 0
             result = {
                 "top_k_classes": tf.where(has_image[:, None], out["top_k_classes"],
@@ -64,7 +72,8 @@ class ProductPredictor:
                 result["duplicate_hits"] = tf.reduce_sum(found, axis=1)
                 if weight_grid:  # top class for each candidate weight (choosing it)
                     result["top1_by_weight"] = tf.stack(
-                        [tf.argmax(models.combine_log_probs(blended(w), mask), axis=-1,
+                        [tf.argmax(models.combine_log_probs(blended(w), mask)
+                                   if fused is None else blended(w), axis=-1,
                                    output_type=tf.int32) for w in weight_grid], axis=1)
             return result
 

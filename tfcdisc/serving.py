@@ -84,18 +84,22 @@ class ProductClassifier(tf.Module):
 
     def _serve(self, images):
         decoded = input_pipeline.decode_products(images, self.image_size)
-        adjust = None
+        adjust = product_adjust = None
+        mask = input_pipeline.padding_mask(images)
         if self._duplicates is not None:  # the bytes are here: look the images up
             lookup, top_class, share, weight = self._duplicates
             found = duplicates.features(lookup, top_class, share, images)
             adjust = lambda lp: duplicates.blend(  # noqa: E731
                 lp, found["duplicate_class"], found["duplicate_share"], weight)
-        return self._predict(decoded, input_pipeline.padding_mask(images), adjust)
+            product_adjust = lambda lp: duplicates.blend_product(  # noqa: E731
+                lp, found["duplicate_class"], found["duplicate_share"], mask, weight)
+        return self._predict(decoded, mask, adjust, product_adjust)
 
-    def _predict(self, images, mask, adjust=None):
+    def _predict(self, images, mask, adjust=None, product_adjust=None):
         out = models.product_predictions(self.image_model, images, mask, self.top_k,
                                          skip_padding=True, adjust=adjust,
-                                         fusion=self.fusion_model)
+                                         fusion=self.fusion_model,
+                                         product_adjust=product_adjust)
         has_image = tf.reduce_sum(mask, axis=1) > 0
         top_ids = tf.gather(self._category_ids, out["top_k_classes"])
         top_probs = tf.where(has_image[:, None], out["top_k_probabilities"], 0.0)
@@ -166,7 +170,8 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
     split (`tfcdisc.duplicates`; the weight is 0, the table off, unless it helped).
     ``fusion_dir`` (of `tfcdisc.train_fusion`) combines each product's image embeddings
     with its fusion head instead of averaging log-probabilities; it uses the checkpoint
-    the head was trained on.
+    the head was trained on. With ``duplicates_from`` as well, the table is blended with
+    the head's product predictions (`duplicates.blend_product`).
     """
     config = training.load_config(model_dir)
     cfg = training.TrainConfig(**config["train"])
@@ -185,9 +190,9 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
     fusion_head = None
     if fusion_dir:
         from tfcdisc import fusion
-        if tta != "none" or duplicates_from:
+        if tta != "none":
             raise ValueError("--fusion_dir reads embeddings of the plain model: it does not "
-                             "combine with --tta or --duplicates_from yet")
+                             "combine with --tta yet")
         checkpoint = fusion.load_config(fusion_dir)["checkpoint"]
         fusion_head = float32_model(f"{fusion_dir.rstrip('/')}/{fusion.FUSION_MODEL}")
     image_model = models.with_tta(float32_model(checkpoint_path(model_dir, checkpoint)), tta)
@@ -195,7 +200,8 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
         image_model = fusion.with_embedding(image_model)
     table = None
     if duplicates_from:
-        table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size)
+        table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size,
+                                fusion=fusion_head)
     summary = write(export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
                     fallback_class=int(np.argmax(counts)),
                     max_image_pixels=int(np.prod(built_size)) if built_size else None,
@@ -204,9 +210,11 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
 
 
 def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model: keras.Model,
-                    image_size: int, batch_size: int = 256) -> duplicates.Table:
+                    image_size: int, batch_size: int = 256,
+                    fusion: keras.Model | None = None) -> duplicates.Table:
     """The table of ``data_dir``'s train split (never validation or test), its blend weight
-    chosen by product accuracy on the validation split."""
+    chosen by product accuracy on the validation split (with a ``fusion`` head, blended
+    with the head's product predictions)."""
     builder = input_pipeline.load_builder(data_dir)
     theirs = (builder.info.metadata or {}).get("taxonomy")
     if theirs is None or not np.array_equal(
@@ -214,7 +222,7 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
         raise ValueError(f"--duplicates_from={data_dir}: not built with the run's taxonomy")
     table = duplicates.build(input_pipeline.image_labels(builder, "train"))
     grid = duplicates.WEIGHT_GRID
-    predictor = product_eval.ProductPredictor(image_model, 1, weight_grid=grid)
+    predictor = product_eval.ProductPredictor(image_model, 1, weight_grid=grid, fusion=fusion)
     hits = np.zeros(len(grid))
     n = builder.info.splits["validation"].num_examples
     batches = product_eval.distribute_products(
