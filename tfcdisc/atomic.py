@@ -9,9 +9,12 @@ behind (predict's rows) go to a local temporary file first and are then `copy`-e
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 from typing import Iterator
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -31,6 +34,26 @@ def writing(path: str, mode: str = "wb") -> Iterator:
 def write(path: str, data: bytes | str) -> None:
     with writing(path, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
+
+
+def write_arrays(path: str, meta: dict | None = None, **arrays: np.ndarray) -> None:
+    """Named arrays (and a JSON-able ``meta``) as one .npz, written atomically: the
+    offset index, its Beam pieces and the build's members files."""
+    if meta is not None:
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write(path, buf.getvalue())
+
+
+def read_arrays(path: str) -> dict:
+    """What `write_arrays` wrote: the arrays by name, ``meta`` decoded (if any)."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = np.load(io.BytesIO(f.read()))
+        out = {k: data[k] for k in data.files}
+    if "meta" in out:
+        out["meta"] = json.loads(out["meta"].tobytes())
+    return out
 
 
 def copy(local: str, path: str) -> None:

@@ -13,19 +13,15 @@ unchanged.
 
 from __future__ import annotations
 
-import io
-import json
 from typing import Sequence
 
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
 from tfcdisc import atomic, bsonfile
 from tfcdisc import index as index_lib
 
 RANGE_BYTES = 256 << 20  # one Beam element: ~30,000 real products, a few seconds of reading
-_ARRAYS = ("offsets", "lengths", "product_ids", "category_ids", "num_images")
 
 
 def index_files(paths: Sequence[str], index_paths: Sequence[str], *, errors: str,
@@ -86,16 +82,11 @@ def _index_range(task: tuple) -> None:
         piece = index_lib.scan_range(path, start, end, errors=errors)
     except bsonfile.BsonFormatError as e:  # the one-pass rerun reports it, or disproves it
         piece = {"failed": str(e)}
-    meta = {k: v for k, v in piece.items() if k not in _ARRAYS}
-    buf = io.BytesIO()
-    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-             **{k: piece[k] for k in _ARRAYS if k in piece})
-    atomic.write(piece_path, buf.getvalue())
+    atomic.write_arrays(piece_path, {k: v for k, v in piece.items()
+                                     if k not in index_lib.ARRAYS},
+                        **{k: piece[k] for k in index_lib.ARRAYS if k in piece})
 
 
 def _load_piece(piece_path: str) -> dict:
-    with tf.io.gfile.GFile(piece_path, "rb") as f:
-        data = np.load(io.BytesIO(f.read()))
-    piece = json.loads(data["meta"].tobytes())
-    piece.update({k: data[k] for k in _ARRAYS if k in data})
-    return piece
+    data = atomic.read_arrays(piece_path)
+    return {**data.pop("meta"), **data}

@@ -416,9 +416,14 @@ def iter_products(source, *, start: int = 0, end: int | None = None, first_posit
             source, start=start, end=end, first_position=first_position, labeled=labeled,
             errors=errors, stats=stats):
         for offset, _, doc in docs:
-            cid = doc.get("category_id") if labeled is not False else None
-            yield Product(int(doc["_id"]), None if cid is None else int(cid),
-                          [bytes(img["picture"]) for img in doc["imgs"]], offset)
+            yield _product(doc, labeled, offset)
+
+
+def _product(doc: dict, labeled: bool | None, offset: int) -> Product:
+    """A validated document as a `Product` (``labeled=False`` drops the category)."""
+    cid = doc.get("category_id") if labeled is not False else None
+    return Product(int(doc["_id"]), None if cid is None else int(cid),
+                   [bytes(img["picture"]) for img in doc["imgs"]], offset)
 
 
 def first_document(source, start: int) -> int:
@@ -494,9 +499,7 @@ def iter_products_at(source, offsets, lengths, *, labeled: bool | None = None,
                     raise BsonFormatError(
                         path, offsets[k], problem, advice="the file changed since its index "
                         "was built: delete the index (.idx.npz) so it is rebuilt")
-                cid = doc.get("category_id") if labeled is not False else None
-                yield Product(int(doc["_id"]), None if cid is None else int(cid),
-                              [bytes(img["picture"]) for img in doc["imgs"]], offsets[k])
+                yield _product(doc, labeled, offsets[k])
             i = j
     finally:
         if owned:

@@ -12,7 +12,6 @@ validation shard reads its members, not the stretches of file around them.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 
@@ -160,14 +159,13 @@ def plan(manual_dir: str, work_dir: str, options: BuildOptions, indexes: dict | 
 def _write_members(path: str, index: index_lib.OffsetIndex, runs: list[np.ndarray]) -> None:
     """A shard's products, run after run: all a shard writer needs of the index."""
     at = np.concatenate(runs)
-    buf = io.BytesIO()
-    np.savez(buf, offsets=index.offsets[at], lengths=index.lengths[at],
-             product_ids=index.product_ids[at],
-             category_ids=index.category_ids[at] if index.labeled else np.full(
-                 len(at), NO_LABEL, np.int64),
-             run_starts=np.cumsum([0] + [len(r) for r in runs[:-1]]),
-             labeled=np.array(index.labeled))
-    atomic.write(path, buf.getvalue())
+    atomic.write_arrays(
+        path, offsets=index.offsets[at], lengths=index.lengths[at],
+        product_ids=index.product_ids[at],
+        category_ids=index.category_ids[at] if index.labeled else np.full(
+            len(at), NO_LABEL, np.int64),
+        run_starts=np.cumsum([0] + [len(r) for r in runs[:-1]]),
+        labeled=np.array(index.labeled))
 
 
 def index_path(work_dir: str, name: str) -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import array
 import dataclasses
 import hashlib
-import io
-import json
 import logging
 import os
 import stat
@@ -29,6 +27,7 @@ import tensorflow as tf
 from tfcdisc import atomic, bsonfile, problems
 
 FORMAT_VERSION = 2  # 2: labelled by all documents, bad-document bytes
+ARRAYS = ("offsets", "lengths", "product_ids", "category_ids", "num_images")  # per document
 _FINGERPRINT_BYTES = 64 * 1024
 
 
@@ -232,7 +231,7 @@ def _drop(index: OffsetIndex, drop: np.ndarray, problem: Callable[[int], str]) -
                                      for j in np.flatnonzero(drop)[:problems.LISTED]))
     index.bad_documents += int(drop.sum())
     index.bad_document_bytes += int(index.lengths[drop].sum(dtype=np.int64))
-    for name in ("offsets", "lengths", "product_ids", "category_ids", "num_images"):
+    for name in ARRAYS:
         setattr(index, name, getattr(index, name)[~drop])
 
 
@@ -292,17 +291,12 @@ def save(index: OffsetIndex, index_path: str) -> None:
             "fingerprint": index.fingerprint, "bad_documents": index.bad_documents,
             "skipped_bytes": index.skipped_bytes, "problems": index.problems,
             "bad_document_bytes": index.bad_document_bytes}
-    buf = io.BytesIO()
-    np.savez(buf, offsets=index.offsets, lengths=index.lengths, product_ids=index.product_ids,
-             category_ids=index.category_ids, num_images=index.num_images,
-             meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-    atomic.write(index_path, buf.getvalue())
+    atomic.write_arrays(index_path, meta, **{k: getattr(index, k) for k in ARRAYS})
 
 
 def load(index_path: str, path: str | None = None) -> OffsetIndex:
-    with tf.io.gfile.GFile(index_path, "rb") as f:
-        data = np.load(io.BytesIO(f.read()))
-    meta = json.loads(data["meta"].tobytes())
+    data = atomic.read_arrays(index_path)
+    meta = data["meta"]
     if meta["version"] != FORMAT_VERSION:
         raise ValueError(f"{index_path}: index format {meta['version']}, expected "
                          f"{FORMAT_VERSION}; delete it so it is rebuilt")

@@ -19,16 +19,14 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import io
 import json
 import multiprocessing
 import os
 from typing import Iterator, Sequence
 
-import numpy as np
 import tensorflow as tf
 
-from tfcdisc import bsonfile, problems, records, screen
+from tfcdisc import atomic, bsonfile, problems, records, screen
 from tfcdisc import taxonomy as taxonomy_lib
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
@@ -90,12 +88,6 @@ class ShardSpec:
         return _generate(self)
 
 
-def _read_members(path: str) -> dict:
-    with tf.io.gfile.GFile(path, "rb") as f:
-        data = np.load(io.BytesIO(f.read()))
-        return {k: data[k] for k in data.files}
-
-
 @functools.lru_cache(maxsize=2)
 def _labels(category_names: str) -> dict[int, tuple[int, int, int]]:
     tax = taxonomy_lib.load(category_names)
@@ -106,7 +98,7 @@ def _labels(category_names: str) -> dict[int, tuple[int, int, int]]:
 
 def _interleave(spec: ShardSpec) -> Iterator[bsonfile.Product]:
     """The members, taking one product from each run in turn."""
-    m = _read_members(spec.members_path)
+    m = atomic.read_arrays(spec.members_path)
     labeled = bool(m["labeled"])
     bounds = [*m["run_starts"].tolist(), len(m["offsets"])]
     streams = []
