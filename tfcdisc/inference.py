@@ -34,7 +34,6 @@ import tensorflow as tf
 from tfcdisc import atomic, distribute, input_pipeline, problems, product_eval, screen, serving
 
 
-
 @dataclasses.dataclass
 class PredictStats:
     """What prediction saw and everything it skipped; printed at the end and returned.
