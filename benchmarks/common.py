@@ -58,11 +58,12 @@ def warm(path: pathlib.Path) -> None:
             pass
 
 
-def run_stage(module: str, *args: str, timeout: int = 3600) -> dict:
-    """Runs ``python -m module --stage ...`` in a fresh process; returns its JSON line."""
+def run_stage(module: str, *args: str, timeout: int = 3600, env: dict | None = None) -> dict:
+    """Runs ``python -m module --stage ...`` in a fresh process (with ``env`` added to
+    the environment); returns its JSON line."""
     cmd = [sys.executable, "-m", module, *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

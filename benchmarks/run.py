@@ -7,7 +7,7 @@
 import importlib
 import sys
 
-SUITES = ["bson", "tfds", "train", "predict", "gains"]
+SUITES = ["bson", "tfds", "train", "backends", "predict", "gains"]
 
 
 def main() -> None:

@@ -46,6 +46,17 @@ def exported(dataset, tmp_path_factory):
     return run, out
 
 
+def train_config(dataset, model_dir, **overrides):
+    """A TrainConfig for a few fast steps of the small CNN on the test dataset."""
+    from tfcdisc import config
+    base = dict(data_dir=dataset.data_dir, model_dir=str(model_dir), backbone="small_cnn",
+                image_size=32, decode_size=48, global_batch_size=16, epochs=1,
+                steps_per_epoch=3, optimizer="adamw", learning_rate=0.004, bn_momentum=0.9,
+                strategy="default", mixed_precision="float32", shuffle_buffer=256,
+                eval_batch_size=8, seed=0, verbose=0)
+    return config.TrainConfig(**{**base, **overrides})
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Index files that cannot sit beside a BSON go to a per-test cache."""
@@ -133,70 +144,21 @@ def read_split(builder, split) -> dict:
     return out
 
 
-_TRAIN_SCRIPT = """
-import json, os, signal, sys
-sys.path.insert(0, {repo!r})
-import keras
-import tensorflow as tf
-cpus = int(sys.argv[2])
-if cpus > 1:  # logical devices must be set before TensorFlow starts
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * cpus)
-from tfcdisc import training
-keras.config.disable_traceback_filtering()
-kill_at = int(sys.argv[3])
-# Test hooks: scripted validation scores per epoch, a SIGKILL inside an epoch's validation.
-scores = [float(x) for x in os.environ.get("TEST_VAL_SCORES", "").split(",") if x]
-kill_in_validation = int(os.environ.get("TEST_KILL_IN_VALIDATION", -1))
-real_on_epoch_end = training.ProductEvaluation.on_epoch_end
-
-
-def on_epoch_end(self, epoch, logs=None):
-    if epoch == kill_in_validation:
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_on_epoch_end(self, epoch, logs)
-    if scores:
-        logs["val_product_accuracy"] = scores[epoch]
-
-
-training.ProductEvaluation.on_epoch_end = on_epoch_end
-
-
-class Kill(keras.callbacks.Callback):
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # a preemption: no clean-up of any kind
-
-
-class Steps(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        if not hasattr(self, "first"):
-            self.first = int(self.model.optimizer.iterations.numpy())
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.last = int(self.model.optimizer.iterations.numpy())
-
-
-steps = Steps()
-result = training.train(training.TrainConfig(**json.loads(sys.argv[1])),
-                        callbacks=[steps] + ([Kill()] if kill_at >= 0 else []))
-print(json.dumps({{"loss": result["history"].get("loss", []), "validation": result["validation"],
-                  "resumed": result["resumed"], "first_step": getattr(steps, "first", None),
-                  "last_step": getattr(steps, "last", None),
-                  "global_batch_size": result["global_batch_size"]}}))
-"""
-
-
 def run_training(cfg, *, logical_cpus: int = 1, env: dict | None = None,
-                 kill_at_step: int = -1, timeout: int = 600, wait: bool = True):
-    """`training.train(cfg)` in a fresh process (logical CPUs, environment, a SIGKILL at a
-    global step); returns the CompletedProcess, or the Popen with ``wait=False``."""
+                 kill_at_step: int = -1, timeout: int = 600, wait: bool = True,
+                 backend: str = "tensorflow"):
+    """`training.train(cfg)` in a fresh process (tests/train_process.py): on ``backend``
+    (JAX over two CPU devices, as on a TPU's cores), logical CPUs for TensorFlow, an
+    environment, a SIGKILL at a global step; returns the CompletedProcess, or the Popen
+    with ``wait=False``."""
     import dataclasses
     import json
     import subprocess
-    args = [sys.executable, "-c", _TRAIN_SCRIPT.format(repo=str(REPO)),
+    args = [sys.executable, str(REPO / "tests" / "train_process.py"),
             json.dumps(dataclasses.asdict(cfg)), str(logical_cpus), str(kill_at_step)]
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "KERAS_BACKEND": backend, **(env or {})}
+    if backend == "jax":
+        full_env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     if not wait:
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=full_env)
@@ -205,12 +167,13 @@ def run_training(cfg, *, logical_cpus: int = 1, env: dict | None = None,
 
 _SERVE_SCRIPT = """
 import json, sys
-sys.modules["tfcdisc"] = None  # any import of tfcdisc now fails
-try:
-    import tfcdisc  # noqa
-    raise SystemExit("tfcdisc imported")
-except ImportError:
-    pass
+sys.modules["tfcdisc"] = sys.modules["jax"] = None  # any import of either now fails
+for name in ("tfcdisc", "jax"):
+    try:
+        __import__(name)
+        raise SystemExit(name + " imported")
+    except ImportError:
+        pass
 import tensorflow as tf
 images = json.loads(sys.stdin.read())
 model = tf.saved_model.load(sys.argv[1])
@@ -224,7 +187,7 @@ print(json.dumps({k: v.numpy().tolist() for k, v in out.items()} |
 
 def serve_without_tfcdisc(export_dir, images: list[list[bytes]]) -> dict:
     """An export's ``serving_default`` on products' JPEG bytes (4 slots, b"" padding), in a
-    process that cannot import tfcdisc: the SavedModel must stand alone. Its outputs as
+    process that can import neither tfcdisc nor jax: the SavedModel must stand alone. Its outputs as
     lists, and ``taxonomy`` (the metadata's JSON)."""
     import json
     import subprocess

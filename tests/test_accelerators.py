@@ -12,7 +12,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from conftest import REPO, last_json, run_training
+from conftest import REPO, last_json, run_training, train_config
 from tfcdisc import config, distribute, runtime
 
 
@@ -37,36 +37,117 @@ def test_runtime_detection(env, devices, which, expected):
     assert (found.accelerator, found.host) == expected
 
 
-def test_each_runtime_installs_its_own_tensorflow():
-    tpu = runtime.install_commands(TPU_VM, "/r", python="py",
-                                   present={"tensorflow": "2.21.0"})
-    # The plain wheel would shadow the TPU one: it goes first, then the tpu extra + libtpu.
-    assert tpu[0] == ["py", "-m", "pip", "uninstall", "--yes", "tensorflow"]
-    assert tpu[1][-4:] == ["-e", "/r[tpu,beam]", "-f", runtime.LIBTPU_INDEX]
-    assert len(runtime.install_commands(TPU_VM, "/r", present={})) == 1
-    gpu = runtime.install_commands(GPU, "/r", python="py", present={"tensorflow-tpu": "2.20.0"})
-    assert gpu[0][-1] == "tensorflow-tpu" and gpu[1][-1] == "/r[gpu,beam]"
-    assert runtime.install_commands(CPU, "/r", present={})[0][-1] == "/r[cpu,beam]"
+KAGGLE_TPU = runtime.Runtime("tpu", "kaggle", "v5litepod-8")
+TF_TPU_VM = runtime.Runtime("tpu", "other", "/dev/accel0")
+JAX_TPU = {"jax": "0.6.2", "jaxlib": "0.6.2", "libtpu": "0.0.17"}
+_EXTRAS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+    "optional-dependencies"]
+
+
+def _after(commands, present):
+    """The distributions a runtime holds after the commands (pip simulated: uninstall
+    removes, an extra adds its TensorFlow and JAX distributions)."""
+    held = dict(present)
+    for c in commands:
+        if c[3] == "uninstall":
+            for name in c[5:]:
+                held.pop(name)
+            continue
+        extras = c[c.index("-e") + 1].split("[")[1].rstrip("]").split(",")
+        for req in [r for e in extras for r in _EXTRAS[e]] + c[c.index("-e") + 2:]:
+            name = re.split(r"[=<>\[]", req)[0]
+            if name.startswith(("tensorflow", "jax")) and name not in held:
+                held[name] = "new"
+    return held
+
+
+# What each image ships (their own files: Kaggle/docker-python tpu/requirements.in, Colab's
+# TPU runtime after its JAX 0.5.2 upgrade, a Cloud TPU VM tpu-vm-tf image), and what
+# tfcdisc must do there.
+@pytest.mark.parametrize("where,present,extras,uninstalled", [
+    (KAGGLE_TPU, {"tensorflow-cpu": "2.20.0", **JAX_TPU}, "beam", None),  # all kept
+    (TPU_VM, dict(JAX_TPU), "tpu,beam", None),  # Colab: no TensorFlow; tensorflow-cpu added
+    (TF_TPU_VM, {"tensorflow-tpu": "2.20.0", "libtpu": "0.0.14"}, "beam", None),  # 2nd route
+    (TF_TPU_VM, {"tensorflow-tpu": "2.15.0"}, "tpu-tf,beam", ["tensorflow-tpu"]),
+    (KAGGLE_TPU, {"tensorflow": "2.21.0", **JAX_TPU}, "tpu,beam", ["tensorflow"]),
+    (KAGGLE_TPU, {"tensorflow-tpu": "2.20.0", "tensorflow-cpu": "2.20.0", **JAX_TPU},
+     "tpu,beam", ["tensorflow-cpu", "tensorflow-tpu"]),
+    (TPU_VM, {}, "tpu,beam", None),  # a bare TPU VM: jax[tpu] and tensorflow-cpu
+    (GPU, {"tensorflow": "2.20.0"}, "beam", None),
+    (GPU, {"tensorflow-cpu": "2.20.0"}, "gpu,beam", ["tensorflow-cpu"]),  # no GPU kernels
+    (GPU, {"tensorflow-tpu": "2.20.0"}, "gpu,beam", ["tensorflow-tpu"]),
+    (CPU, {}, "cpu,beam", None),
+    (CPU, {"tensorflow-cpu": "2.20.0"}, "jax,beam", None),
+], ids=["kaggle-tpu", "colab-tpu", "tf-tpu-vm", "tf-tpu-vm-old", "tpu-tf-2.21",
+        "tpu-two-tensorflows", "bare-tpu-vm", "gpu", "gpu-tf-cpu", "gpu-tf-tpu", "cpu",
+        "cpu-tf-cpu"])
+def test_each_runtime_keeps_what_it_ships_and_gets_one_tensorflow(where, present, extras,
+                                                                   uninstalled):
+    commands = runtime.install_commands(where, "/r", python="py", present=present)
+    removed = [c[5:] for c in commands if c[3] == "uninstall"]
+    assert removed == ([uninstalled] if uninstalled else [])
+    install = commands[-1]
+    assert install[:6] == ["py", "-m", "pip", "install", "--quiet", "-e"]
+    assert install[6] == f"/r[{extras}]"
+    held = _after(commands, present)
+    assert len([n for n in held if n in runtime._TF_DISTRIBUTIONS]) == 1  # never two
+    for name in JAX_TPU:  # the runtime's JAX and libtpu: never removed nor replaced
+        if name in present:
+            assert held[name] == present[name] and name not in " ".join(install)
+    if where.accelerator == "tpu" and "jax" not in present and "tensorflow-tpu" not in present:
+        assert "jax[tpu]" in install
+    if "tpu-tf" in extras:
+        assert install[-2:] == ["-f", runtime.LIBTPU_INDEX]
+
+
+@pytest.mark.parametrize("where,present,expected", [
+    (KAGGLE_TPU, {"tensorflow-cpu": "2.20.0", **JAX_TPU}, "jax"),
+    (TPU_VM, dict(JAX_TPU), "jax"),
+    (TF_TPU_VM, {"tensorflow-tpu": "2.20.0"}, "tensorflow"),  # TPUStrategy's route
+    (GPU, {"tensorflow": "2.20.0", "jax": "0.6.2"}, "tensorflow"),
+    (CPU, {"tensorflow": "2.20.0", "jax": "0.6.2"}, "tensorflow"),
+])
+def test_auto_backend_is_jax_on_tpu_vms_with_jax_and_tensorflow_elsewhere(where, present,
+                                                                          expected):
+    from tfcdisc import backend
+    assert backend.choose("auto", where, "jax" in present) == expected
+    assert backend.choose("tensorflow", where, True) == "tensorflow"
+    with pytest.raises(ValueError, match="JAX is not installed"):
+        backend.choose("jax", where, False)
+
+
+def test_a_keras_imported_with_another_backend_is_refused_with_the_fix():
+    import keras
+    from tfcdisc import backend
+    other = "jax" if keras.backend.backend() == "tensorflow" else "tensorflow"
+    with pytest.raises(ValueError, match=f"KERAS_BACKEND={other} before"):
+        backend.select(other)
+    assert backend.select("auto") == keras.backend.backend()  # auto keeps the process's
 
 
 def test_tpu_support_problems_say_what_to_install():
     assert runtime.tpu_support_problem({"tensorflow-tpu": runtime.TF_VERSION + ".0"}) is None
-    plain = runtime.tpu_support_problem({"tensorflow": "2.21.0"})
-    assert "no TPU kernels" in plain and "pip uninstall -y tensorflow" in plain
+    plain = runtime.tpu_support_problem({"tensorflow-cpu": "2.20.0"})
+    assert "no TPU kernels" in plain and "--backend=jax" in plain
     both = runtime.tpu_support_problem({"tensorflow": "2.21.0", "tensorflow-tpu": "2.20.0"})
     assert "shadows" in both and "--force-reinstall" in both
     old = runtime.tpu_support_problem({"tensorflow-tpu": "2.15.0"})
     assert "tested with " + runtime.TF_VERSION in old
+    beside_jax = runtime.tpu_support_problem({"tensorflow-tpu": "2.20.0", **JAX_TPU})
+    assert "--backend=jax" in beside_jax
+    assert "pip install 'jax[tpu]'" in runtime.jax_tpu_problem({})
+    assert "no libtpu" in runtime.jax_tpu_problem({"jax": "0.6.2"})
 
 
 def test_the_tested_tensorflow_is_the_one_every_extra_installs():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert not any(d.startswith("tensorflow") and not d.startswith("tensorflow-datasets")
-                   for d in project["dependencies"])  # never plain tensorflow on a TPU
-    extras = project["optional-dependencies"]
+    assert not any(d.startswith(("tensorflow", "jax")) and
+                   not d.startswith("tensorflow-datasets")
+                   for d in project["dependencies"])  # a runtime keeps its own
     for extra, dist in (("cpu", "tensorflow"), ("gpu", "tensorflow[and-cuda]"),
-                        ("tpu", "tensorflow-tpu")):
-        assert extras[extra] == [f"{dist}=={runtime.TF_VERSION}.*"]
+                        ("tpu", "tensorflow-cpu"), ("tpu-tf", "tensorflow-tpu")):
+        assert _EXTRAS[extra][0] == f"{dist}=={runtime.TF_VERSION}.*"
+    assert any(d.startswith("jax") for d in _EXTRAS["cpu"])  # tests run both backends
     import tensorflow as tf
     assert tf.__version__.startswith(runtime.TF_VERSION + ".")  # what this suite ran on
 
@@ -162,15 +243,6 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
 # --------------------------------------------------------------------------- clusters
 
 
-def _config(dataset, model_dir, **overrides):
-    base = dict(data_dir=dataset.data_dir, model_dir=str(model_dir), backbone="small_cnn",
-                image_size=32, decode_size=48, global_batch_size=16, epochs=1,
-                steps_per_epoch=3, optimizer="adamw", learning_rate=0.004, bn_momentum=0.9,
-                strategy="default", mixed_precision="float32", shuffle_buffer=256,
-                eval_batch_size=8, seed=0, verbose=0)
-    return config.TrainConfig(**{**base, **overrides})
-
-
 def _free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -184,7 +256,7 @@ def _free_ports(n):
 def test_two_workers_write_once_and_both_validate_everything(dataset, tmp_path):
     run = tmp_path / "run"
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    cfg = _config(dataset, run, strategy="multi_worker_mirrored", epochs=2, steps_per_epoch=2)
+    cfg = train_config(dataset, run, strategy="multi_worker_mirrored", epochs=2, steps_per_epoch=2)
     temps = [tmp_path / f"tmp{i}" for i in range(2)]
     procs = []
     for i, tmp in enumerate(temps):
@@ -208,7 +280,7 @@ def test_two_workers_write_once_and_both_validate_everything(dataset, tmp_path):
 
 
 def test_a_run_killed_mid_epoch_resumes_at_its_last_backup_step(dataset, tmp_path):
-    cfg = _config(dataset, tmp_path, epochs=2, steps_per_epoch=5, backup_every_steps=2,
+    cfg = train_config(dataset, tmp_path, epochs=2, steps_per_epoch=5, backup_every_steps=2,
                   log_every_steps=1)
     killed = run_training(cfg, kill_at_step=8)  # epoch 1 after 3 of its steps
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -228,11 +300,11 @@ def test_a_run_killed_mid_epoch_resumes_at_its_last_backup_step(dataset, tmp_pat
 
 
 def test_a_finished_run_is_not_trained_again(dataset, tmp_path):
-    cfg = _config(dataset, tmp_path)
+    cfg = train_config(dataset, tmp_path)
     assert run_training(cfg).returncode == 0
     again = run_training(cfg)
     assert again.returncode == 0 and last_json(again.stdout)["first_step"] is None
-    other = run_training(_config(dataset, tmp_path, image_size=40))
+    other = run_training(train_config(dataset, tmp_path, image_size=40))
     assert other.returncode != 0 and re.search(r"--image_size=40 \(the run has 32\)",
                                                other.stderr)
 

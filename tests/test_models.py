@@ -8,8 +8,17 @@ import tensorflow as tf
 from tfcdisc import models
 
 
-@pytest.mark.parametrize("backbone", sorted(models.BACKBONES))
-def test_every_backbone_builds_at_180(backbone):
+def test_every_backbone_is_a_train_flag_choice_and_a_keras_application():
+    from tfcdisc import config
+    assert tuple(models.BACKBONES) == config.BACKBONE_NAMES
+    assert all(spec.make is None or callable(spec.make) for spec in models.BACKBONES.values())
+
+
+# One backbone of each family (a family's members are built by one Keras constructor
+# each; building all 19 took minutes of the suite).
+@pytest.mark.parametrize("backbone", ["xception", "efficientnet_b0", "efficientnetv2_b0",
+                                      "resnet50", "mobilenetv3_small", "small_cnn"])
+def test_each_backbone_family_builds_at_180(backbone):
     model = models.build_image_model(backbone, 7, image_size=180, num_level1=3, num_level2=5)
     assert model.input_shape == (None, None, None, 3) and model.input.dtype == "uint8"
     assert {k: tuple(v.shape) for k, v in model.output.items()} == {
@@ -56,13 +65,15 @@ def test_product_combination_is_the_masked_mean_of_log_probabilities():
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     log_probs = log_probs.reshape(3, 4, 6)
     expected = (log_probs * mask[..., None]).sum(1) / mask.sum(1)[:, None]
-    combined = models.combine_log_probs(models.image_log_probs(model, images), mask)
+    combined = models.combine_log_probs(models.image_outputs(model, images)["label"], mask)
     np.testing.assert_allclose(combined, expected, rtol=1e-4, atol=1e-5)
-    out = models.product_predictions(model, images, mask, k=3)
+    out = models.product_scores(models.image_outputs(model, images), mask, 3)
     assert out["top_k_classes"].numpy()[:, 0].tolist() == expected.argmax(1).tolist()
     probs = np.exp(expected) / np.exp(expected).sum(1, keepdims=True)
     np.testing.assert_allclose(out["top_k_probabilities"][:, 0], probs.max(1), rtol=1e-4)
-    assert out["image_top1"].numpy().tolist() == log_probs.argmax(-1).tolist()
+    # Padded slots have no class: -1.
+    assert out["image_top1"].numpy().tolist() == np.where(mask > 0, log_probs.argmax(-1),
+                                                          -1).tolist()
 
 
 def test_label_smoothing_loss():
@@ -82,8 +93,8 @@ def test_skipping_padded_slots_changes_no_answer():
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (4, 4, 32, 32, 3), dtype=np.uint8)
     mask = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], np.float32)
-    full = models.product_predictions(model, images, mask, k=3)
-    skip = models.product_predictions(model, images, mask, k=3, skip_padding=True)
+    full = models.product_scores(models.image_outputs(model, images), mask, 3)
+    skip = models.product_scores(models.image_outputs(model, images, mask), mask, 3)
     for key in ("top_k_classes", "image_top1"):
         valid = mask.sum(1) > 0 if key == "top_k_classes" else mask > 0
         np.testing.assert_array_equal(full[key].numpy()[valid], skip[key].numpy()[valid])

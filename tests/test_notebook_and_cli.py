@@ -21,21 +21,45 @@ def test_notebook_is_stored_without_outputs():
     assert "parameters" in code[0].metadata.get("tags", []) and "SMOKE = False" in code[0].source
 
 
-def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_notebook_runs_in_smoke_mode(backend, tmp_path, monkeypatch):
     from nbclient import NotebookClient
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    nb.cells.insert(2, nbformat.v4.new_code_cell("SMOKE = True"))  # as papermill injects
+    # As papermill injects parameters; JAX on two CPU devices stands in for a TPU's chips.
+    nb.cells.insert(2, nbformat.v4.new_code_cell(f"SMOKE = True\nBACKEND = {backend!r}"))
     monkeypatch.setenv("TFCDISC_REPO", str(REPO))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO / "experiments")}}).execute()
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
     assert "runtime: Runtime(accelerator='cpu'" in text and "[cpu,beam]" in text
+    assert f"backend: {backend}" in text
     assert "validation product accuracy:" in text and "60 rows in" in text
-    assert "replicas: 1" in text and "_id,category_id" in text
+    assert f"replicas: {2 if backend == 'jax' else 1}" in text and "_id,category_id" in text
+    assert "min per epoch of 3 steps" in text  # the epoch-time estimate
+    assert "kaggle competitions submit -c cdiscount-image-classification-challenge" in text
+    zipped = tmp_path / "submission.csv.zip"
+    import zipfile
+    with zipfile.ZipFile(zipped) as z:
+        rows = z.read("submission.csv").decode().splitlines()
+    assert rows[0] == "_id,category_id" and len(rows) == 61
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) == 2  # sample products, then predictions
+
+
+def test_the_disk_space_check_says_what_the_build_needs(tmp_path):
+    from tfcdisc import runtime
+    bson = tmp_path / "train.bson"
+    bson.write_bytes(b"x" * 1000)
+    assert runtime.build_space_problem([str(bson)], str(tmp_path / "data"),
+                                       free=lambda f: 2000) is None
+    problem = runtime.build_space_problem([str(bson)], str(tmp_path / "data" / "new"),
+                                          free=lambda f: 1000)
+    assert "needs about" in problem and "gs://" in problem
+    assert runtime.build_space_problem([str(bson)], "gs://b/d", free=lambda f: 0) is None
 
 
 @pytest.mark.parametrize("command,flag", [

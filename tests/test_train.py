@@ -148,3 +148,28 @@ def test_cli_writes_flags_and_reports(dataset, tmp_path):
          f"--model_dir={tmp_path / 'x'}", "--backbone=xception", "--image_size=32"],
         capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "xception needs --image_size >= 71" in bad.stderr
+
+
+def test_the_keras_internals_the_multi_worker_build_relies_on_are_still_there():
+    """`training._build_for_multi_worker` is the one place tfcdisc calls Keras internals
+    (MultiWorkerMirroredStrategy's fit cannot build a model whose inputs are uint8). Keras
+    is pinned to the tested range; this fails first when a Keras release changes them."""
+    import inspect
+    import re
+    import tomllib
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+    assert "data_batch" in inspect.signature(keras.Model._symbolic_build).parameters
+    assert set(inspect.signature(keras.Model._maybe_symbolic_build).parameters) == {
+        "self", "iterator", "data_batch"}
+    fit = inspect.getsource(TensorFlowTrainer.fit)
+    assert "self._maybe_symbolic_build(iterator=" in fit  # what the workaround disarms
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if d.startswith("keras"))
+    low, high = re.match(r"keras>=([\d.]+),<([\d.]+)", spec).groups()
+    version = tuple(int(p) for p in keras.__version__.split(".")[:2])
+    assert tuple(map(int, low.split("."))) <= version < tuple(map(int, high.split(".")))
+    # Everything else is public: no other module reaches into Keras.
+    for path in (REPO / "tfcdisc").glob("*.py"):
+        text = path.read_text()
+        if path.name != "training.py":
+            assert "_symbolic_build" not in text and "keras.src" not in text, path.name

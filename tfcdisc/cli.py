@@ -43,11 +43,21 @@ def _help(program: str, doc: str | None) -> str:
 
 
 def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
-        doc: str | None = None) -> None:
+        doc: str | None = None, backend: str | None = None) -> None:
+    """Runs ``main`` under absl with the command's flags.
+
+    ``backend``: "flag" gives the command a ``--backend`` flag (`tfcdisc.backend`), and
+    "tensorflow" fixes it (commands that write a SavedModel); either way Keras's backend
+    is chosen before ``main`` imports anything. None: the command runs no model.
+    """
     from absl import app, flags
     fv = flags.FLAGS
     before = set(fv)
     define_flags()
+    if backend == "flag" and "backend" not in fv:
+        from tfcdisc.config import BACKENDS
+        flags.DEFINE_enum("backend", "auto", list(BACKENDS), "Keras backend that runs the "
+                          "model: auto is JAX on a TPU VM, TensorFlow elsewhere.")
     _OWN[:] = [n for n in fv if n not in before and fv[n].name == n]
     _REQUIRED.update(_required(fv))
     program = os.path.basename(sys.argv[0])
@@ -65,6 +75,12 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
             logging.getLogger("tensorflow").setLevel(logging.ERROR)
             for handler in logging.getLogger().handlers:  # absl's, installed by app.run
                 handler.addFilter(_no_library_deprecations)
+        if backend is not None:
+            from tfcdisc import backend as backend_lib
+            try:
+                backend_lib.select(fv["backend"].value if backend == "flag" else backend)
+            except ValueError as e:
+                fail(program, str(e))
         try:
             main(argv)
         except ModuleNotFoundError as e:

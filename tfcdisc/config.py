@@ -18,6 +18,7 @@ BACKBONE_NAMES = (
     "efficientnetv2_l", "resnet50", "mobilenetv3_small", "mobilenetv3_large", "small_cnn")
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker_mirrored", "one_device", "default")
 INFERENCE_STRATEGIES = ("auto", "tpu", "mirrored", "default")
+BACKENDS = ("auto", "jax", "tensorflow")  # Keras's backend (`tfcdisc.backend`)
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with_tta`)
 
@@ -70,6 +71,8 @@ class TrainConfig:
                                         "up with the weights.")
     crop_area: float = setting(0.5, "Smallest fraction of an image a training crop covers "
                                "(random resized crop on the accelerator).", lower_bound=0.05)
+    backend: str = setting("auto", "Keras backend: auto is JAX on a TPU VM, TensorFlow "
+                           "elsewhere; a run may resume on the other.", choices=BACKENDS)
     mixed_precision: str = setting("auto", "auto: bfloat16 on TPU, float16 on GPU, float32 "
                                    "on CPU.", choices=PRECISIONS)
     strategy: str = setting("auto", "Distribution strategy; multi_worker_mirrored reads "
@@ -105,7 +108,7 @@ class TrainConfig:
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["model"])
 # Settings that change where or how visibly a run trains, not what it trains: a model dir
 # may be resumed with other values of these; any other difference is another run.
-OPERATIONAL_FIELDS = ("model_dir", "data_dir", "strategy", "tpu", "data_service",
+OPERATIONAL_FIELDS = ("model_dir", "data_dir", "backend", "strategy", "tpu", "data_service",
                       "steps_per_execution", "eval_batch_size", "eval_max_batches",
                       "backup_every_steps", "log_every_steps", "verbose", "deterministic",
                       "shuffle_buffer", "overwrite")

@@ -1,4 +1,10 @@
-"""Choosing the distribution strategy and the mixed-precision policy, once per run."""
+"""Choosing the distribution strategy and the mixed-precision policy, once per run.
+
+On the TensorFlow backend a strategy is a `tf.distribute.Strategy`. On the JAX backend
+it is `JaxDataParallel`: `keras.distribution.DataParallel` over every device of every
+process, with the few members the rest of tfcdisc asks of a strategy (``scope``,
+``num_replicas_in_sync``), so training and product scoring read the same either way.
+"""
 
 from __future__ import annotations
 
@@ -45,13 +51,14 @@ def remote_tpu(resolver) -> bool:
                                                    "grpc://127.0.0.1"))
 
 
-def check_paths_for(strategy: tf.distribute.Strategy, **paths: str | None) -> None:
+def check_paths_for(strategy, **paths: str | None) -> None:
     """On a TPU node, every path must be on Cloud Storage; on a TPU VM local ones work.
 
     Raises:
       ValueError: naming the flag whose path the TPU workers cannot read.
     """
-    if not is_tpu(strategy) or not remote_tpu(strategy.cluster_resolver):
+    if isinstance(strategy, JaxDataParallel) or not is_tpu(strategy) or \
+            not remote_tpu(strategy.cluster_resolver):
         return
     for flag, path in paths.items():
         if path and not path.startswith("gs://"):
@@ -59,14 +66,15 @@ def check_paths_for(strategy: tf.distribute.Strategy, **paths: str | None) -> No
                              "use a gs:// path (or run on a TPU VM with --tpu=local)")
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
+def is_chief(strategy) -> bool:
     """Whether this process writes the run's files (one writer per run; the other
     workers of a multi-worker run write to temporary folders)."""
+    if isinstance(strategy, JaxDataParallel):
+        return strategy.process_index == 0
     return bool(strategy.extended.should_checkpoint)
 
 
-def global_batch_size(global_size: int, per_replica: int | None,
-                      strategy: tf.distribute.Strategy) -> int:
+def global_batch_size(global_size: int, per_replica: int | None, strategy) -> int:
     """The global batch: ``per_replica`` times the replicas when given, so one flagfile
     fits a v5e-1 and a v3-8 alike; else ``global_size``, which must split evenly.
 
@@ -113,13 +121,93 @@ def choose(name: str, tpu: str | None, where: runtime.Runtime, num_gpus: int
     return name, tpu
 
 
-def get_strategy(name: str = "auto", tpu: str | None = None) -> tf.distribute.Strategy:
-    """Returns the strategy named by ``name`` (see `STRATEGIES` and `choose`).
+class JaxDataParallel:
+    """The JAX backend's strategy: data parallel over every device of every process.
+
+    Variables are replicated on each device and each batch is split along its first
+    axis (a TPU's chips, GPUs, or CPU devices in tests). Across hosts (a TPU pod, or
+    processes on one machine in tests) each process reads its own share of the input:
+    `input_context` says which.
+    """
+
+    def __init__(self, devices=None):
+        import jax
+        self.devices = list(devices if devices is not None else jax.devices())
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.distribution = keras.distribution.DataParallel(devices=self.devices,
+                                                            auto_shard_dataset=False)
+        # Process-wide, as fit needs it: Keras splits each batch over the devices only
+        # under a global distribution (a scope alone places variables, not data).
+        keras.distribution.set_distribution(self.distribution)
+        self.platform = self.devices[0].platform
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        return len(self.devices)
+
+    def scope(self):
+        return self.distribution.scope()
+
+    def input_context(self) -> tf.distribute.InputContext | None:
+        """This process's share of a global batch (None for one process): its products
+        or files, and a per-process batch of global / processes."""
+        if self.process_count == 1:
+            return None
+        return tf.distribute.InputContext(self.process_count, self.process_index,
+                                          self.process_count)
+
+    def describe(self) -> str:
+        hosts = f" in {self.process_count} processes" if self.process_count > 1 else ""
+        return (f"DataParallel over {self.num_replicas_in_sync} {self.platform} "
+                f"device{'s' if self.num_replicas_in_sync > 1 else ''}{hosts}")
+
+
+def describe(strategy) -> str:
+    """``backend jax, DataParallel over 2 cpu devices``: the run's first log line."""
+    what = (strategy.describe() if isinstance(strategy, JaxDataParallel) else
+            f"{type(strategy).__name__} over {strategy.num_replicas_in_sync} replica"
+            f"{'s' if strategy.num_replicas_in_sync > 1 else ''}")
+    return f"backend {keras.backend.backend()}, {what}"
+
+
+def _jax_strategy(name: str, where: runtime.Runtime) -> JaxDataParallel:
+    """``name`` on the JAX backend: every strategy but multi_worker_mirrored is data
+    parallel over this process's devices; multi_worker_mirrored (or a multi-host TPU
+    slice) first joins the other processes (`keras.distribution.initialize`: on a TPU
+    pod it finds them itself, elsewhere KERAS_DISTRIBUTION_JOB_ADDRESSES,
+    _NUM_PROCESSES and _PROCESS_ID name them)."""
+    import jax
+    pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if name == "multi_worker_mirrored" or pod:
+        if not pod and "KERAS_DISTRIBUTION_NUM_PROCESSES" not in os.environ:
+            raise ValueError("strategy 'multi_worker_mirrored' on the JAX backend needs "
+                             "KERAS_DISTRIBUTION_JOB_ADDRESSES (coordinator host:port first), "
+                             "KERAS_DISTRIBUTION_NUM_PROCESSES and "
+                             "KERAS_DISTRIBUTION_PROCESS_ID (a TPU pod sets them itself)")
+        if not jax.distributed.is_initialized():
+            keras.distribution.initialize()
+    if name == "tpu" and jax.default_backend() != "tpu":
+        raise ValueError(f"strategy 'tpu': JAX sees no TPU ({jax.default_backend()} devices "
+                         f"only) on this {where.accelerator} runtime; "
+                         + (runtime.jax_tpu_problem() or "choose another --strategy"))
+    return JaxDataParallel()
+
+
+def get_strategy(name: str = "auto", tpu: str | None = None):
+    """Returns the strategy named by ``name`` (see `STRATEGIES` and `choose`): a
+    `tf.distribute.Strategy`, or on the JAX backend a `JaxDataParallel`.
 
     Raises:
       ValueError: an unknown name, an impossible combination or a missing TPU, saying
         what to do.
     """
+    if keras.backend.backend() == "jax":
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        if tpu and tpu != "local":
+            raise ValueError(f"--tpu={tpu}: the JAX backend drives the TPU of this VM only "
+                             "(a TPU node at an address needs --backend=tensorflow)")
+        return _jax_strategy(name, runtime.detect())
     # Physical, not logical: listing logical devices starts the runtime, after which a
     # multi-worker strategy can no longer configure its collectives.
     gpus = tf.config.list_physical_devices("GPU")
@@ -140,12 +228,14 @@ def get_strategy(name: str = "auto", tpu: str | None = None) -> tf.distribute.St
     return tf.distribute.get_strategy()
 
 
-def is_tpu(strategy: tf.distribute.Strategy) -> bool:
+def is_tpu(strategy) -> bool:
+    if isinstance(strategy, JaxDataParallel):
+        return strategy.platform == "tpu"
     return isinstance(strategy, (tf.distribute.TPUStrategy,
                                  tf.distribute.experimental.TPUStrategy))
 
 
-def set_precision(setting: str, strategy: tf.distribute.Strategy) -> str:
+def set_precision(setting: str, strategy) -> str:
     """Sets Keras's global dtype policy and returns its name.
 
     "auto": bfloat16 on TPU, float16 on GPU, float32 on CPU.
@@ -160,7 +250,8 @@ def set_precision(setting: str, strategy: tf.distribute.Strategy) -> str:
     if setting == "auto":
         if tpu:
             setting = "mixed_bfloat16"
-        elif tf.config.list_logical_devices("GPU"):
+        elif (strategy.platform == "gpu" if isinstance(strategy, JaxDataParallel)
+              else tf.config.list_logical_devices("GPU")):
             setting = "mixed_float16"
         else:
             setting = "float32"

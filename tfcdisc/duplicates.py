@@ -10,7 +10,7 @@ with most often and that category's share of its sightings. At inference an imag
 in the table has its model probabilities blended with the table's distribution
 (`blend`), with a weight chosen on the validation split (`choose_weight`).
 
-Where the lookup runs: on the host, in the input pipeline (`lookup_dataset_fn`), so the
+Where the lookup runs: on the host, in the input pipeline (`lookup_fn`), so the
 accelerator only does arithmetic on two small per-image features (TPUs have no hash
 tables); in the SavedModel, inside the graph. Size: 40 bytes a unique image in the export
 (measured with a million keys: the table in the SavedModel's graph, plus
@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 _BUCKETS = 2**63 - 1  # fingerprints are FarmHash64 folded into non-negative int64
 WEIGHT_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -118,36 +119,33 @@ def lookup_fn(table: Table):
     return lambda batch: {**batch, **features(lookup, top_class, share, batch["images"])}
 
 
-def blend(log_probs: tf.Tensor, duplicate_class: tf.Tensor, duplicate_share: tf.Tensor,
-          weight) -> tf.Tensor:
+def blend(log_probs, duplicate_class, duplicate_share, weight):
     """Per-image log-probabilities [..., C] blended with the table's distribution where
     the image was found: log((1 - w) p + w q), q giving the top class its share and
-    spreading the rest evenly. Plain arithmetic: it runs on any device."""
+    spreading the rest evenly. keras.ops arithmetic: it runs on any device and backend."""
     found = duplicate_class >= 0
-    q = _table_distribution(duplicate_class, duplicate_share, tf.shape(log_probs)[-1])
-    mixed = tf.math.log((1.0 - weight) * tf.exp(log_probs) + weight * q + 1e-30)
-    return tf.where(found[..., None], mixed, log_probs)
+    q = _table_distribution(duplicate_class, duplicate_share, log_probs.shape[-1])
+    mixed = ops.log((1.0 - weight) * ops.exp(log_probs) + weight * q + 1e-30)
+    return ops.where(found[..., None], mixed, log_probs)
 
 
-def blend_product(log_probs: tf.Tensor, duplicate_class: tf.Tensor,
-                  duplicate_share: tf.Tensor, mask: tf.Tensor, weight) -> tf.Tensor:
+def blend_product(log_probs, duplicate_class, duplicate_share, mask, weight):
     """Product log-probabilities [B, C] (a fusion head's, which has no per-image ones)
     blended with the mean of the table's distributions over the product's images found
     in it [B, N]: log((1 - w) p + w mean(q)). Products with no image found are left."""
-    found = tf.cast((duplicate_class >= 0) & (mask > 0), tf.float32)
-    q = _table_distribution(duplicate_class, duplicate_share, tf.shape(log_probs)[-1])
-    count = tf.reduce_sum(found, axis=1)
-    q = tf.reduce_sum(q * found[..., None], axis=1) / tf.maximum(count, 1.0)[:, None]
-    mixed = tf.math.log((1.0 - weight) * tf.exp(log_probs) + weight * q + 1e-30)
-    return tf.where((count > 0)[:, None], mixed, log_probs)
+    found = ops.cast((duplicate_class >= 0) & (mask > 0), "float32")
+    q = _table_distribution(duplicate_class, duplicate_share, log_probs.shape[-1])
+    count = ops.sum(found, axis=1)
+    q = ops.sum(q * found[..., None], axis=1) / ops.maximum(count, 1.0)[:, None]
+    mixed = ops.log((1.0 - weight) * ops.exp(log_probs) + weight * q + 1e-30)
+    return ops.where((count > 0)[:, None], mixed, log_probs)
 
 
-def _table_distribution(duplicate_class: tf.Tensor, duplicate_share: tf.Tensor,
-                        classes) -> tf.Tensor:
+def _table_distribution(duplicate_class, duplicate_share, classes: int):
     """q: the table's top class gets its share, the rest is spread evenly."""
-    top = tf.one_hot(tf.maximum(duplicate_class, 0), classes, dtype=tf.float32)
-    share = duplicate_share[..., None]
-    others = tf.cast(tf.maximum(classes - 1, 1), tf.float32)
+    top = ops.one_hot(ops.maximum(duplicate_class, 0), classes, dtype="float32")
+    share = ops.cast(duplicate_share, "float32")[..., None]
+    others = float(max(classes - 1, 1))
     return top * share + (1.0 - top) * (1.0 - share) / others
 
 

@@ -50,7 +50,7 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    cli.run(_define_flags, main, __doc__)
+    cli.run(_define_flags, main, __doc__, backend="tensorflow")
 
 
 if __name__ == "__main__":

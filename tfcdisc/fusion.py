@@ -83,26 +83,30 @@ def cache_features(image_model: keras.Model, builder, image_size: int, folder: s
                    splits=("train", "validation"), batch_size: int = 256) -> dict:
     """Embeds every product of ``splits`` once and writes ``folder/{split}.tfrecord``;
     returns {split: products}. The embedding width is ``image_model``'s."""
+    from tfcdisc import product_eval
     model = with_embedding(image_model)
     tf.io.gfile.makedirs(folder)
-
-    @tf.function
-    def embed(batch):
-        return models.image_outputs(model, batch["images"], batch["mask"])[EMBEDDING]
+    strategy = product_eval.default_strategy()
+    static = product_eval.static_shapes(strategy)
+    _, embed = product_eval.compile_step(lambda batch: {EMBEDDING: models.image_outputs(
+        model, batch["images"], None if static else batch["mask"])[EMBEDDING]}, [model],
+        strategy)
 
     counts = {}
     for split in splits:
         n = builder.info.splits[split].num_examples
-        batches = input_pipeline.batch_products(input_pipeline.split_products(builder, split),
-                                                batch_size, image_size, n)
+        batches = product_eval.distribute_products(
+            strategy, lambda: input_pipeline.split_products(builder, split), batch_size,
+            image_size, n)
         counts[split] = 0
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, f"{split}.tfrecord")
             with tf.io.TFRecordWriter(local) as f:
                 for batch in batches:
-                    emb = embed(batch).numpy().astype(np.float16)
-                    keep = batch["valid"].numpy() > 0
-                    masks, labels = batch["mask"].numpy(), batch["label"].numpy()
+                    out = embed(batch)
+                    emb = out[EMBEDDING].astype(np.float16)
+                    keep = out["valid"] > 0
+                    masks, labels = out["mask"], out["label"]
                     for e, m, y in zip(emb[keep], masks[keep], labels[keep]):
                         f.write(tf.train.Example(features=tf.train.Features(feature={
                             EMBEDDING: tf.train.Feature(bytes_list=tf.train.BytesList(
@@ -148,6 +152,10 @@ def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
         cache_features(image_model, builder, run["train"]["image_size"], folder)
     n_train = builder.info.splits["train"].num_examples
     batch_size = min(batch_size, n_train)  # static batches: drop_remainder below
+    if keras.backend.backend() == "jax":
+        # The head is small: one device, so that validation's last, partial batch needs
+        # no split over several.
+        keras.distribution.set_distribution(None)
     keras.utils.set_random_seed(seed)
 
     def labelled(ds):

@@ -90,13 +90,13 @@ def prediction_samples(export, products: Iterable[dict], strategy=None, n: int =
     `inference.bson_products`), scored by an opened export, titled with the predicted
     category, its probability and, where known, the true one."""
     import tensorflow as tf
-    from tfcdisc import inference
+    from tfcdisc import inference, product_eval
     chosen = list(itertools.islice(iter(products), n))
     stats = inference.PredictStats()
     ds = lambda: tf.data.Dataset.from_tensor_slices(  # noqa: E731
         {k: np.stack([p[k] for p in chosen]) for k in ("images", "product_id", "category_id")})
     out = next(inference.run_predictions(export, ds, len(chosen),
-                                         strategy or tf.distribute.get_strategy(), stats,
+                                         strategy or product_eval.default_strategy(), stats,
                                          batch_size=max(len(chosen), 1), progress=False))
     samples = []
     for p, cid, prob, truth in zip(chosen, out["category_id"], out["probability"],

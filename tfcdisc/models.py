@@ -15,7 +15,7 @@ A product's images are combined by the masked mean of their log-probabilities
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -50,17 +50,18 @@ BACKBONES: dict[str, Backbone] = {
     "mobilenetv3_large": Backbone(_APPS.MobileNetV3Large, "raw", preprocessing_flag=True),
     "small_cnn": Backbone(None, "unit", 16),
 }
-assert tuple(BACKBONES) == config.BACKBONE_NAMES, "config.BACKBONE_NAMES is out of date"
 
 
 def _interpolation(start, end, size: int, out: int):
     """[B, out, size] bilinear weights sampling [start, end) (fractions of ``size``)
     at ``out`` evenly spaced pixel centres; end < start mirrors the axis."""
+    # A static size stays a Python int: JAX traces need a concrete arange length.
+    grid = ops.arange(size if isinstance(size, int) else ops.cast(size, "int32"),
+                      dtype="float32")
     size = ops.cast(size, "float32")
     centres = (ops.arange(out, dtype="float32") + 0.5) / out  # [out]
     pos = (start[:, None] + centres[None, :] * (end - start)[:, None]) * size - 0.5
     pos = ops.clip(pos, 0.0, size - 1.0)
-    grid = ops.arange(ops.cast(size, "int32"), dtype="float32")
     return ops.maximum(0.0, 1.0 - ops.abs(pos[:, :, None] - grid[None, None, :]))
 
 
@@ -138,7 +139,7 @@ class Mirror(layers.Layer):
 @keras.saving.register_keras_serializable("tfcdisc")
 class MeanLogProbs(layers.Layer):
     """The mean of several views' log-probabilities (a geometric mean of probabilities;
-    `image_log_probs` renormalises it)."""
+    `top_k_of` renormalises it)."""
 
     def call(self, views):
         return ops.mean(ops.stack([ops.log_softmax(ops.cast(v, "float32"), axis=-1)
@@ -321,100 +322,129 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
 
 
 # --------------------------------------------------------------------------- products
+# Written with keras.ops, so that one definition scores products under the JAX backend
+# (training's validation, predict and evaluate on a TPU) and the TensorFlow backend
+# (the same, and the SavedModel's graph).
 
 
-def combine_log_probs(log_probs: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+def combine_log_probs(log_probs, mask):
     """Masked mean over a product's images: [B, N, C] log-probs, [B, N] mask -> [B, C].
 
     A product with no valid image gets all zeros (callers treat it as unscored).
     """
-    mask = tf.cast(mask, log_probs.dtype)
-    total = tf.reduce_sum(log_probs * mask[..., None], axis=1)
-    return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)[:, None]
+    mask = ops.cast(mask, log_probs.dtype)
+    total = ops.sum(log_probs * mask[..., None], axis=1)
+    return total / ops.maximum(ops.sum(mask, axis=1), 1.0)[:, None]
 
 
-def image_outputs(image_model: keras.Model, images: tf.Tensor,
-                  mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+def image_outputs(image_model: keras.Model, images, mask=None) -> dict:
     """[B, N, H, W, 3] uint8 -> every output of the model per image slot, [B, N, ...]
     float32, in inference mode; ``label`` as log-probabilities.
 
-    With a ``mask``, the model runs only on the real images (padding is ~55% of the
-    slots at 1.75 images a product) and padded slots get zeros. That shape is dynamic:
-    leave ``mask`` out where XLA needs static shapes (TPU evaluation).
+    With a ``mask`` (TensorFlow backend only), the model runs only on the real images
+    (padding is ~55% of the slots at 1.75 images a product) and padded slots get zeros.
+    That shape is dynamic: leave ``mask`` out where XLA compiles (a TPU, the JAX
+    backend).
     """
-    shape = tf.shape(images)
-    flat = tf.reshape(images, [-1, *images.shape[2:]])  # static image size for the view
-    widths = {key: out.shape[-1] for key, out in image_model.output.items()}
+    batch, slots = images.shape[0] or ops.shape(images)[0], images.shape[1]
+    flat = ops.reshape(images, (-1, *images.shape[2:]))  # static image size for the view
 
     def run(x):
-        out = {key: tf.cast(value, tf.float32)
+        out = {key: ops.cast(value, "float32")
                for key, value in image_model(x, training=False).items()}
-        out["label"] = tf.nn.log_softmax(out["label"], axis=-1)
+        out["label"] = ops.log_softmax(out["label"], axis=-1)
         return out
 
-    if mask is None:
-        per_image = run(flat)
-    else:
-        where = tf.where(tf.reshape(mask > 0, [-1]))
-        scored = tf.cond(  # a batch of only padding: a replica's share of the filler
-            tf.size(where) > 0, lambda: run(tf.gather_nd(flat, where)),
-            lambda: {key: tf.zeros([0, width]) for key, width in widths.items()})
-        rows = tf.shape(flat, out_type=tf.int64)[0]
-        per_image = {key: tf.scatter_nd(where, value, tf.stack(
-            [rows, tf.constant(widths[key], tf.int64)])) for key, value in scored.items()}
-    return {key: tf.reshape(value, tf.stack([shape[0], shape[1], -1]))
+    per_image = run(flat) if mask is None else _run_on_real_images(image_model, run, flat,
+                                                                    mask)
+    return {key: ops.reshape(value, (batch, slots, value.shape[-1]))
             for key, value in per_image.items()}
 
 
-def image_log_probs(image_model: keras.Model, images: tf.Tensor,
-                    mask: tf.Tensor | None = None) -> tf.Tensor:
-    """[B, N, H, W, 3] uint8 -> [B, N, C] float32 log-probabilities (`image_outputs`)."""
-    return image_outputs(image_model, images, mask)["label"]
+def _run_on_real_images(image_model, run, flat, mask):
+    """``run`` on the slots ``mask`` marks, zeros elsewhere (TensorFlow: dynamic shapes)."""
+    widths = {key: out.shape[-1] for key, out in image_model.output.items()}
+    where = tf.where(tf.reshape(mask > 0, [-1]))
+    scored = tf.cond(  # a batch of only padding: a replica's share of the filler
+        tf.size(where) > 0, lambda: run(tf.gather_nd(flat, where)),
+        lambda: {key: tf.zeros([0, width]) for key, width in widths.items()})
+    rows = tf.shape(flat, out_type=tf.int64)[0]
+    return {key: tf.scatter_nd(where, value, tf.stack(
+        [rows, tf.constant(widths[key], tf.int64)])) for key, value in scored.items()}
 
 
-def product_predictions(image_model: keras.Model, images: tf.Tensor, mask: tf.Tensor,
-                        k: int = 5, skip_padding: bool = False,
-                        adjust: Callable[[tf.Tensor], tf.Tensor] | None = None,
-                        fusion: keras.Model | None = None,
-                        product_adjust: Callable[[tf.Tensor], tf.Tensor] | None = None
-                        ) -> dict[str, tf.Tensor]:
-    """What evaluation and export need, kept small: top-k classes and probabilities of
-    each product, and each image's own top class. ``skip_padding`` runs the model on
-    real images only (dynamic shapes: for CPU/GPU inference, not for TPUs). ``adjust``
-    changes the per-image log-probabilities before they are combined (the duplicate
-    lookup's blend). A ``fusion`` model (`tfcdisc.fusion`) combines the images'
-    embeddings into the product's classes instead; ``product_adjust`` then changes its
-    product log-probabilities (the lookup's blend at product level)."""
-    outputs = image_outputs(image_model, images, mask if skip_padding else None)
-    per_image = outputs["label"]
-    fused = fused_logits(fusion, outputs, mask)
-    if fused is not None and product_adjust is not None:
-        fused = product_adjust(tf.nn.log_softmax(fused, axis=-1))
-    elif adjust is not None:
-        per_image = adjust(per_image)
-    return top_k_of(per_image, mask, k, fused)
-
-
-def fused_logits(fusion: keras.Model | None, outputs: dict[str, tf.Tensor],
-                 mask: tf.Tensor) -> tf.Tensor | None:
+def fused_logits(fusion: keras.Model | None, outputs: dict, mask):
     """The fusion model's product logits from `image_outputs`, or None without one."""
     if fusion is None:
         return None
-    return tf.cast(fusion({"embedding": outputs["embedding"], "mask": mask},
-                          training=False)["label"], tf.float32)
+    return ops.cast(fusion({"embedding": outputs["embedding"], "mask": mask},
+                           training=False)["label"], "float32")
 
 
-def top_k_of(per_image: tf.Tensor, mask: tf.Tensor, k: int = 5,
-             product_logits: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-    """`product_predictions` from per-image log-probabilities [B, N, C], or from
-    ``product_logits`` [B, C] where a fusion model gave them."""
-    combined = (combine_log_probs(per_image, mask) if product_logits is None
-                else tf.nn.log_softmax(product_logits, axis=-1))
-    if combined.shape[-1] is not None:  # a catalogue may have fewer categories than k
-        k = min(k, combined.shape[-1])
-    top_log_probs, top_classes = tf.math.top_k(combined, k=k)
+def top_k_of(per_image, mask, k: int = 5, product_log_probs=None) -> dict:
+    """Top-k classes and probabilities of each product, and each image's own top class,
+    from per-image log-probabilities [B, N, C] (their masked mean), or from
+    ``product_log_probs`` [B, C] where a fusion model gave them."""
+    combined = (combine_log_probs(per_image, mask) if product_log_probs is None
+                else ops.log_softmax(product_log_probs, axis=-1))
+    k = min(k, combined.shape[-1])  # a catalogue may have fewer categories than k
+    top_log_probs, top_classes = ops.top_k(combined, k=k)
     # exp of the mean log-probability is a geometric mean; renormalise over classes.
-    log_norm = tf.reduce_logsumexp(combined, axis=-1, keepdims=True)
-    return {"top_k_classes": top_classes,
-            "top_k_probabilities": tf.exp(top_log_probs - log_norm),
-            "image_top1": tf.argmax(per_image, axis=-1, output_type=tf.int32)}
+    log_norm = ops.logsumexp(combined, axis=-1, keepdims=True)
+    return {"top_k_classes": ops.cast(top_classes, "int32"),
+            "top_k_probabilities": ops.exp(top_log_probs - log_norm),
+            "image_top1": ops.cast(ops.argmax(per_image, axis=-1), "int32")}
+
+
+def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
+                   fusion: keras.Model | None = None, duplicate_class=None,
+                   duplicate_share=None, duplicate_weight: float = 0.0,
+                   weight_grid: Sequence[float] = ()) -> dict:
+    """The product scoring rule, the one that validation, evaluate, predict and the
+    SavedModel all run, from `image_outputs` and the padding ``mask`` [B, N]:
+
+    - a product's images are combined by the masked mean of their log-probabilities,
+      or by the ``fusion`` head over their embeddings;
+    - where the duplicate table found an image (``duplicate_class`` >= 0, from
+      `tfcdisc.duplicates.features`) the table's answer is blended in with
+      ``duplicate_weight``: per image, or with a fusion head per product;
+    - a product with no usable image gets ``fallback_class`` with probability 0, and
+      padded slots get image class -1.
+
+    Returns top_k_classes [B, k] int32, top_k_probabilities [B, k], image_top1 [B, N]
+    int32; with the table's features also duplicate_hits [B] (images found) and, for a
+    ``weight_grid``, top1_by_weight [B, len(grid)] (to choose the weight on validation).
+    """
+    from tfcdisc import duplicates
+    mask = ops.cast(mask, "float32")
+    per_image = outputs["label"]
+    fused = fused_logits(fusion, outputs, mask)
+    lookup = duplicate_class is not None
+
+    def blended(weight):  # per image; with a fusion head, its product log-probabilities
+        if fused is None:
+            return duplicates.blend(per_image, duplicate_class, duplicate_share, weight)
+        return duplicates.blend_product(ops.log_softmax(fused, axis=-1), duplicate_class,
+                                        duplicate_share, mask, weight)
+
+    if lookup and duplicate_weight:
+        out = (top_k_of(blended(duplicate_weight), mask, k) if fused is None
+               else top_k_of(per_image, mask, k, blended(duplicate_weight)))
+    else:
+        out = top_k_of(per_image, mask, k, fused)
+    has_image = (ops.sum(mask, axis=1) > 0)[:, None]
+    result = {
+        "top_k_classes": ops.where(has_image, out["top_k_classes"],
+                                   ops.cast(fallback_class, "int32")),
+        "top_k_probabilities": ops.where(has_image, out["top_k_probabilities"], 0.0),
+        "image_top1": ops.where(mask > 0, out["image_top1"], -1),
+    }
+    if lookup:
+        found = ops.cast((duplicate_class >= 0) & (mask > 0), "int32")
+        result["duplicate_hits"] = ops.sum(found, axis=1)
+        if weight_grid:
+            result["top1_by_weight"] = ops.stack(
+                [ops.cast(ops.argmax(combine_log_probs(blended(w), mask)
+                                     if fused is None else blended(w), axis=-1), "int32")
+                 for w in weight_grid], axis=1)
+    return result

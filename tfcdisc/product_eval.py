@@ -18,95 +18,51 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import distribute, duplicates, input_pipeline, models
+from tfcdisc import distribute, input_pipeline, models
 
 
 class ProductPredictor:
-    """Runs an image model over distributed product batches; traced once, reused.
+    """Runs an image model over distributed product batches; compiled once, reused.
 
-    On a TPU every slot of a batch goes through the model (static shapes); elsewhere
+    One scoring rule (`models.product_scores`) under either backend: on TensorFlow a
+    `tf.function` under the strategy; on JAX a `jax.jit` over the models' variables with
+    each batch split over the devices. Under XLA (a TPU, ``jit_compile``, the JAX
+    backend) every slot of a batch goes through the model (static shapes); elsewhere
     only the real images do (padding is about half the slots).
     """
 
-    def __init__(self, image_model: keras.Model, k: int = 5,
-                 strategy: tf.distribute.Strategy | None = None, fallback_class: int = 0,
-                 jit_compile: bool | None = None, duplicate_weight: float = 0.0,
-                 weight_grid: Sequence[float] = (), fusion: keras.Model | None = None):
-        self.strategy = strategy or tf.distribute.get_strategy()
+    def __init__(self, image_model: keras.Model, k: int = 5, strategy=None,
+                 fallback_class: int = 0, jit_compile: bool | None = None,
+                 duplicate_weight: float = 0.0, weight_grid: Sequence[float] = (),
+                 fusion: keras.Model | None = None):
+        self.strategy = strategy or default_strategy()
         self.k = k
-        tpu = distribute.is_tpu(self.strategy)
+        static = static_shapes(self.strategy) or bool(jit_compile)
 
-        def step(batch):
+        def scores(batch):
             mask = batch["mask"]
-            outputs = models.image_outputs(image_model, batch["images"],
-                                           None if (tpu or jit_compile) else mask)
-            per_image = outputs["label"]
-            lookup = "duplicate_class" in batch  # batches carry the table's answers
+            return models.product_scores(
+                models.image_outputs(image_model, batch["images"], None if static else mask),
+                mask, k, fallback_class=fallback_class, fusion=fusion,
+                duplicate_class=batch.get("duplicate_class"),
+                duplicate_share=batch.get("duplicate_share"),
+                duplicate_weight=duplicate_weight, weight_grid=weight_grid)
 
-            fused = models.fused_logits(fusion, outputs, mask)
-
-            def blended(weight):  # per image; with a fusion head, its product log-probs
-                if fused is None:
-                    return duplicates.blend(per_image, batch["duplicate_class"],
-                                            batch["duplicate_share"], weight)
-                return duplicates.blend_product(
-                    tf.nn.log_softmax(fused, axis=-1), batch["duplicate_class"],
-                    batch["duplicate_share"], mask, weight)
-
-            if lookup and duplicate_weight:
-                out = (models.top_k_of(blended(duplicate_weight), mask, k) if fused is None
-                       else models.top_k_of(per_image, mask, k, blended(duplicate_weight)))
-            else:
-                out = models.top_k_of(per_image, mask, k, fused)
-            has_image = tf.reduce_sum(mask, axis=1) > 0
-            result = {
-                "top_k_classes": tf.where(has_image[:, None], out["top_k_classes"],
-                                          tf.constant(fallback_class, tf.int32)),
-                "top_k_probabilities": tf.where(has_image[:, None],
-                                                out["top_k_probabilities"], 0.0),
-                "image_top1": tf.where(mask > 0, out["image_top1"], -1),
-            }
-            result.update({key: value for key, value in batch.items() if key != "images"})
-            if lookup:
-                found = tf.cast((batch["duplicate_class"] >= 0) & (mask > 0), tf.int32)
-                result["duplicate_hits"] = tf.reduce_sum(found, axis=1)
-                if weight_grid:  # top class for each candidate weight (choosing it)
-                    result["top1_by_weight"] = tf.stack(
-                        [tf.argmax(models.combine_log_probs(blended(w), mask)
-                                   if fused is None else blended(w), axis=-1,
-                                   output_type=tf.int32) for w in weight_grid], axis=1)
-            return result
-
-        self.step = tf.function(step, jit_compile=jit_compile)
-
-        # Across workers every worker needs every worker's products: a collective gather.
-        # On one machine the replicas' results are read where they are (a gather's
-        # collective keys can clash between two predictors in one process).
-        multi_worker = isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
-        @tf.function
-        def distributed_step(batch):
-            out = self.strategy.run(self.step, args=(batch,))
-            if multi_worker:
-                return {key: self.strategy.gather(value, axis=0) for key, value in out.items()}
-            return out
-
-        self._distributed_step = distributed_step
+        self.step, self._run = compile_step(scores, [image_model, fusion], self.strategy,
+                                            jit_compile)
 
     def batches(self, dataset, max_batches: int | None = None
                 ) -> Iterator[dict[str, np.ndarray]]:
         """Numpy arrays of the valid products of each global batch, in dataset order.
 
-        ``dataset`` is a distributed dataset (`distribute_products`). Keys: top_k_classes
-        [n, k], top_k_probabilities [n, k], image_top1 [n, 4] (-1 for padding), mask
-        [n, 4], and the batch's own scalars (product_id, labels, ...).
+        ``dataset`` comes from `distribute_products`. Keys: top_k_classes [n, k],
+        top_k_probabilities [n, k], image_top1 [n, 4] (-1 for padding), mask [n, 4], and
+        the batch's own scalars (product_id, labels, ...).
         """
         for i, batch in enumerate(dataset):
             if max_batches is not None and i >= max_batches:
                 break
-            out = {key: np.concatenate([t.numpy() for t in
-                                        self.strategy.experimental_local_results(value)])
-                   for key, value in self._distributed_step(batch).items()}
+            out = self._run(batch)
             keep = out.pop("valid") > 0
             yield {key: value[keep] for key, value in out.items()}
 
@@ -119,15 +75,105 @@ class ProductPredictor:
         return {key: np.concatenate(chunks) for key, chunks in parts.items()}
 
 
-def distribute_products(strategy: tf.distribute.Strategy,
-                        products: Callable[[], tf.data.Dataset], batch_size: int,
+_DEVICE_KEYS = ("images", "mask", "duplicate_class", "duplicate_share")
+
+
+def static_shapes(strategy) -> bool:
+    """Whether XLA compiles the step (a TPU, the JAX backend): then every slot of a
+    batch goes through the model, padding included."""
+    return isinstance(strategy, distribute.JaxDataParallel) or distribute.is_tpu(strategy)
+
+
+def compile_step(fn: Callable, keras_models: Sequence, strategy=None,
+                 jit_compile: bool | None = None):
+    """``fn(batch) -> dict of tensors`` (keras.ops on the device fields of a batch:
+    images, mask, the duplicate table's features) compiled for the backend. Returns
+    ``(step, run)``: ``step`` one compiled call on one replica's batch, ``run`` a batch
+    of `distribute_products` to numpy results with the batch's other fields (ids,
+    labels, valid) beside them, every replica's and process's share joined."""
+    strategy = strategy or default_strategy()
+    runner = _jax_runner if isinstance(strategy, distribute.JaxDataParallel) else _tf_runner
+    return runner(fn, keras_models, strategy, jit_compile)
+
+
+def _tf_runner(scores, keras_models, strategy, jit_compile):
+    """Batch -> numpy results under a tf.distribute strategy: the batch's own fields go
+    through the step beside the scores, then every replica's share is joined."""
+    del keras_models  # a tf.function reads their variables itself
+    step = tf.function(lambda batch: {**scores(batch), **{
+        key: value for key, value in batch.items() if key != "images"}},
+        jit_compile=jit_compile)
+    # Across workers every worker needs every worker's products: a collective gather.
+    # On one machine the replicas' results are read where they are (a gather's
+    # collective keys can clash between two predictors in one process).
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+    @tf.function
+    def distributed_step(batch):
+        out = strategy.run(step, args=(batch,))
+        if multi_worker:
+            return {key: strategy.gather(value, axis=0) for key, value in out.items()}
+        return out
+
+    def run(batch):
+        return {key: np.concatenate([t.numpy() for t in
+                                     strategy.experimental_local_results(value)])
+                for key, value in distributed_step(batch).items()}
+    return step, run
+
+
+def _jax_runner(scores, keras_models, strategy, jit_compile):
+    """Batch -> numpy results on the JAX backend: the scores compiled once over the
+    models' variables (passed in, not baked into the program), the device fields of
+    each batch split over every device of every process; the other fields (ids,
+    labels) stay on the host, gathered across processes like the results."""
+    import jax
+    from jax.experimental import multihost_utils
+    variables = [v for m in keras_models if m is not None for v in m.variables]
+
+    def pure(values, batch):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return scores(batch)
+
+    del jit_compile  # JAX always compiles
+    compiled = jax.jit(pure)
+
+    def run(batch):
+        host = {key: value.numpy() for key, value in batch.items()}
+        device = {key: host[key] for key in _DEVICE_KEYS if key in host}
+        del host["images"]
+        device = {key: jax.make_array_from_process_local_data(
+            strategy.distribution.get_data_layout(value.shape).backend_layout, value)
+            for key, value in device.items()}
+        out = compiled([v.value for v in variables], device)
+        if strategy.process_count > 1:
+            out = multihost_utils.process_allgather(out, tiled=True)
+            host = multihost_utils.process_allgather(host, tiled=True)
+        return {**{key: np.asarray(value) for key, value in out.items()},
+                **{key: np.asarray(value) for key, value in host.items()}}
+    return (lambda batch: compiled([v.value for v in variables], batch)), run
+
+
+def default_strategy():
+    """The backend's plain placement: TensorFlow's default strategy, or on JAX data
+    parallel over this process's devices."""
+    if keras.backend.backend() == "jax":
+        return distribute.JaxDataParallel()
+    return tf.distribute.get_strategy()
+
+
+def distribute_products(strategy, products: Callable[[], tf.data.Dataset], batch_size: int,
                         image_size: int, num_products: int | None, duplicate_table=None):
     """``products()`` batched for ``strategy``: static per-replica batches, every product
     once, dummies masked (`input_pipeline.batch_products`).
 
-    ``batch_size`` is global and rounded up to a multiple of the replicas.
+    ``batch_size`` is global and rounded up to a multiple of the replicas (devices).
     """
     replicas = strategy.num_replicas_in_sync
+    if isinstance(strategy, distribute.JaxDataParallel):  # one batch per process, split
+        return input_pipeline.batch_products(  # over its devices by the predictor
+            products(), -(-batch_size // replicas) * replicas, image_size, num_products,
+            strategy.input_context(), duplicate_table)
     if replicas == 1 and not distribute.is_tpu(strategy) and not isinstance(
             strategy, tf.distribute.MultiWorkerMirroredStrategy):
         # One CPU or GPU: the plain dataset (a distributed iterator there costs ~17% of a

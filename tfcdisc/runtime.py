@@ -1,17 +1,31 @@
 """What runtime is this (TPU VM, GPU, CPU; Colab, Kaggle or other) and what it needs installed.
 
-Today's Colab and Kaggle TPU runtimes are TPU VMs without TensorFlow: they need the
-`tensorflow-tpu` wheel with its libtpu, and must not get plain `tensorflow` on top of it
-(both install the module ``tensorflow``; the plain one has no TPU kernels). The project's
-extras follow that split: ``tfcdisc[tpu]``, ``tfcdisc[gpu]``, ``tfcdisc[cpu]``.
+What today's images ship, from their own files:
+- Kaggle's TPU image (Kaggle/docker-python, ``tpu/requirements.in``): ``tensorflow-cpu``
+  2.20, ``jax[tpu]`` and ``keras>3``; ``tensorflow-tpu`` is commented out ("re-enable
+  tensorflow-tpu when a compatible libtpu can be found").
+- Colab's TPU runtime (v5e-1): JAX with its libtpu and no TensorFlow (googlecolab/
+  colabtools#5164, #5174: no tensorflow-tpu release fits modern JAX).
+- Cloud TPU VM images built for TensorFlow (``tpu-vm-tf-*``): ``tensorflow-tpu`` and its
+  libtpu, no JAX.
+- A GPU box: whatever TensorFlow it has, or none.
 
-Imports no TensorFlow, so the notebook can decide what to install before anything is.
+So on a TPU with JAX, Keras 3 drives the TPU through JAX and TensorFlow is only the data
+and SavedModel library: its CPU build is enough. The preinstalled JAX and libtpu are never
+uninstalled or replaced; a preinstalled TensorFlow is kept when its version is the tested
+one, else replaced by ``tensorflow-cpu``; two TensorFlow distributions (they write the
+same ``tensorflow`` module) are never left side by side. A TPU with ``tensorflow-tpu``
+and no JAX keeps the second route, TensorFlow's own ``TPUStrategy``.
+
+Imports no TensorFlow, no JAX and no Keras, so the notebook can decide what to install
+before anything is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import sys
@@ -24,6 +38,13 @@ LIBTPU_INDEX = "https://storage.googleapis.com/libtpu-tf-releases/index.html"
 _TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR", "TPU_WORKER_ID",
             "TPU_WORKER_HOSTNAMES")
 _TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-tpu")
+_JAX_DISTRIBUTIONS = ("jax", "jaxlib", "libtpu", "libtpu-nightly")
+# Which TensorFlow distribution each route wants, and which present ones serve it.
+_TF_FOR = {"tpu": "tensorflow-cpu", "tpu-tf": "tensorflow-tpu", "gpu": "tensorflow",
+           "cpu": "tensorflow"}
+_SERVES = {"tpu": ("tensorflow-cpu", "tensorflow", "tensorflow-intel"),
+           "tpu-tf": ("tensorflow-tpu",), "gpu": ("tensorflow",),
+           "cpu": ("tensorflow", "tensorflow-cpu", "tensorflow-intel")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +54,6 @@ class Runtime:
     accelerator: str  # "tpu", "gpu" or "cpu"
     host: str  # "colab", "kaggle" or "other"
     detail: str = ""  # e.g. the TPU type (v5litepod-1, v3-8) or how it was recognised
-
-    @property
-    def extra(self) -> str:
-        return self.accelerator
 
 
 def detect(env: Mapping[str, str] | None = None,
@@ -62,8 +79,8 @@ def detect(env: Mapping[str, str] | None = None,
     return Runtime("cpu", host)
 
 
-def installed(names=_TF_DISTRIBUTIONS) -> dict[str, str]:
-    """The TensorFlow distributions installed here, with their versions."""
+def installed(names=_TF_DISTRIBUTIONS + _JAX_DISTRIBUTIONS) -> dict[str, str]:
+    """The TensorFlow and JAX distributions installed here, with their versions."""
     found = {}
     for name in names:
         try:
@@ -73,47 +90,110 @@ def installed(names=_TF_DISTRIBUTIONS) -> dict[str, str]:
     return found
 
 
+def route(where: Runtime, present: Mapping[str, str]) -> str:
+    """Which install route a runtime takes: ``tpu`` (JAX drives the TPU, TensorFlow's CPU
+    build feeds it), ``tpu-tf`` (a TensorFlow TPU VM image: tensorflow-tpu and no JAX),
+    ``gpu`` or ``cpu``."""
+    if where.accelerator == "tpu":
+        return "tpu-tf" if "tensorflow-tpu" in present and "jax" not in present else "tpu"
+    return where.accelerator
+
+
+def _supported(version: str) -> bool:
+    return version.startswith(TF_VERSION + ".")
+
+
 def install_commands(runtime: Runtime, repo: str, *, python: str = sys.executable,
                      extras: tuple[str, ...] = ("beam",),
                      present: Mapping[str, str] | None = None) -> list[list[str]]:
     """The pip commands that make this runtime ready for tfcdisc (in order).
 
-    On a TPU, any plain TensorFlow goes first (it would shadow the TPU build), then the
-    project with its ``tpu`` extra and libtpu from its index. Elsewhere the project with
-    the ``gpu`` or ``cpu`` extra, at the tested TensorFlow minor.
+    The runtime's own JAX and libtpu stay as they are. Its TensorFlow stays when it is
+    one distribution that serves the route (`route`) at the tested version; otherwise
+    every TensorFlow distribution goes first and the route's own comes with the
+    project's extra (``tpu``: tensorflow-cpu, ``tpu-tf``: tensorflow-tpu with libtpu from
+    its index, ``gpu``, ``cpu``). A TPU without JAX gets ``jax[tpu]`` unless it takes
+    the TensorFlow route.
     """
     present = installed() if present is None else present
+    way = route(runtime, present)
     pip = [python, "-m", "pip", "install", "--quiet"]
-    spec = f"{repo}[{','.join((runtime.extra, *extras))}]"
+    tf_present = {n: v for n, v in present.items() if n in _TF_DISTRIBUTIONS}
+    keep = (len(tf_present) == 1 and next(iter(tf_present)) in _SERVES[way]
+            and _supported(next(iter(tf_present.values()))))
     commands = []
-    if runtime.accelerator == "tpu":
-        plain = sorted(n for n in present if n != "tensorflow-tpu")
-        if plain:
-            commands.append([python, "-m", "pip", "uninstall", "--yes", *plain])
-        commands.append([*pip, "-e", spec, "-f", LIBTPU_INDEX])
-    else:
-        if "tensorflow-tpu" in present:  # a TPU build cannot drive a GPU or a bare CPU
-            commands.append([python, "-m", "pip", "uninstall", "--yes", "tensorflow-tpu"])
-        commands.append([*pip, "-e", spec])
+    if tf_present and not keep:
+        commands.append([python, "-m", "pip", "uninstall", "--yes", *sorted(tf_present)])
+    chosen = list(extras)
+    if not keep:
+        chosen.insert(0, way)
+    elif way == "cpu":
+        chosen.insert(0, "jax")  # tests and CPU runs use both backends
+    command = [*pip, "-e", f"{repo}[{','.join(chosen)}]"]
+    if way == "tpu" and "jax" not in present:
+        command.append("jax[tpu]")
+    if way == "tpu-tf" and not keep:
+        command += ["-f", LIBTPU_INDEX]
+    commands.append(command)
     return commands
 
 
 def tpu_support_problem(present: Mapping[str, str] | None = None) -> str | None:
-    """Why this TensorFlow cannot drive a TPU, with what to install; None when it can."""
+    """Why TensorFlow's own TPU route (`TPUStrategy`) cannot run here, with what to
+    install; None when it can."""
     present = installed() if present is None else present
-    if "tensorflow-tpu" in present and len(present) == 1:
-        if not present["tensorflow-tpu"].startswith(TF_VERSION + "."):
-            return (f"tensorflow-tpu {present['tensorflow-tpu']} is installed; tfcdisc is "
-                    f"tested with {TF_VERSION}: pip install -e 'REPO[tpu]' -f {LIBTPU_INDEX}")
+    tf_present = {n: v for n, v in present.items() if n in _TF_DISTRIBUTIONS}
+    if "tensorflow-tpu" in tf_present and len(tf_present) == 1:
+        if not _supported(tf_present["tensorflow-tpu"]):
+            return (f"tensorflow-tpu {tf_present['tensorflow-tpu']} is installed; tfcdisc is "
+                    f"tested with {TF_VERSION}: pip install -e 'REPO[tpu-tf]' -f "
+                    f"{LIBTPU_INDEX}")
+        if "jax" in present:
+            return ("tensorflow-tpu is installed beside JAX, whose libtpu it may not find a "
+                    "TPU with; use --backend=jax (the default on TPUs with JAX)")
         return None
-    if "tensorflow-tpu" in present:
-        others = ", ".join(n for n in present if n != "tensorflow-tpu")
+    if "tensorflow-tpu" in tf_present:
+        others = ", ".join(n for n in tf_present if n != "tensorflow-tpu")
         return (f"{others} is installed beside tensorflow-tpu and shadows its TPU kernels: "
                 f"pip uninstall -y {others}, then pip install --force-reinstall "
                 f"'tensorflow-tpu=={TF_VERSION}.*' -f {LIBTPU_INDEX}")
-    return ("this TensorFlow has no TPU kernels (the plain `tensorflow` wheel): on a TPU VM "
-            f"run `pip uninstall -y tensorflow` and `pip install -e 'REPO[tpu]' -f "
-            f"{LIBTPU_INDEX}` (the notebook's install cell does both), then restart Python")
+    return ("this TensorFlow has no TPU kernels: drive the TPU with --backend=jax "
+            "(JAX ships with Colab's and Kaggle's TPU images; elsewhere pip install "
+            "'jax[tpu]'), or, on a TPU VM without JAX, pip install -e 'REPO[tpu-tf]' -f "
+            f"{LIBTPU_INDEX} for TensorFlow's TPUStrategy")
+
+
+def jax_tpu_problem(present: Mapping[str, str] | None = None) -> str | None:
+    """Why JAX cannot drive a TPU here, with what to install; None when nothing is
+    missing (the TPU may still be busy or absent)."""
+    present = installed() if present is None else present
+    if "jax" not in present:
+        return "JAX is not installed: pip install 'jax[tpu]'"
+    if not any(n.startswith("libtpu") for n in present):
+        return ("JAX has no libtpu: pip install 'jax[tpu]' (it brings the matching libtpu; "
+                "never install tensorflow-tpu's libtpu beside it)")
+    return ("libtpu is installed but JAX found no TPU: another process may hold it "
+            "(restart the runtime), or this VM has none")
+
+
+def build_space_problem(sources: list[str], data_dir: str, factor: float = 1.1,
+                        free: Callable[[str], int] | None = None) -> str | None:
+    """Why ``tfds build`` would run out of disk, or None: TFRecords take about the
+    BSON files' size again (JPEG bytes are moved, not re-encoded), plus a margin.
+    Cloud Storage (gs://) has no such limit; sources there count as 0 bytes here."""
+    if data_dir.startswith("gs://"):
+        return None
+    need = int(sum(os.path.getsize(s) for s in sources
+                   if not s.startswith("gs://") and os.path.exists(s)) * factor)
+    folder = os.path.abspath(data_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    have = (free or (lambda f: shutil.disk_usage(f).free))(folder)
+    if have >= need:
+        return None
+    return (f"{data_dir}: {have / 1e9:.1f} GB free on its disk, the build needs about "
+            f"{need / 1e9:.1f} GB (the BSON files' size again, plus 10%); free space, "
+            "choose a DATA_DIR on a bigger disk, or a gs:// bucket")
 
 
 def in_notebook() -> bool:

@@ -70,6 +70,7 @@ class ProductClassifier(tf.Module):
                                 float(duplicate_table.weight))
         self.image_size = image_size
         self.top_k = top_k
+        self.fallback_class = fallback_class
         self._category_ids = tf.constant(taxonomy.category_ids, tf.int64)
         self._fallback_id = tf.constant(int(taxonomy.category_ids[fallback_class]), tf.int64)
         self._taxonomy_json = tf.constant(json.dumps(taxonomy.to_dict(), ensure_ascii=False))
@@ -84,32 +85,27 @@ class ProductClassifier(tf.Module):
 
     def _serve(self, images):
         decoded = input_pipeline.decode_products(images, self.image_size)
-        adjust = product_adjust = None
-        mask = input_pipeline.padding_mask(images)
+        found = {}
         if self._duplicates is not None:  # the bytes are here: look the images up
-            lookup, top_class, share, weight = self._duplicates
+            lookup, top_class, share, _ = self._duplicates
             found = duplicates.features(lookup, top_class, share, images)
-            adjust = lambda lp: duplicates.blend(  # noqa: E731
-                lp, found["duplicate_class"], found["duplicate_share"], weight)
-            product_adjust = lambda lp: duplicates.blend_product(  # noqa: E731
-                lp, found["duplicate_class"], found["duplicate_share"], mask, weight)
-        return self._predict(decoded, mask, adjust, product_adjust)
+        return self._predict(decoded, input_pipeline.padding_mask(images), **found)
 
-    def _predict(self, images, mask, adjust=None, product_adjust=None):
-        out = models.product_predictions(self.image_model, images, mask, self.top_k,
-                                         skip_padding=True, adjust=adjust,
-                                         fusion=self.fusion_model,
-                                         product_adjust=product_adjust)
-        has_image = tf.reduce_sum(mask, axis=1) > 0
-        top_ids = tf.gather(self._category_ids, out["top_k_classes"])
-        top_probs = tf.where(has_image[:, None], out["top_k_probabilities"], 0.0)
-        image_ids = tf.where(mask > 0, tf.gather(self._category_ids, out["image_top1"]),
+    def _predict(self, images, mask, duplicate_class=None, duplicate_share=None):
+        out = models.product_scores(
+            models.image_outputs(self.image_model, images, mask), mask, self.top_k,
+            fallback_class=self.fallback_class, fusion=self.fusion_model,
+            duplicate_class=duplicate_class, duplicate_share=duplicate_share,
+            duplicate_weight=self._duplicates[3] if self._duplicates else 0.0)
+        image_ids = tf.where(mask > 0, tf.gather(self._category_ids,
+                                                 tf.maximum(out["image_top1"], 0)),
                              tf.constant(-1, tf.int64))
+        top_ids = tf.gather(self._category_ids, out["top_k_classes"])
         return {
-            "category_id": tf.where(has_image, top_ids[:, 0], self._fallback_id),
-            "probability": top_probs[:, 0],
-            "top_k_category_id": tf.where(has_image[:, None], top_ids, self._fallback_id),
-            "top_k_probability": top_probs,
+            "category_id": top_ids[:, 0],
+            "probability": out["top_k_probabilities"][:, 0],
+            "top_k_category_id": top_ids,
+            "top_k_probability": out["top_k_probabilities"],
             "image_category_id": image_ids,
         }
 
@@ -173,6 +169,10 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
     the head was trained on. With ``duplicates_from`` as well, the table is blended with
     the head's product predictions (`duplicates.blend_product`).
     """
+    if keras.backend.backend() != "tensorflow":
+        return _in_tensorflow_process("export", model_dir=model_dir, export_dir=export_dir,
+                                      top_k=top_k, checkpoint=checkpoint, tta=tta,
+                                      duplicates_from=duplicates_from, fusion_dir=fusion_dir)
     config = training.load_config(model_dir)
     cfg = training.TrainConfig(**config["train"])
     builder = input_pipeline.load_builder(cfg.data_dir)
@@ -207,6 +207,26 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
                     max_image_pixels=int(np.prod(built_size)) if built_size else None,
                     duplicate_table=table, fusion_model=fusion_head, tta=tta)
     return {**summary, "checkpoint": checkpoint}
+
+
+def _in_tensorflow_process(command: str, **flags) -> dict:
+    """Runs ``python -m tfcdisc.<command>`` (TensorFlow backend) and returns its JSON
+    summary: a SavedModel is TensorFlow's graph, which a process whose Keras runs on
+    JAX cannot trace (Keras's own JAX export would wrap it in XlaCallModule ops, which
+    TF Serving and TF.js may not run)."""
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", f"tfcdisc.{command}"]
+    for name, value in flags.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None:
+                args.append(f"--{name}={item}")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise ValueError(f"{command} (in a TensorFlow-backend process) failed: "
+                         f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return json.loads(done.stdout[done.stdout.index("{"):])
 
 
 def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model: keras.Model,
@@ -353,7 +373,7 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "m.keras")
         tf.io.gfile.copy(path, local)
-        with (strategy or tf.distribute.get_strategy()).scope():
+        with (strategy or product_eval.default_strategy()).scope():
             model = keras.saving.load_model(local, compile=False)
             if meta.get("fusion"):
                 from tfcdisc import fusion  # noqa: F401 (registers the head's layers)

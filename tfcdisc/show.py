@@ -53,7 +53,7 @@ def _define_flags() -> None:
 
 
 def run() -> None:
-    cli.run(_define_flags, main, __doc__)
+    cli.run(_define_flags, main, __doc__, backend="flag")
 
 
 if __name__ == "__main__":

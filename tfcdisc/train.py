@@ -34,7 +34,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-    cli.run(_define_flags, main, __doc__)
+    cli.run(_define_flags, main, __doc__, backend="flag")
 
 
 if __name__ == "__main__":

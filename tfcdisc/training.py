@@ -25,17 +25,19 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 from typing import Sequence
 
 import keras
 import tensorflow as tf
 
 from tfcdisc import atomic, distribute, input_pipeline, models, product_eval, runtime
+from tfcdisc import backend as backend_lib
 from tfcdisc import config as config_lib
 from tfcdisc.config import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
 
 __all__ = ["TrainConfig", "train", "load_config", "image_model", "build_and_compile",
-           "dataset_info"]
+           "dataset_info", "EpochTimeEstimate"]
 
 
 def _config_path(model_dir: str) -> str:
@@ -87,6 +89,32 @@ class LearningRateLogger(keras.callbacks.Callback):
                 self.model.optimizer.learning_rate))
 
 
+class EpochTimeEstimate(keras.callbacks.Callback):
+    """Says, once the first steps have run, how long an epoch will take: timed from the
+    end of the first step (which compiles) to the end of step ``after_steps``."""
+
+    def __init__(self, after_steps: int = 50, out=None):
+        super().__init__()
+        self.after_steps, self.out = max(after_steps, 2), out
+        self._start = self._steps = None
+        self.seconds_per_epoch: float | None = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.seconds_per_epoch is not None:
+            return
+        if self._start is None:
+            self._start, self._steps = time.perf_counter(), batch + 1
+            return
+        if batch + 1 - self._steps >= self.after_steps - 1 or \
+                batch + 1 >= self.params.get("steps", float("inf")):
+            rate = (batch + 1 - self._steps) / max(time.perf_counter() - self._start, 1e-9)
+            steps = self.params.get("steps") or 0
+            self.seconds_per_epoch = steps / rate if rate else float("inf")
+            print(f"train: {rate:.2f} steps/s after {batch + 1} steps (compilation "
+                  f"excluded): about {self.seconds_per_epoch / 60:.1f} min per epoch of "
+                  f"{steps} steps", file=self.out or sys.stderr, flush=True)
+
+
 class Backup(keras.callbacks.Callback):
     """Backs up weights, optimizer state and position every N steps and after each epoch.
 
@@ -110,6 +138,9 @@ class Backup(keras.callbacks.Callback):
         if batch + 1 >= self.params.get("steps", float("inf")):
             return  # the epoch's own backup follows its validation and history row
         if self.every_steps and done - self._last_saved >= self.every_steps:
+            sync = getattr(self.model, "jax_state_sync", None)
+            if sync is not None:  # JAX holds the state outside the variables mid-epoch
+                sync()
             self.save(self.epoch, done)
             self._last_saved = done
 
@@ -287,22 +318,23 @@ def _vector_logs(model: keras.Model) -> None:
 
 
 
-def _build_from_spec(model: keras.Model, strategy: tf.distribute.Strategy, batch: int,
-                     size: int, label_keys: Sequence[str]) -> None:
-    """Builds model, loss, metrics and optimizer from the known batch shapes.
+def _build_for_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy,
+                            batch: int, size: int, label_keys: Sequence[str]) -> None:
+    """Builds loss, metrics and optimizer from the known batch shapes, for
+    MultiWorkerMirroredStrategy only.
 
     Keras's fit learns them by pulling a distributed batch and all-reducing it (MEAN);
     under MultiWorkerMirroredStrategy that reduce fails on uint8 images and int labels
-    ("Attempt to convert a value (PerReplica...) to a Tensor"), and elsewhere it costs a
-    batch. With everything built, fit's own symbolic build has nothing left to do.
+    ("Attempt to convert a value (PerReplica...) to a Tensor"). No public Keras API
+    builds a compiled model's loss and metrics, so this one path calls Keras internals
+    (``_symbolic_build``, ``_maybe_symbolic_build``); Keras is pinned to the tested range
+    in pyproject.toml and tests/test_train.py fails when those internals change.
     """
     per_replica = batch // strategy.num_replicas_in_sync
     spec = (tf.TensorSpec([per_replica, size, size, 3], tf.uint8),
             {k: tf.TensorSpec([per_replica], tf.int32) for k in label_keys})
     with strategy.scope():
         model._symbolic_build(data_batch=spec)
-        if not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
@@ -316,7 +348,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     written to flags.txt once the settings have proved valid.
     """
     config_lib.check(cfg)
+    used_backend = backend_lib.select(cfg.backend)
     strategy = distribute.get_strategy(cfg.strategy, cfg.tpu)
+    print(f"train: {distribute.describe(strategy)}", file=sys.stderr)
     distribute.check_paths_for(strategy, data_dir=cfg.data_dir, model_dir=cfg.model_dir)
     policy = distribute.set_precision(cfg.mixed_precision, strategy)
     if cfg.seed is not None:
@@ -332,8 +366,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     with strategy.scope():
         model = build_and_compile(cfg, info, total_steps, steps_per_epoch, batch)
     label_keys = tuple(model.output)
-    _build_from_spec(model, strategy, batch, cfg.decode_size, label_keys)
+    with strategy.scope():  # public: a resumed run loads the optimizer's state into it
+        model.optimizer.build(model.trainable_variables)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        _build_for_multi_worker(model, strategy, batch, cfg.decode_size, label_keys)
         _vector_logs(model)
     # Every check, the model's own included, ran before this: the first write (the chief's).
     resume = prepare_model_dir(model_dir, cfg, delete=distribute.is_chief(strategy))
@@ -345,7 +381,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     if chief:
         atomic.write(_config_path(model_dir), json.dumps(
             {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
-             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+             "backend": used_backend, "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
              "global_batch_size": batch, "steps_per_epoch": steps_per_epoch}, indent=2))
         if flags_text is not None:
             atomic.write(model_dir + "/flags.txt", flags_text)
@@ -375,6 +411,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             ds = input_pipeline.train_dataset(builder, batch, options, input_context=ctx,
                                               start_step=start_step)
             return ds.map(lambda x, y: (x, {k: y[k] for k in label_keys}))
+        if isinstance(strategy, distribute.JaxDataParallel):  # Keras splits each batch
+            return fn(strategy.input_context())  # over the devices; a process reads its share
         return strategy.distribute_datasets_from_function(fn)
 
     val_ds = product_eval.distribute_products(
