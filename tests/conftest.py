@@ -15,35 +15,61 @@ sys.path.insert(0, str(REPO))  # for tfds_builder.cdiscount
 REAL_CATEGORY_NAMES = REPO.parent / "shared" / "data" / "category_names.csv"
 
 
+def once_per_run(tmp_path_factory, name: str, make):
+    """``make(folder)`` run once per test run, whatever the number of xdist workers: the
+    first worker to get here builds into a folder they all share (beside their own base
+    temp folders), under a file lock; the others wait, then reuse it."""
+    import fcntl
+    import pickle
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder = shared / f"shared-{name}"
+    done = shared / f"shared-{name}.pickle"
+    with open(shared / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            value = make(folder)
+            done.write_bytes(pickle.dumps(value))
+            return value
+        return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def catalogue(tmp_path_factory):
     """A small Kaggle-layout folder: 240 train and 60 test products in 12 categories."""
-    from tfcdisc import synth
-    out = tmp_path_factory.mktemp("catalogue")
-    summary = synth.generate(str(out), 240, 60, num_categories=12, seed=7, workers=1)
-    return out, summary
+    def make(out):
+        from tfcdisc import synth
+        return out, synth.generate(str(out), 240, 60, num_categories=12, seed=7, workers=1)
+    return once_per_run(tmp_path_factory, "catalogue", make)
 
 
 @pytest.fixture(scope="session")
 def dataset(catalogue, tmp_path_factory):
     """The catalogue built into a TFDS dataset; returns the builder."""
     folder, _ = catalogue
-    return build_dataset(folder, tmp_path_factory.mktemp("data"))
+    data = once_per_run(tmp_path_factory, "data", lambda out: (build_dataset(folder, out),
+                                                                out)[1])
+    return build_dataset(folder, data)  # the built dataset, opened (nothing is rebuilt)
 
 
 @pytest.fixture(scope="session")
 def exported(dataset, tmp_path_factory):
     """A small model trained for a few steps on the dataset and exported: (run, export)."""
-    from tfcdisc import serving, training
-    run = tmp_path_factory.mktemp("run")
-    training.train(training.TrainConfig(
-        data_dir=dataset.data_dir, model_dir=str(run), backbone="small_cnn", image_size=32,
-        global_batch_size=32, epochs=2, steps_per_epoch=8, optimizer="adamw",
-        learning_rate=0.004, bn_momentum=0.9, strategy="default", mixed_precision="float32",
-        shuffle_buffer=256, eval_batch_size=16, seed=0, verbose=0))
-    out = tmp_path_factory.mktemp("export") / "model"
-    serving.export(str(run), str(out))
-    return run, out
+    def make(folder):
+        from tfcdisc import serving, training
+        run = folder / "run"
+        training.train(training.TrainConfig(
+            data_dir=dataset.data_dir, model_dir=str(run), backbone="small_cnn",
+            image_size=32, global_batch_size=32, epochs=2, steps_per_epoch=8,
+            optimizer="adamw", learning_rate=0.004, bn_momentum=0.9, strategy="default",
+            mixed_precision="float32", shuffle_buffer=256, eval_batch_size=16, seed=0,
+            verbose=0))
+        out = folder / "export" / "model"
+        serving.export(str(run), str(out))
+        return run, out
+    return once_per_run(tmp_path_factory, "exported", make)
 
 
 def train_config(dataset, model_dir, **overrides):

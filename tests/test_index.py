@@ -163,8 +163,10 @@ def test_pieces_that_do_not_meet_are_refused(catalogue):
 def test_beam_indexing_matches_and_reports_problems_at_their_offset(catalogue, tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
     from tfcdisc import beam_index
+    import shutil
     folder, _ = catalogue
-    clean, corrupt = str(folder / "test.bson"), _corrupt_file(tmp_path)
+    clean = str(shutil.copy(folder / "test.bson", tmp_path))  # no index beside it yet
+    corrupt = _corrupt_file(tmp_path)
     options = PipelineOptions(["--runner=DirectRunner"])
     stores = [str(tmp_path / "work" / "clean.idx.npz"), str(tmp_path / "work" / "bad.idx.npz")]
     got = beam_index.index_files([clean, corrupt], stores, errors="skip",

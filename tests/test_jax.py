@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, last_json, run_training, serve_without_tfcdisc, train_config
+from conftest import (REPO, last_json, once_per_run, run_training, serve_without_tfcdisc,
+                      train_config)
 from tfcdisc import config
 
 _DEVICES = "--xla_force_host_platform_device_count=2"
@@ -40,13 +41,14 @@ def test_flagfile_backbones_train_under_jax_on_two_devices(flagfile, dataset, tm
     cfg = _flagfile_config(REPO / "experiments" / flagfile, dataset, tmp_path)
     done = run_training(cfg, backend="jax")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "train: backend jax, DataParallel over 2 cpu devices" in done.stderr
     result = last_json(done.stdout)
+    assert result["distribution"] == "backend jax, DataParallel over 2 cpu devices"
     assert result["global_batch_size"] == 8  # 4 per device
     assert np.isfinite(result["loss"]).all()
     assert result["validation"]["products"] == dataset.info.splits["validation"].num_examples
     run = json.load(open(tmp_path / "config.json"))
     assert run["backend"] == "jax" and run["replicas"] == 2
+    assert run["distribution"] == result["distribution"]
     if flagfile.endswith("_tpu.cfg"):
         assert run["policy"] == "mixed_bfloat16"
     assert [r["epoch"] for r in csv.DictReader(open(tmp_path / "history.csv"))] == ["0"]
@@ -113,8 +115,9 @@ def test_two_jax_processes_train_as_one_and_only_process_0_writes(dataset, tmp_p
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert all("DataParallel over 2 cpu devices in 2 processes" in err for _, err in outs)
     results = [last_json(out) for out, _ in outs]
+    assert all(r["distribution"] == "backend jax, DataParallel over 2 cpu devices in 2 "
+               "processes" for r in results)
     assert results[0]["weights_abs_sum"] == results[1]["weights_abs_sum"]  # one model
     assert results[0]["loss"] == results[1]["loss"]  # the global batch's loss
     n = dataset.info.splits["validation"].num_examples
@@ -128,14 +131,15 @@ def test_two_jax_processes_train_as_one_and_only_process_0_writes(dataset, tmp_p
 @pytest.fixture(scope="module")
 def jax_run(dataset, tmp_path_factory):
     """A small run trained under JAX on two devices, and its export (TensorFlow)."""
-    from tfcdisc import serving
-    run = tmp_path_factory.mktemp("jax_run")
-    cfg = train_config(dataset, run, epochs=2, steps_per_epoch=6)
-    done = run_training(cfg, backend="jax")
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path_factory.mktemp("jax_export") / "model"
-    serving.export(str(run), str(out))
-    return run, out
+    def make(folder):
+        from tfcdisc import serving
+        run, out = folder / "run", folder / "export"
+        done = run_training(train_config(dataset, run, epochs=2, steps_per_epoch=6),
+                            backend="jax")
+        assert done.returncode == 0, done.stderr[-3000:]
+        serving.export(str(run), str(out))
+        return run, out
+    return once_per_run(tmp_path_factory, "jax_run", make)
 
 
 def _graph_ops(export_dir) -> set:

@@ -69,7 +69,7 @@ steps = Steps()
 result = training.train(training.TrainConfig(**cfg_json), callbacks=[steps])
 weights = sum(float(abs(keras.ops.convert_to_numpy(w)).sum()) for w in result["model"].weights)
 print(json.dumps({"loss": result["history"].get("loss", []), "validation": result["validation"],
-                  "weights_abs_sum": weights,
+                  "weights_abs_sum": weights, "distribution": result["distribution"],
                   "resumed": result["resumed"],
                   "first_step": steps.first if steps.done else None,
                   "last_step": steps.last, "global_batch_size": result["global_batch_size"]}))

@@ -29,7 +29,8 @@ def main(argv: Sequence[str]) -> None:
         result = training.train(cfg, flags_text=cli.flags_text())
     except (ValueError, FileNotFoundError) as e:
         cli.fail("train", str(e))
-    print(json.dumps({"validation": result["validation"], "resumed": result["resumed"],
+    print(json.dumps({"distribution": result["distribution"],
+                      "validation": result["validation"], "resumed": result["resumed"],
                       "global_batch_size": result["global_batch_size"]}, indent=2))
 
 

@@ -350,7 +350,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     config_lib.check(cfg)
     used_backend = backend_lib.select(cfg.backend)
     strategy = distribute.get_strategy(cfg.strategy, cfg.tpu)
-    print(f"train: {distribute.describe(strategy)}", file=sys.stderr)
+    distribution = distribute.describe(strategy)  # e.g. backend jax, DataParallel over 8 ...
+    logging.info("train: %s", distribution)  # the run's first log line
     distribute.check_paths_for(strategy, data_dir=cfg.data_dir, model_dir=cfg.model_dir)
     policy = distribute.set_precision(cfg.mixed_precision, strategy)
     if cfg.seed is not None:
@@ -381,7 +382,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     if chief:
         atomic.write(_config_path(model_dir), json.dumps(
             {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
-             "backend": used_backend, "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+             "backend": used_backend, "distribution": distribution,
+             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
              "global_batch_size": batch, "steps_per_epoch": steps_per_epoch}, indent=2))
         if flags_text is not None:
             atomic.write(model_dir + "/flags.txt", flags_text)
@@ -454,4 +456,4 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     return {"validation": evaluation.last, "history": history, "model": model,
             "resumed": {"epoch": backup["epoch"], "step": backup["step"]} if backup else None,
             "global_batch_size": batch, "steps_per_epoch": steps_per_epoch,
-            "strategy": strategy}
+            "strategy": strategy, "distribution": distribution}
