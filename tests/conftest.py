@@ -72,6 +72,18 @@ def exported(dataset, tmp_path_factory):
     return once_per_run(tmp_path_factory, "exported", make)
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports on 127.0.0.1 free right now (for processes of one cluster)."""
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def train_config(dataset, model_dir, **overrides):
     """A TrainConfig for a few fast steps of the small CNN on the test dataset."""
     from tfcdisc import config

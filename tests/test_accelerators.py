@@ -5,14 +5,13 @@ import csv
 import json
 import pathlib
 import re
-import socket
 import sys
 import tomllib
 
 import numpy as np
 import pytest
 
-from conftest import REPO, last_json, run_training, train_config
+from conftest import REPO, free_ports, last_json, run_training, train_config
 from tfcdisc import config, distribute, runtime
 
 
@@ -243,19 +242,9 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
 # --------------------------------------------------------------------------- clusters
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_workers_write_once_and_both_validate_everything(dataset, tmp_path):
     run = tmp_path / "run"
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     cfg = train_config(dataset, run, strategy="multi_worker_mirrored", epochs=2, steps_per_epoch=2)
     temps = [tmp_path / f"tmp{i}" for i in range(2)]
     procs = []

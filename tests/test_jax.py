@@ -6,15 +6,14 @@ import csv
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import (REPO, last_json, once_per_run, run_training, serve_without_tfcdisc,
-                      train_config)
+from conftest import (REPO, free_ports, last_json, once_per_run, run_training,
+                      serve_without_tfcdisc, train_config)
 from tfcdisc import config
 
 _DEVICES = "--xla_force_host_platform_device_count=2"
@@ -85,16 +84,6 @@ def test_a_run_killed_on_tensorflow_resumes_on_jax(dataset, tmp_path):
     assert [r["epoch"] for r in csv.DictReader(open(tmp_path / "history.csv"))] == ["0", "1"]
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_jax_processes_train_as_one_and_only_process_0_writes(dataset, tmp_path):
     """Multi-host JAX (a TPU pod's hosts) as two processes on 127.0.0.1, one CPU device
     each: one global batch, the same weights in both, every product validated by both,
@@ -102,7 +91,7 @@ def test_two_jax_processes_train_as_one_and_only_process_0_writes(dataset, tmp_p
     run = tmp_path / "run"
     cfg = train_config(dataset, run, strategy="multi_worker_mirrored", epochs=2,
                        steps_per_epoch=2)
-    addresses = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
+    addresses = ",".join(f"127.0.0.1:{p}" for p in free_ports(2))
     procs, temps = [], []
     for i in range(2):
         temps.append(tmp_path / f"tmp{i}")

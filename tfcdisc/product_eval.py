@@ -1,13 +1,12 @@
 """Product-level predictions over product batches, under any strategy.
 
-The competition metric is product accuracy: a product's images are combined
-(`models.combine_log_probs`, or an export's fusion head) before taking the top class;
-where batches carry duplicate-table answers (`tfcdisc.duplicates`) they are blended in
-first. Validation during training,
-`tfcdisc.evaluate` and `tfcdisc.predict` all run this one path over
-`input_pipeline.batch_products` batches under the run's strategy (default, mirrored,
-multi-worker or TPU), and keep only small arrays (top-k classes per product, top class
-per image), never the products-by-classes probabilities.
+The competition metric is product accuracy, scored by one rule (`models.product_scores`:
+a product's images combined, or an export's fusion head, the duplicate table's answers
+blended in where batches carry them). Validation during training, `tfcdisc.evaluate` and
+`tfcdisc.predict` all run this one path over `input_pipeline.batch_products` batches
+under the run's strategy (TensorFlow's default, mirrored, multi-worker or TPU; on JAX,
+data parallel over every device of every process), and keep only small arrays (top-k
+classes per product, top class per image), never the products-by-classes probabilities.
 """
 
 from __future__ import annotations
