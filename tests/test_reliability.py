@@ -359,3 +359,34 @@ def test_the_base_install_runs_a_local_tfds_build():
     done = _run(["-c", "import sys; sys.modules['apache_beam'] = None\n"
                  "from tensorflow_datasets.scripts.cli import main"])
     assert done.returncode != 0 and "apache_beam" in done.stderr  # why it must be there
+
+
+def test_a_data_dir_holding_two_builds_is_never_resolved_silently(tmp_path):
+    """The README's own flow (a default build, then `--config val...` into the same data
+    dir) used to train on whichever config sorted last."""
+    from conftest import train_config
+    from tfcdisc import input_pipeline, synth
+    synth.generate(str(tmp_path / "k"), 80, 10, num_categories=4, seed=3, workers=1)
+    data = tmp_path / "data"
+    build_dataset(tmp_path / "k", data)
+    only = input_pipeline.load_builder(str(data))  # one config: no name needed
+    assert only.data_dir.endswith("/cdiscount/default/1.0.0")
+    build_dataset(tmp_path / "k", data, validation_size=20)  # config "test"
+    with pytest.raises(ValueError, match=r"2 builds of the dataset \(configs default, test\)"
+                                         r"; name one with --dataset_config=NAME"):
+        input_pipeline.load_builder(str(data))
+    work = data / "downloads" / "cdiscount_work"  # each config plans in its own folder
+    assert sorted(p.name for p in work.iterdir()) == ["default", "test"]
+    chosen = input_pipeline.load_builder(str(data), "test")
+    assert chosen.info.splits["validation"].num_examples == 20
+    assert input_pipeline.load_builder(str(data), "default").info.splits[
+        "validation"].num_examples != 20
+    with pytest.raises(FileNotFoundError, match="no build of config 'val100k'"):
+        input_pipeline.load_builder(str(data), "val100k")
+    with pytest.raises(ValueError, match="--dataset_config=NAME"):
+        training.train(train_config(only, tmp_path / "refused", data_dir=str(data)))
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+    result = training.train(train_config(only, tmp_path / "run", data_dir=str(data),
+                                         dataset_config="test", steps_per_epoch=1))
+    assert result["validation"]["products"] == 20
+    assert json.load(open(tmp_path / "run" / "config.json"))["train"]["dataset_config"] == "test"

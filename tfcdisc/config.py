@@ -37,6 +37,9 @@ class TrainConfig:
 
     data_dir: str = setting("", "Where `tfds build` wrote the cdiscount dataset (local or "
                             "gs://).", required=True)
+    dataset_config: str | None = setting(
+        None, "Which build of the dataset in --data_dir: the name given to `tfds build "
+        "--config` (default: the only one there).")
     model_dir: str = setting("", "Run folder: checkpoints, history.csv, TensorBoard logs, "
                              "backup (local or gs://).", required=True)
     backbone: str = setting("efficientnetv2_b0", "Image backbone.", choices=BACKBONE_NAMES,

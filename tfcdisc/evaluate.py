@@ -30,7 +30,8 @@ def main(argv: Sequence[str]) -> None:
                 check_output(path, flag)
         report = scoring.evaluate(f.saved_model, bson=f.bson, labels=f.labels,
                                   data_dir=f.data_dir, split=f.split, batch_size=f.batch_size,
-                                  strategy=f.strategy, tpu=f.tpu, errors=f.errors)
+                                  strategy=f.strategy, tpu=f.tpu, errors=f.errors,
+                                  dataset_config=f.dataset_config)
     except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
         cli.fail("evaluate", str(e))
     text = scoring.to_json(report)

@@ -142,8 +142,10 @@ def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
     and ``fusion_dir/config.json``; returns the latter."""
     from tfcdisc import serving, training
     run = training.load_config(model_dir)
+    own = data_dir in (None, run["train"]["data_dir"])  # the run's own data: its config
     data_dir = data_dir or run["train"]["data_dir"]
-    builder = input_pipeline.load_builder(data_dir)
+    builder = input_pipeline.load_builder(
+        data_dir, run["train"].get("dataset_config") if own else None)
     image_model = serving.float32_model(serving.checkpoint_path(model_dir, checkpoint))
     dim = int(image_model.get_layer("label").input.shape[-1])
     classes = builder.info.features["label"].num_classes

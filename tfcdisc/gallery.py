@@ -70,11 +70,11 @@ def _names(taxonomy: taxonomy_lib.Taxonomy, category_id: int) -> str:
     return " > ".join(taxonomy.names(int(taxonomy.class_index(category_id))))
 
 
-def split_samples(data_dir: str, split: str = "train", n: int = 16, seed: int = 0
-                  ) -> list[dict]:
+def split_samples(data_dir: str, split: str = "train", n: int = 16, seed: int = 0,
+                  dataset_config: str | None = None) -> list[dict]:
     """``n`` products drawn at random from a built split, titled with their categories."""
     import tensorflow as tf
-    builder = input_pipeline.load_builder(data_dir)
+    builder = input_pipeline.load_builder(data_dir, dataset_config)
     taxonomy = taxonomy_lib.Taxonomy.from_dict(builder.info.metadata["taxonomy"])
     ids = tf.constant([int(c) for c in builder.info.features["label"].names], tf.int64)
     ds = input_pipeline.split_products(builder, split, ids).shuffle(4096, seed=seed).take(n)

@@ -122,7 +122,8 @@ def bson_products(source, stats: PredictStats, max_pixels: int | None = None,
 
 def open_products(*, bson: str | None, data_dir: str | None, split: str,
                   stats: PredictStats, errors: str = "strict",
-                  max_pixels: int | None = None, index=None
+                  max_pixels: int | None = None, index=None,
+                  dataset_config: str | None = None
                   ) -> tuple[Callable[[], tf.data.Dataset], int]:
     """A function making the products to score (from a BSON file or a built TFDS split,
     with ``category_id`` where known: -1 otherwise), and their number.
@@ -139,7 +140,7 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
             index = index_lib.load_or_build(bson, errors=errors)
         lost_from(index, stats)
         return lambda: bson_products(index, stats, max_pixels), len(index)
-    builder = input_pipeline.load_builder(data_dir)
+    builder = input_pipeline.load_builder(data_dir, dataset_config)
     if split not in builder.info.splits:
         raise ValueError(f"{data_dir}: no split {split!r}; it has "
                          f"{', '.join(sorted(builder.info.splits))} (--split)")
@@ -234,7 +235,8 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
             data_dir: str | None = None, split: str = "test", batch_size: int = 256,
             top_k_output: str | None = None, progress: bool = True,
             strategy: str | tf.distribute.Strategy = "default", tpu: str | None = None,
-            errors: str = "strict", allow_missing: bool = False) -> PredictStats:
+            errors: str = "strict", allow_missing: bool = False,
+            dataset_config: str | None = None) -> PredictStats:
     """Writes ``output`` (``_id,category_id``, one row per product, file order) atomically.
 
     ``saved_model`` is an export folder, or a `serving.Export` to reuse across calls.
@@ -248,7 +250,8 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
         check_output(top_k_output, "--top_k_output")
     stats = PredictStats()
     products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats,
-                                    errors=errors, max_pixels=max_image_pixels(saved_model))
+                                    errors=errors, max_pixels=max_image_pixels(saved_model),
+                                    dataset_config=dataset_config)
     refuse_missing(stats, bson, allow_missing)
     export, strategy = open_export(saved_model, strategy, tpu)
     top_rows = [] if top_k_output else None

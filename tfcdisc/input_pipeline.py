@@ -109,18 +109,44 @@ def pad_images(images: tf.Tensor, max_images: int = MAX_IMAGES) -> tf.Tensor:
 # --------------------------------------------------------------------------- datasets
 
 
-def load_builder(data_dir: str) -> tfds.core.DatasetBuilder:
+def load_builder(data_dir: str, config: str | None = None) -> tfds.core.DatasetBuilder:
     """The prepared `cdiscount` dataset under ``data_dir`` (the --data_dir of `tfds
-    build`, or the versioned folder itself)."""
+    build`, or the versioned folder itself), of the build config named ``config`` (the
+    name given to `tfds build --config`; default: the only config there).
+
+    A data dir holding several configs is never resolved silently: which one trains or
+    is scored would otherwise depend on their names' order.
+
+    Raises:
+      FileNotFoundError: no prepared dataset there, or not of that config.
+      ValueError: several configs and none named; the message lists them.
+    """
     path = data_dir.rstrip("/")
-    if not tf.io.gfile.exists(path + "/dataset_info.json"):
-        found = sorted(tf.io.gfile.glob(path + "/cdiscount/*/*/dataset_info.json"))
-        if not found:
-            raise FileNotFoundError(
-                f"{data_dir}: no prepared cdiscount dataset here; run `tfds build "
-                f"tfds_builder/cdiscount --manual_dir KAGGLE_DIR --data_dir {data_dir}` first")
-        path = found[-1].rsplit("/", 1)[0]
-    return tfds.builder_from_directory(path)
+    if tf.io.gfile.exists(path + "/dataset_info.json"):
+        return tfds.builder_from_directory(path)
+    found = sorted(tf.io.gfile.glob(path + "/cdiscount/*/*/dataset_info.json"))
+    if not found:
+        raise FileNotFoundError(
+            f"{data_dir}: no prepared cdiscount dataset here; run `tfds build "
+            f"tfds_builder/cdiscount --manual_dir KAGGLE_DIR --data_dir {data_dir}` first")
+    by_config: dict[str, list[str]] = {}
+    for info in found:  # .../cdiscount/CONFIG/VERSION/dataset_info.json
+        folder = info.rsplit("/", 1)[0]
+        by_config.setdefault(folder.rsplit("/", 2)[-2], []).append(folder)
+    if config is None:
+        if len(by_config) > 1:
+            raise ValueError(
+                f"{data_dir} holds {len(by_config)} builds of the dataset (configs "
+                f"{', '.join(sorted(by_config))}); name one with --dataset_config=NAME")
+        config = next(iter(by_config))
+    if config not in by_config:
+        raise FileNotFoundError(
+            f"{data_dir}: no build of config {config!r} (it has "
+            f"{', '.join(sorted(by_config))}); build it with `tfds build ... --config` or "
+            "give the name of one that is there")
+    versions = sorted(by_config[config], key=lambda f: tuple(
+        int(p) for p in f.rsplit("/", 1)[-1].split(".") if p.isdigit()))
+    return tfds.builder_from_directory(versions[-1])
 
 
 def _read(builder, split: str, shuffle: bool, options: PipelineOptions,

@@ -40,7 +40,8 @@ def main(argv: Sequence[str]) -> None:
             stats = inference.predict(
                 f.saved_model, f.output, bson=f.bson, data_dir=f.data_dir, split=f.split,
                 batch_size=f.batch_size, top_k_output=f.top_k_output, strategy=f.strategy,
-                tpu=f.tpu, errors=f.errors, allow_missing=f.allow_missing)
+                tpu=f.tpu, errors=f.errors, allow_missing=f.allow_missing,
+                dataset_config=f.dataset_config)
     except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
         cli.fail("predict", str(e))
     print(json.dumps({"output": f.output, **stats.as_dict(listed=None)}, indent=2))
@@ -72,6 +73,9 @@ def define_inference_flags(split: str) -> None:
     flags.DEFINE_string("bson", None, "A Kaggle-style BSON file (local or gs://).")
     flags.DEFINE_string("data_dir", None, "A built TFDS cdiscount dataset (instead of --bson).")
     flags.DEFINE_string("split", split, "The TFDS split, with --data_dir.")
+    flags.DEFINE_string("dataset_config", None, "With --data_dir: which build of the "
+                        "dataset, the name given to `tfds build --config` (default: the "
+                        "only one there).")
     flags.DEFINE_integer("batch_size", 256, "Products per step across all replicas (rounded "
                          "up to a multiple of them).", lower_bound=1)
     flags.DEFINE_enum("strategy", "auto", list(config.INFERENCE_STRATEGIES),

@@ -70,7 +70,7 @@ def _with_labels(products, labels: dict[int, int]):
 def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
              data_dir: str | None = None, split: str = "validation", batch_size: int = 256,
              progress: bool = True, strategy="default", tpu: str | None = None,
-             errors: str = "strict") -> dict:
+             errors: str = "strict", dataset_config: str | None = None) -> dict:
     """Predicts every product and compares with its category; returns the report dict.
 
     ``saved_model`` is an export folder or a `serving.Export`; ``strategy`` as in
@@ -93,7 +93,8 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
                                  f"({len(lacking)} products lack one)")
     products, total = inference.open_products(
         bson=bson, data_dir=data_dir, split=split, stats=stats, errors=errors,
-        max_pixels=inference.max_image_pixels(saved_model), index=index)
+        max_pixels=inference.max_image_pixels(saved_model), index=index,
+        dataset_config=dataset_config)
     export, strategy = inference.open_export(saved_model, strategy, tpu)
     if label_map is not None:
         products = _with_labels(products, label_map)

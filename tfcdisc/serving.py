@@ -175,7 +175,7 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
                                       duplicates_from=duplicates_from, fusion_dir=fusion_dir)
     config = training.load_config(model_dir)
     cfg = training.TrainConfig(**config["train"])
-    builder = input_pipeline.load_builder(cfg.data_dir)
+    builder = input_pipeline.load_builder(cfg.data_dir, cfg.dataset_config)
     meta = builder.info.metadata or {}
     if "taxonomy" not in meta:
         raise ValueError(f"{cfg.data_dir}: the dataset's metadata has no taxonomy; rebuild "

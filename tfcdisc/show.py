@@ -25,12 +25,14 @@ def main(argv: Sequence[str]) -> None:
             stats = inference.PredictStats()
             products, _ = inference.open_products(
                 bson=f.bson, data_dir=f.data_dir, split=f.split, stats=stats,
-                max_pixels=inference.max_image_pixels(f.saved_model))
+                max_pixels=inference.max_image_pixels(f.saved_model),
+                dataset_config=f.dataset_config)
             export, strategy = inference.open_export(f.saved_model, "default")
             samples = gallery.prediction_samples(export, products().as_numpy_iterator(),
                                                  strategy, f.num_products)
         elif f.data_dir:
-            samples = gallery.split_samples(f.data_dir, f.split, f.num_products, f.seed)
+            samples = gallery.split_samples(f.data_dir, f.split, f.num_products, f.seed,
+                                            f.dataset_config)
         else:
             raise ValueError("give --data_dir (a built dataset), or --saved_model with "
                              "--bson or --data_dir")
@@ -45,6 +47,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", None, "The PNG to write (local or gs://).", required=True)
     flags.DEFINE_string("data_dir", None, "A built TFDS cdiscount dataset.")
     flags.DEFINE_string("split", "train", "The split, with --data_dir.")
+    flags.DEFINE_string("dataset_config", None, "With --data_dir: which build of the "
+                        "dataset (the name given to `tfds build --config`).")
     flags.DEFINE_string("bson", None, "A Kaggle-style BSON file, with --saved_model.")
     flags.DEFINE_string("saved_model", None, "An export: show its predictions.")
     flags.DEFINE_integer("num_products", 16, "Products in the picture.", lower_bound=1)

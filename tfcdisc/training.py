@@ -356,7 +356,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     policy = distribute.set_precision(cfg.mixed_precision, strategy)
     if cfg.seed is not None:
         keras.utils.set_random_seed(cfg.seed)
-    builder = input_pipeline.load_builder(cfg.data_dir)
+    builder = input_pipeline.load_builder(cfg.data_dir, cfg.dataset_config)
     info = dataset_info(builder)
     _check_dataset(builder, cfg.data_dir)
     batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,

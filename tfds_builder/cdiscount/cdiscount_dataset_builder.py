@@ -93,7 +93,9 @@ class Builder(tfds.core.ShardBasedBuilder):
     def _plan(self, dl_manager: tfds.download.DownloadManager, download_config=None
               ) -> build_plan.BuildPlan:
         if getattr(self, "_build_plan", None) is None:
-            work_dir = str(dl_manager.download_dir).rstrip("/") + "/cdiscount_work"
+            # One work folder per config: two configs' plans (members files) never mix.
+            work_dir = (str(dl_manager.download_dir).rstrip("/") + "/cdiscount_work/"
+                        + self.builder_config.name)
             options = self.builder_config.options()
             indexes = None
             if download_config is not None and download_config.beam_runner is not None:
