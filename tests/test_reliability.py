@@ -390,3 +390,45 @@ def test_a_data_dir_holding_two_builds_is_never_resolved_silently(tmp_path):
                                          dataset_config="test", steps_per_epoch=1))
     assert result["validation"]["products"] == 20
     assert json.load(open(tmp_path / "run" / "config.json"))["train"]["dataset_config"] == "test"
+
+
+def test_a_reexport_that_fails_leaves_the_old_export_whole(exported, tmp_path, monkeypatch):
+    """A kill or a full disk mid re-export used to leave the new saved_model.pb beside the
+    old Keras model and metadata, which predict then used."""
+    from tfcdisc import atomic, serving
+    run, _ = exported
+    out = tmp_path / "export"
+    serving.export(str(run), str(out), top_k=5)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_write = atomic.write
+
+    def full_disk(path, data):  # the last file of the export
+        if path.endswith(serving.METADATA):
+            raise OSError(28, "No space left on device", path)
+        real_write(path, data)
+
+    monkeypatch.setattr(atomic, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        serving.export(str(run), str(out), top_k=3, tta="flip")
+    monkeypatch.setattr(atomic, "write", real_write)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # byte for byte the old export
+    assert serving.load(str(out)).top_k == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # nothing left beside it
+    # What a SIGKILL leaves (a sibling of a dead process) goes with the next export.
+    (tmp_path / "export.incomplete-999999999").mkdir()
+    serving.export(str(run), str(out), top_k=3)
+    assert serving.load(str(out)).top_k == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_an_export_into_a_folder_that_is_not_an_export_is_refused(exported, tmp_path):
+    from tfcdisc import serving
+    run, _ = exported
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match="holds files and is not a tfcdisc export"):
+        serving.export(str(run), str(folder))
+    assert [p.name for p in folder.iterdir()] == ["holiday.jpg"]
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]

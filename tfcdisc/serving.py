@@ -31,10 +31,12 @@ several GPUs), which a loaded SavedModel cannot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from typing import Sequence
@@ -275,25 +277,81 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
             "unique_images": len(duplicate_table), "training_images": duplicate_table.images,
             "weight": duplicate_table.weight,
             "validation_accuracy_by_weight": duplicate_table.accuracy_by_weight}
-    tf.saved_model.save(module, export_dir, signatures={
-        "serving_default": module.serve, "predict_decoded": module.predict_decoded,
-        "metadata": module.metadata})
     meta = {"image_size": image_size, "top_k": top_k, "fallback_class": fallback_class,
             "fallback_category_id": int(taxonomy.category_ids[fallback_class]),
             # predict refuses headers declaring more (the catalogue's own frame size)
             "max_image_pixels": max_image_pixels, **extra, "taxonomy": taxonomy.to_dict()}
-    with tempfile.TemporaryDirectory() as tmp:
-        image_model.save(os.path.join(tmp, "m.keras"))
-        atomic.copy(os.path.join(tmp, "m.keras"), f"{export_dir}/{KERAS_MODEL}")
-        if fusion_model is not None:
-            fusion_model.save(os.path.join(tmp, "f.keras"))
-            atomic.copy(os.path.join(tmp, "f.keras"), f"{export_dir}/{FUSION}")
-    if duplicate_table is not None:
-        atomic.write(f"{export_dir}/{DUPLICATES}", duplicate_table.to_bytes())
-    atomic.write(f"{export_dir}/{METADATA}", json.dumps(meta, ensure_ascii=False))
+    with _whole_or_not_at_all(export_dir) as target:
+        tf.saved_model.save(module, target, signatures={
+            "serving_default": module.serve, "predict_decoded": module.predict_decoded,
+            "metadata": module.metadata})
+        with tempfile.TemporaryDirectory() as tmp:
+            image_model.save(os.path.join(tmp, "m.keras"))
+            atomic.copy(os.path.join(tmp, "m.keras"), f"{target}/{KERAS_MODEL}")
+            if fusion_model is not None:
+                fusion_model.save(os.path.join(tmp, "f.keras"))
+                atomic.copy(os.path.join(tmp, "f.keras"), f"{target}/{FUSION}")
+        if duplicate_table is not None:
+            atomic.write(f"{target}/{DUPLICATES}", duplicate_table.to_bytes())
+        # Last: an export is one only once its metadata is there (`read_metadata`).
+        atomic.write(f"{target}/{METADATA}", json.dumps(meta, ensure_ascii=False))
     return {"export_dir": export_dir, "classes": taxonomy.num_classes,
             "image_size": image_size, "top_k": top_k, **extra,
             "fallback_category_id": meta["fallback_category_id"]}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def _whole_or_not_at_all(export_dir: str):
+    """Where to write an export so that a kill, a full disk or a crash at any byte
+    leaves the previous export (or none), never a mix of two.
+
+    Local folders: a temporary sibling, swapped into place when complete (what a killed
+    export left beside it is removed by the next one). Cloud Storage has no folder
+    rename: the old metadata goes first and the new is written last, so a half-written
+    export is refused by every loader rather than used.
+
+    Raises:
+      ValueError: ``export_dir`` holds files and is not an export (nothing is written).
+    """
+    final = export_dir.rstrip("/")
+    if tf.io.gfile.isdir(final) and tf.io.gfile.listdir(final) and \
+            not tf.io.gfile.exists(f"{final}/{METADATA}") and \
+            not tf.io.gfile.exists(f"{final}/saved_model.pb"):
+        raise ValueError(f"{export_dir} holds files and is not a tfcdisc export; give an "
+                         "empty or new --export_dir (nothing was written)")
+    if "://" in final:
+        if tf.io.gfile.exists(f"{final}/{METADATA}"):
+            tf.io.gfile.remove(f"{final}/{METADATA}")
+        yield final
+        return
+    parent, name = os.path.split(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # what killed exports into this folder left behind
+        for mark in (".incomplete-", ".old-"):
+            head, _, pid = stale.partition(mark)
+            if head == name and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    target, old = f"{final}.incomplete-{os.getpid()}", f"{final}.old-{os.getpid()}"
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        yield target
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(target, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def ensemble(members: Sequence[str], export_dir: str,
