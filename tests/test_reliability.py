@@ -432,3 +432,43 @@ def test_an_export_into_a_folder_that_is_not_an_export_is_refused(exported, tmp_
         serving.export(str(run), str(folder))
     assert [p.name for p in folder.iterdir()] == ["holiday.jpg"]
     assert [p.name for p in tmp_path.iterdir()] == ["photos"]
+
+
+def test_inputs_that_used_to_be_wrong_without_an_error_are_named(tmp_path):
+    """A flagfile line without dashes, a negative category id, a compressed file given as
+    BSON: each was silently ignored or misreported."""
+    import gzip
+    import zipfile
+    from tfcdisc import config as config_lib
+    flagfile = tmp_path / "run.cfg"
+    flagfile.write_text("# comment\n--epochs=2\n\nimage_size=48\n")
+    with pytest.raises(ValueError, match=r"run.cfg:4: 'image_size=48' is not a flag .*"
+                                         r"--image_size=48"):
+        config_lib.parse(config.TrainConfig, [f"--flagfile={flagfile}", "--data_dir=d",
+                                              "--model_dir=m"])
+    done = subprocess.run([sys.executable, "-m", "tfcdisc.train", f"--flagfile={flagfile}",
+                           "--data_dir=d", "--model_dir=m"], capture_output=True, text=True)
+    assert done.returncode == 2 and "run.cfg:4: 'image_size=48' is not a flag" in done.stderr
+    path = write(tmp_path, doc(1), doc(2, cid=-1), doc(3))
+    with pytest.raises(bsonfile.BsonFormatError, match=r"byte offset \d+ \(document #1, "
+                                                       r"_id 2\).*'category_id' -1 is not a "
+                                                       r"valid category id"):
+        index_lib.build(path)
+    raw = open(path, "rb").read()
+    (tmp_path / "train.bson.gz").write_bytes(gzip.compress(raw))
+    with zipfile.ZipFile(tmp_path / "train.zip", "w") as z:
+        z.writestr("train.bson", raw)
+    for name, kind, fix in (("train.bson.gz", "gzip", "gunzip"), ("train.zip", "zip", "unzip")):
+        for errors in ("strict", "skip"):  # never "resynchronised" through a whole archive
+            with pytest.raises(bsonfile.BsonFormatError,
+                               match=f"byte offset 0 .*this is a {kind} file, not BSON.*{fix}"):
+                index_lib.build(str(tmp_path / name), errors=errors)
+
+
+def test_ensemble_weights_must_be_finite_and_positive(exported, tmp_path):
+    from tfcdisc import serving
+    _, export = exported
+    for weights in ([1, float("nan")], [1, float("inf")], [1e308, 1e308], [1, 0], [1, -1]):
+        with pytest.raises(ValueError, match="finite positive numbers"):
+            serving.ensemble([str(export), str(export)], str(tmp_path / "e"), weights)
+    assert not (tmp_path / "e").exists()

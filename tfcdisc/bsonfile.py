@@ -136,6 +136,8 @@ def product_problem(doc: dict, labeled: bool | None) -> str | None:
             return "missing 'category_id' in a labelled (training) file"
     elif labeled is not False and (not isinstance(cid, int) or isinstance(cid, bool)):
         return f"'category_id' is not an integer ({type(cid).__name__})"
+    elif labeled is not False and cid < 0:  # -1 would read as "no category" downstream
+        return f"'category_id' {cid} is not a valid category id (ids are non-negative)"
     return None
 
 
@@ -249,6 +251,19 @@ class _Window:
         return product_problem(doc, labeled=False) is None
 
 
+_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"7z\xbc\xaf\x27\x1c": "7z",
+          b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_UNPACK = {"gzip": "gunzip FILE", "zip": "unzip FILE", "7z": "7z x FILE",
+           "bzip2": "bunzip2 FILE", "xz": "unxz FILE", "zstd": "unzstd FILE"}
+
+
+def compressed_kind(head: bytes) -> str | None:
+    """The archive or compression format whose magic bytes ``head`` starts with, if any
+    (Kaggle ships its files zipped or 7-zipped). A BSON document may start with the
+    same bytes by chance; callers check that it does not frame as one too."""
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
 def iter_batches(source, *, start: int = 0, end: int | None = None, first_position: int = 0,
                  errors: str = "strict", stats: ReadStats | None = None,
                  decode: bool = False) -> Iterator[Batch]:
@@ -270,6 +285,11 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
         if start:
             f.seek(start)
         w = _Window(f, start)
+        if not start and w.fill(6) and (kind := compressed_kind(bytes(w.buf[:6]))) and \
+                w.framing_problem(unpack(w.buf, 0)[0]) is not None:
+            raise BsonFormatError(path, 0, f"this is a {kind} file, not BSON", position=0,
+                                  advice=f"decompress it first ({_UNPACK[kind]}) and give "
+                                  "the .bson inside")
         stats.end_offset = None
         while w.offset < limit:
             # Frame as many complete documents as the window holds, in a tight loop.

@@ -91,7 +91,11 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
                  "as tfcdisc/runtime.py says)")
 
     try:  # a bad flag is an ordinary mistake: one line, exit 2 (absl exits 1, with a banner)
+        from tfcdisc.config import check_flagfiles
+        check_flagfiles(sys.argv[1:])
         fv(sys.argv)
+    except ValueError as e:
+        fail(program, str(e))
     except flags.Error as e:
         fail(program, f"{e}; see --help")
     fv.unparse_flags()  # app.run parses again; a second parse would double multi-flags

@@ -167,10 +167,46 @@ def from_flags(cls: type, flag_values=None) -> Any:
     return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
 
 
+def check_flagfiles(argv: Sequence[str]) -> None:
+    """Refuses a flagfile line that is not a flag: absl ignores ``image_size=48``
+    (no dashes) without a word, and the run silently uses the default.
+
+    Raises:
+      ValueError: naming the file, the line number and the fix.
+    """
+    paths, args = [], list(argv)
+    for i, arg in enumerate(args):
+        if arg.startswith("--flagfile="):
+            paths.append(arg.split("=", 1)[1])
+        elif arg == "--flagfile" and i + 1 < len(args):
+            paths.append(args[i + 1])
+    seen: set[str] = set()
+    while paths:
+        path = paths.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue  # absl's own parse names a missing flagfile
+        for number, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith(("#", "//")):
+                continue
+            if not line.startswith("-"):
+                raise ValueError(f"{path}:{number}: {line!r} is not a flag (flags start "
+                                 f"with --, e.g. --{line}); fix or comment out the line")
+            if line.startswith("--flagfile="):
+                paths.append(line.split("=", 1)[1])
+
+
 def parse(cls: type, argv: list[str]) -> Any:
     """An instance of ``cls`` from command-line style flags (``--flagfile=...`` works),
     without touching the process's global flags: for notebooks and tests."""
     from absl import flags
+    check_flagfiles(argv)
     fv = flags.FlagValues()
     define_flags(cls, fv)
     fv(["tfcdisc", *argv])

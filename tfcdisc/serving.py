@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -365,9 +366,10 @@ def ensemble(members: Sequence[str], export_dir: str,
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two --saved_model")
     weights = [1.0] * len(members) if not weights else [float(w) for w in weights]
-    if len(weights) != len(members) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--weights: {len(members)} non-negative numbers, not all zero, one "
-                         f"per --saved_model (got {list(weights)})")
+    if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights) \
+            or not math.isfinite(sum(weights)):
+        raise ValueError(f"--weights: {len(members)} finite positive numbers with a finite "
+                         f"sum, one per --saved_model (got {list(weights)})")
     opened = [load(m) for m in members]
     first = opened[0]
     for e in opened:
