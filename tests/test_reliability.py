@@ -472,3 +472,50 @@ def test_ensemble_weights_must_be_finite_and_positive(exported, tmp_path):
         with pytest.raises(ValueError, match="finite positive numbers"):
             serving.ensemble([str(export), str(export)], str(tmp_path / "e"), weights)
     assert not (tmp_path / "e").exists()
+
+
+def test_a_folder_has_one_writer_at_a_time(dataset, exported, tmp_path):
+    """Two trainings into one model dir both exited 0 with a history.csv of two headers;
+    two exports, two fusion heads interleaved the same way. A second writer is refused at
+    once, naming the holder; a dead writer's lock is taken over."""
+    import os
+    import socket
+    from conftest import train_config
+    from tfcdisc import folder_lock, fusion, serving
+    run, _ = exported
+    cfg = train_config(dataset, tmp_path / "run", steps_per_epoch=1)
+    lock = tmp_path / "run" / training.LOCK_FILE
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                              stdin=subprocess.PIPE)  # a live process of this host
+    try:
+        lock.parent.mkdir()
+        lock.write_text(json.dumps({"what": "tfcdisc.train", "host": socket.gethostname(),
+                                    "pid": holder.pid, "since": "now"}))
+        with pytest.raises(folder_lock.FolderBusyError,
+                           match=f"run is being written by tfcdisc.train \\(host "
+                                 f"{re.escape(socket.gethostname())}, pid {holder.pid}"):
+            training.train(cfg)
+        assert [p.name for p in lock.parent.iterdir()] == [lock.name]  # nothing written
+        export_lock = tmp_path / "export.tfcdisc-writer.lock"
+        export_lock.write_text(lock.read_text())
+        with pytest.raises(folder_lock.FolderBusyError, match="export is being written"):
+            serving.export(str(run), str(tmp_path / "export"))
+        (tmp_path / "fusion").mkdir()
+        (tmp_path / "fusion" / training.LOCK_FILE).write_text(lock.read_text())
+        with pytest.raises(folder_lock.FolderBusyError, match="fusion is being written"):
+            fusion.train(str(run), str(tmp_path / "fusion"))
+    finally:
+        holder.communicate(b"")
+    # The holder is gone now: its lock is taken over, and released at the end.
+    result = training.train(cfg)
+    assert result["validation"]["products"] > 0 and not lock.exists()
+    with folder_lock.hold(str(lock), "test") as _:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_history_keeps_one_row_per_epoch_whatever_the_file_holds(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss\n0,2.0\nepoch,loss\n0,1.9\n1,1.5\n1,1.4\n2,1.0\n")
+    training._keep_history_before(str(path), 2)  # what a resumed run at epoch 2 keeps
+    assert path.read_text() == "epoch,loss\n0,1.9\n1,1.4\n"

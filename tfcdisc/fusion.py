@@ -139,7 +139,20 @@ def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
           learning_rate: float = 1e-3, seed: int = 0) -> dict:
     """Caches the run's embeddings (once) and trains the fusion head on them; writes
     ``fusion_dir/fusion.keras`` (the epoch with the best validation product accuracy)
-    and ``fusion_dir/config.json``; returns the latter."""
+    and ``fusion_dir/config.json``; returns the latter. One writer per fusion dir
+    (`folder_lock`)."""
+    from tfcdisc import folder_lock, training
+    training.load_config(model_dir)  # not a run: refused before anything is written
+    tf.io.gfile.makedirs(fusion_dir)
+    with folder_lock.hold(f"{fusion_dir.rstrip('/')}/{training.LOCK_FILE}",
+                          "tfcdisc.train_fusion", fusion_dir):
+        return _train(model_dir, fusion_dir, data_dir=data_dir, checkpoint=checkpoint,
+                      epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                      seed=seed)
+
+
+def _train(model_dir: str, fusion_dir: str, *, data_dir: str | None, checkpoint: str,
+           epochs: int, batch_size: int, learning_rate: float, seed: int) -> dict:
     from tfcdisc import serving, training
     run = training.load_config(model_dir)
     own = data_dir in (None, run["train"]["data_dir"])  # the run's own data: its config

@@ -46,7 +46,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, duplicates, input_pipeline, models, product_eval, training
+from tfcdisc import atomic, duplicates, folder_lock, input_pipeline, models, product_eval
+from tfcdisc import training
 from tfcdisc import taxonomy as taxonomy_lib
 
 KERAS_MODEL = "assets/image_model.keras"
@@ -227,8 +228,8 @@ def _in_tensorflow_process(command: str, **flags) -> dict:
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise ValueError(f"{command} (in a TensorFlow-backend process) failed: "
-                         f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+        raise ValueError(f"{command} (in a TensorFlow-backend process) failed: {last}")
     return json.loads(done.stdout[done.stdout.index("{"):])
 
 
@@ -325,10 +326,17 @@ def _whole_or_not_at_all(export_dir: str):
       ValueError: ``export_dir`` holds files and is not an export (nothing is written).
     """
     final = export_dir.rstrip("/")
+    with folder_lock.hold(final + ".tfcdisc-writer.lock", "tfcdisc.export", final):
+        with _into_place(final) as target:
+            yield target
+
+
+@contextlib.contextmanager
+def _into_place(final: str):
     if tf.io.gfile.isdir(final) and tf.io.gfile.listdir(final) and \
             not tf.io.gfile.exists(f"{final}/{METADATA}") and \
             not tf.io.gfile.exists(f"{final}/saved_model.pb"):
-        raise ValueError(f"{export_dir} holds files and is not a tfcdisc export; give an "
+        raise ValueError(f"{final} holds files and is not a tfcdisc export; give an "
                          "empty or new --export_dir (nothing was written)")
     if "://" in final:
         if tf.io.gfile.exists(f"{final}/{METADATA}"):

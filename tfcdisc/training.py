@@ -17,6 +17,7 @@ the whole validation split on every worker (`product_eval`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -33,6 +34,7 @@ import tensorflow as tf
 
 from tfcdisc import atomic, distribute, input_pipeline, models, product_eval, runtime
 from tfcdisc import backend as backend_lib
+from tfcdisc import folder_lock
 from tfcdisc import config as config_lib
 from tfcdisc.config import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
 
@@ -179,7 +181,10 @@ def _keep_history_before(path: str, epoch: int) -> None:
         rows = list(csv.reader(f))
     if not rows:
         return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < epoch]
+    # One row per epoch whatever the file holds (a second header or a repeated epoch from
+    # an older version's crash): the last row of each epoch wins.
+    by_epoch = {int(r[0]): r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch}
+    kept = [rows[0]] + [by_epoch[e] for e in sorted(by_epoch)]
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(kept)
     atomic.write(path, out.getvalue())
@@ -252,6 +257,7 @@ def dataset_info(builder) -> dict:
             if counts else 0}
 
 
+LOCK_FILE = ".tfcdisc-writer.lock"  # `folder_lock`: one writer per model dir
 _RUN_FILES = ("config.json", "flags.txt", "history.csv", "checkpoints", "backup", "logs")
 
 
@@ -372,88 +378,94 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _build_for_multi_worker(model, strategy, batch, cfg.decode_size, label_keys)
         _vector_logs(model)
-    # Every check, the model's own included, ran before this: the first write (the chief's).
-    resume = prepare_model_dir(model_dir, cfg, delete=distribute.is_chief(strategy))
-    backup = read_backup(model_dir) if resume else None
+    # Every check, the model's own included, ran before this: the first write (the chief's),
+    # under the model dir's lock (one writer per run).
+    with contextlib.ExitStack() as lock:
+        if distribute.is_chief(strategy):
+            tf.io.gfile.makedirs(model_dir)
+            lock.enter_context(folder_lock.hold(f"{model_dir}/{LOCK_FILE}", "tfcdisc.train",
+                                                model_dir))
+        resume = prepare_model_dir(model_dir, cfg, delete=distribute.is_chief(strategy))
+        backup = read_backup(model_dir) if resume else None
 
-    chief = distribute.is_chief(strategy)
-    out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
-    tf.io.gfile.makedirs(out_dir + "/checkpoints")
-    if chief:
-        atomic.write(_config_path(model_dir), json.dumps(
-            {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
-             "backend": used_backend, "distribution": distribution,
-             "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-             "global_batch_size": batch, "steps_per_epoch": steps_per_epoch}, indent=2))
-        if flags_text is not None:
-            atomic.write(model_dir + "/flags.txt", flags_text)
-    logging.info("training %s on %d replicas (%s), %d steps/epoch x %d epochs of %d images",
-                 cfg.backbone, strategy.num_replicas_in_sync, policy, steps_per_epoch,
-                 cfg.epochs, batch)
-
-    epoch, step = (backup["epoch"], backup["step"]) if backup else (0, 0)
-    best = keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/best.keras",
-                                           monitor="val_product_accuracy", mode="max",
-                                           save_best_only=True)
-    if backup is not None:
-        model.load_weights(f"{model_dir}/backup/{backup['weights']}")
-        if backup.get("best") is not None:
-            best.best = backup["best"]
+        chief = distribute.is_chief(strategy)
+        out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
+        tf.io.gfile.makedirs(out_dir + "/checkpoints")
         if chief:
-            _keep_history_before(model_dir + "/history.csv", epoch)
-        print(f"train: resuming {model_dir} at epoch {epoch}, step {step}", file=sys.stderr)
+            atomic.write(_config_path(model_dir), json.dumps(
+                {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
+                 "backend": used_backend, "distribution": distribution,
+                 "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+                 "global_batch_size": batch, "steps_per_epoch": steps_per_epoch}, indent=2))
+            if flags_text is not None:
+                atomic.write(model_dir + "/flags.txt", flags_text)
+        logging.info("training %s on %d replicas (%s), %d steps/epoch x %d epochs of %d images",
+                     cfg.backbone, strategy.num_replicas_in_sync, policy, steps_per_epoch,
+                     cfg.epochs, batch)
 
-    options = input_pipeline.PipelineOptions(
-        image_size=cfg.image_size, decode_size=cfg.decode_size,
-        shuffle_buffer=cfg.shuffle_buffer, deterministic=cfg.deterministic, seed=cfg.seed,
-        data_service=cfg.data_service)
+        epoch, step = (backup["epoch"], backup["step"]) if backup else (0, 0)
+        best = keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/best.keras",
+                                               monitor="val_product_accuracy", mode="max",
+                                               save_best_only=True)
+        if backup is not None:
+            model.load_weights(f"{model_dir}/backup/{backup['weights']}")
+            if backup.get("best") is not None:
+                best.best = backup["best"]
+            if chief:
+                _keep_history_before(model_dir + "/history.csv", epoch)
+            print(f"train: resuming {model_dir} at epoch {epoch}, step {step}", file=sys.stderr)
 
-    def train_data(start_step: int):
-        def fn(ctx):
-            ds = input_pipeline.train_dataset(builder, batch, options, input_context=ctx,
-                                              start_step=start_step)
-            return ds.map(lambda x, y: (x, {k: y[k] for k in label_keys}))
-        if isinstance(strategy, distribute.JaxDataParallel):  # Keras splits each batch
-            return fn(strategy.input_context())  # over the devices; a process reads its share
-        return strategy.distribute_datasets_from_function(fn)
+        options = input_pipeline.PipelineOptions(
+            image_size=cfg.image_size, decode_size=cfg.decode_size,
+            shuffle_buffer=cfg.shuffle_buffer, deterministic=cfg.deterministic, seed=cfg.seed,
+            data_service=cfg.data_service)
 
-    val_ds = product_eval.distribute_products(
-        strategy, lambda: input_pipeline.split_products(builder, "validation"),
-        cfg.eval_batch_size, cfg.image_size, builder.info.splits["validation"].num_examples)
-    evaluation = ProductEvaluation(val_ds, strategy, cfg.eval_max_batches,
-                                   info["fallback_class"])
-    saver = Backup(out_dir + "/backup", cfg.backup_every_steps, best)
-    all_callbacks = [
-        evaluation,  # before the callbacks that read its val_* logs
-        LearningRateLogger(),
-        best,
-        keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/last.keras"),
-        keras.callbacks.CSVLogger(out_dir + "/history.csv", append=True),
-        keras.callbacks.TensorBoard(out_dir + "/logs", update_freq=cfg.log_every_steps),
-        saver,  # last: a backup records a finished epoch only once everything above ran
-        *callbacks,
-    ]
-    verbose = cfg.verbose
-    if verbose is None:
-        verbose = 1 if sys.stdout.isatty() or runtime.in_notebook() else 2
-    history: dict[str, list] = {}
+        def train_data(start_step: int):
+            def fn(ctx):
+                ds = input_pipeline.train_dataset(builder, batch, options, input_context=ctx,
+                                                  start_step=start_step)
+                return ds.map(lambda x, y: (x, {k: y[k] for k in label_keys}))
+            if isinstance(strategy, distribute.JaxDataParallel):  # Keras splits each batch
+                return fn(strategy.input_context())  # over the devices; a process reads its share
+            return strategy.distribute_datasets_from_function(fn)
 
-    def fit(start_epoch: int, end_epoch: int, steps: int, start_step: int) -> None:
-        h = model.fit(train_data(start_step), initial_epoch=start_epoch, epochs=end_epoch,
-                      steps_per_epoch=steps, callbacks=all_callbacks, verbose=verbose,
-                      shuffle=False)  # the pipeline shuffles
-        for key, values in h.history.items():
-            history.setdefault(key, []).extend(values)
+        val_ds = product_eval.distribute_products(
+            strategy, lambda: input_pipeline.split_products(builder, "validation"),
+            cfg.eval_batch_size, cfg.image_size, builder.info.splits["validation"].num_examples)
+        evaluation = ProductEvaluation(val_ds, strategy, cfg.eval_max_batches,
+                                       info["fallback_class"])
+        saver = Backup(out_dir + "/backup", cfg.backup_every_steps, best)
+        all_callbacks = [
+            evaluation,  # before the callbacks that read its val_* logs
+            LearningRateLogger(),
+            best,
+            keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/last.keras"),
+            keras.callbacks.CSVLogger(out_dir + "/history.csv", append=True),
+            keras.callbacks.TensorBoard(out_dir + "/logs", update_freq=cfg.log_every_steps),
+            saver,  # last: a backup records a finished epoch only once everything above ran
+            *callbacks,
+        ]
+        verbose = cfg.verbose
+        if verbose is None:
+            verbose = 1 if sys.stdout.isatty() or runtime.in_notebook() else 2
+        history: dict[str, list] = {}
 
-    if step and epoch < cfg.epochs:  # finish the interrupted epoch first
-        saver.offset = step
-        fit(epoch, epoch + 1, steps_per_epoch - step, epoch * steps_per_epoch + step)
-        epoch += 1
-    if epoch < cfg.epochs:
-        fit(epoch, cfg.epochs, steps_per_epoch, epoch * steps_per_epoch)
-    if not chief:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return {"validation": evaluation.last, "history": history, "model": model,
-            "resumed": {"epoch": backup["epoch"], "step": backup["step"]} if backup else None,
-            "global_batch_size": batch, "steps_per_epoch": steps_per_epoch,
-            "strategy": strategy, "distribution": distribution}
+        def fit(start_epoch: int, end_epoch: int, steps: int, start_step: int) -> None:
+            h = model.fit(train_data(start_step), initial_epoch=start_epoch, epochs=end_epoch,
+                          steps_per_epoch=steps, callbacks=all_callbacks, verbose=verbose,
+                          shuffle=False)  # the pipeline shuffles
+            for key, values in h.history.items():
+                history.setdefault(key, []).extend(values)
+
+        if step and epoch < cfg.epochs:  # finish the interrupted epoch first
+            saver.offset = step
+            fit(epoch, epoch + 1, steps_per_epoch - step, epoch * steps_per_epoch + step)
+            epoch += 1
+        if epoch < cfg.epochs:
+            fit(epoch, cfg.epochs, steps_per_epoch, epoch * steps_per_epoch)
+        if not chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return {"validation": evaluation.last, "history": history, "model": model,
+                "resumed": {"epoch": backup["epoch"], "step": backup["step"]} if backup else None,
+                "global_batch_size": batch, "steps_per_epoch": steps_per_epoch,
+                "strategy": strategy, "distribution": distribution}

@@ -1,0 +1,100 @@
+"""One writer per folder: a model dir's training, an export, a fusion dir, a data dir's build.
+
+Two writers into one folder interleave their files (two trainings wrote one history.csv
+with two headers; two builds mixed their splits), so the second is refused at once,
+naming the holder. The lock is a small JSON file created exclusively (``O_EXCL``) beside
+what it guards; a lock left by a dead process of this host is taken over with a warning.
+On Cloud Storage, which has no exclusive create, the lock is written and read back: two
+writers starting in the same instant may both pass, any later one is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+
+import tensorflow as tf
+
+
+class FolderBusyError(ValueError):
+    """Another process is writing the folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _holder_text(holder: dict) -> str:
+    return (f"{holder.get('what', 'a tfcdisc command')} (host {holder.get('host')}, "
+            f"pid {holder.get('pid')}, since {holder.get('since')})")
+
+
+def _read(path: str) -> dict:
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.loads(f.read() or "{}")
+    except (tf.errors.NotFoundError, json.JSONDecodeError):
+        return {}
+
+
+@contextlib.contextmanager
+def hold(lock_path: str, what: str, folder: str | None = None):
+    """Holds ``lock_path`` while the block runs; ``what`` names the writer in the refusal
+    another process gets (``folder``: what to name as guarded, default the lock's own).
+
+    Raises:
+      FolderBusyError: a live process (or one on another host) holds it; the message
+        names the folder, the holder and, for a holder that is gone, the file to delete.
+    """
+    folder = folder or os.path.dirname(lock_path)
+    me = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    text = json.dumps(me)
+    local = "://" not in lock_path
+    for attempt in range(2):
+        if local:
+            os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+            try:
+                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                break
+        elif not tf.io.gfile.exists(lock_path):
+            with tf.io.gfile.GFile(lock_path, "w") as f:
+                f.write(text)
+            if _read(lock_path) == me:
+                break
+        holder = _read(lock_path)
+        if (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):
+            yield  # this very process holds it already (a nested call)
+            return
+        stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+            and not _alive(holder["pid"])
+        if attempt == 0 and (stale or not holder):
+            logging.warning("%s: taking over the lock of %s, which is no longer running",
+                            folder, _holder_text(holder) if holder else "a writer")
+            with contextlib.suppress(tf.errors.NotFoundError, FileNotFoundError):
+                tf.io.gfile.remove(lock_path)
+            continue
+        raise FolderBusyError(
+            f"{folder} is being written by {_holder_text(holder)}; wait for it to finish, "
+            f"or choose another folder (if that process is gone, delete {lock_path})")
+    try:
+        yield
+    finally:
+        if _read(lock_path) == me:
+            with contextlib.suppress(tf.errors.NotFoundError, FileNotFoundError):
+                tf.io.gfile.remove(lock_path)
