@@ -24,7 +24,8 @@ class FolderBusyError(ValueError):
     """Another process is writing the folder."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ def hold(lock_path: str, what: str, folder: str | None = None):
             yield  # this very process holds it already (a nested call)
             return
         stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
-            and not _alive(holder["pid"])
+            and not pid_alive(holder["pid"])
         if attempt == 0 and (stale or not holder):
             logging.warning("%s: taking over the lock of %s, which is no longer running",
                             folder, _holder_text(holder) if holder else "a writer")

@@ -302,16 +302,6 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
             "fallback_category_id": meta["fallback_category_id"]}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 @contextlib.contextmanager
 def _whole_or_not_at_all(export_dir: str):
     """Where to write an export so that a kill, a full disk or a crash at any byte
@@ -348,7 +338,7 @@ def _into_place(final: str):
     for stale in os.listdir(parent):  # what killed exports into this folder left behind
         for mark in (".incomplete-", ".old-"):
             head, _, pid = stale.partition(mark)
-            if head == name and pid.isdigit() and not _pid_alive(int(pid)):
+            if head == name and pid.isdigit() and not folder_lock.pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     target, old = f"{final}.incomplete-{os.getpid()}", f"{final}.old-{os.getpid()}"
     shutil.rmtree(target, ignore_errors=True)
