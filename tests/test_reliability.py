@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import bson
 import pandas as pd
 import pytest
 
@@ -519,3 +520,41 @@ def test_history_keeps_one_row_per_epoch_whatever_the_file_holds(tmp_path):
     path.write_text("epoch,loss\n0,2.0\nepoch,loss\n0,1.9\n1,1.5\n1,1.4\n2,1.0\n")
     training._keep_history_before(str(path), 2)  # what a resumed run at epoch 2 keeps
     assert path.read_text() == "epoch,loss\n0,1.9\n1,1.4\n"
+
+
+def test_image_counts_fit_any_document_and_a_forged_index_is_rebuilt(tmp_path, caplog):
+    """40,000 images overflowed the index's int16 counts; an index whose documents do not
+    cover the file (one product left out) gave 59 rows for 60 products, exit 0."""
+    import numpy as np
+    from tfcdisc import atomic
+    many = bson.encode({"_id": 1, "imgs": [{"picture": b"\xff\xd8%d\xff\xd9" % i}
+                                           for i in range(40_000)], "category_id": 7})
+    path = write(tmp_path, many, doc(2), doc(3), doc(4))
+    built = index_lib.load_or_build(path)
+    assert built.num_images.tolist() == [40_000, 1, 1, 1]
+    data = atomic.read_arrays(built.stored_at)
+    meta = data.pop("meta")
+    keep = np.array([0, 2, 3])  # product 2 forged away
+    atomic.write_arrays(built.stored_at, meta, **{k: v[keep] for k, v in data.items()})
+    import logging
+    with caplog.at_level(logging.WARNING):
+        again = index_lib.load_or_build(path)
+    assert again.product_ids.tolist() == [1, 2, 3, 4]  # rebuilt, not trusted
+    assert "cover" in caplog.text and "rebuilding" in caplog.text
+
+
+def test_a_fusion_cache_made_from_another_run_is_not_reused(exported, tmp_path):
+    from tfcdisc import fusion
+    run, _ = exported
+    folder = tmp_path / "fusion"
+    fusion.train(str(run), str(folder), epochs=1)
+    key_path = folder / "features" / fusion.CACHE_KEY
+    key = json.loads(key_path.read_text())
+    assert key["model_dir"] == str(run) and len(key["checkpoint_sha256"]) == 64
+    stamp = (folder / "features" / "train.tfrecord").stat().st_mtime_ns
+    fusion.train(str(run), str(folder), epochs=1)  # the same run: the cache is reused
+    assert (folder / "features" / "train.tfrecord").stat().st_mtime_ns == stamp
+    key_path.write_text(json.dumps({**key, "checkpoint_sha256": "0" * 64}))  # another run's
+    fusion.train(str(run), str(folder), epochs=1)
+    assert (folder / "features" / "train.tfrecord").stat().st_mtime_ns != stamp
+    assert json.loads(key_path.read_text()) == key

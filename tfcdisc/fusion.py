@@ -15,7 +15,9 @@ TPU rules hold: four slots always (static shapes), padding masked, no py_functio
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 
@@ -27,6 +29,7 @@ from keras import layers, ops
 from tfcdisc import atomic, input_pipeline, models
 
 EMBEDDING = "embedding"
+CACHE_KEY = "made_from.json"  # beside the cached embeddings: which run and data made them
 FUSION_MODEL = "fusion.keras"
 SLOTS = input_pipeline.MAX_IMAGES
 
@@ -77,6 +80,29 @@ def _feature_spec() -> dict:
     return {EMBEDDING: tf.io.FixedLenFeature([], tf.string),
             "mask": tf.io.FixedLenFeature([SLOTS], tf.float32),
             "label": tf.io.FixedLenFeature([], tf.int64)}
+
+
+def _cache_key(model_dir: str, checkpoint: str, builder) -> dict:
+    """What the cached embeddings were made from: the run, the checkpoint's own bytes
+    (a rerun or a resumed run changes them) and the dataset."""
+    from tfcdisc import serving
+    path = serving.checkpoint_path(model_dir, checkpoint)
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return {"model_dir": model_dir, "checkpoint": checkpoint,
+            "checkpoint_sha256": digest.hexdigest(), "dataset": builder.data_dir}
+
+
+def _read_json(path: str) -> dict | None:
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError:
+            return None
 
 
 def cache_features(image_model: keras.Model, builder, image_size: int, folder: str,
@@ -163,8 +189,17 @@ def _train(model_dir: str, fusion_dir: str, *, data_dir: str | None, checkpoint:
     dim = int(image_model.get_layer("label").input.shape[-1])
     classes = builder.info.features["label"].num_classes
     folder = f"{fusion_dir.rstrip('/')}/features"
-    if not all(tf.io.gfile.exists(f"{folder}/{s}.tfrecord") for s in ("train", "validation")):
+    key = _cache_key(model_dir, checkpoint, builder)
+    cached = all(tf.io.gfile.exists(f"{folder}/{s}.tfrecord") for s in ("train", "validation"))
+    if cached and _read_json(f"{folder}/{CACHE_KEY}") != key:
+        logging.warning("%s holds embeddings of another run, checkpoint or dataset; "
+                        "embedding again", folder)
+        cached = False
+    if not cached:
+        if tf.io.gfile.exists(f"{folder}/{CACHE_KEY}"):
+            tf.io.gfile.remove(f"{folder}/{CACHE_KEY}")
         cache_features(image_model, builder, run["train"]["image_size"], folder)
+        atomic.write(f"{folder}/{CACHE_KEY}", json.dumps(key, indent=2))  # last: complete
     n_train = builder.info.splits["train"].num_examples
     batch_size = min(batch_size, n_train)  # static batches: drop_remainder below
     if keras.backend.backend() == "jax":

@@ -54,7 +54,7 @@ class OffsetIndex:
     lengths: np.ndarray  # int32
     product_ids: np.ndarray  # int64
     category_ids: np.ndarray  # int64, -1 where absent
-    num_images: np.ndarray  # int16
+    num_images: np.ndarray  # int32: a BSON document may hold any number of images
     labeled: bool
     fingerprint: dict
     bad_documents: int = 0
@@ -172,7 +172,7 @@ def scan_range(path: str, start: int, end: int | None, *, errors: str = "strict"
     stats = bsonfile.ReadStats()
     first = bsonfile.first_document(path, start)
     offsets, lengths = array.array("q"), array.array("i")
-    pids, cids, nimgs = array.array("q"), array.array("q"), array.array("h")
+    pids, cids, nimgs = array.array("q"), array.array("q"), array.array("i")
     next_report = 0
     stop = first
     if end is None or first < end:
@@ -192,7 +192,7 @@ def scan_range(path: str, start: int, end: int | None, *, errors: str = "strict"
             "offsets": np.frombuffer(offsets, np.int64), "lengths": np.frombuffer(lengths, np.int32),
             "product_ids": np.frombuffer(pids, np.int64),
             "category_ids": np.frombuffer(cids, np.int64),
-            "num_images": np.frombuffer(nimgs, np.int16),
+            "num_images": np.frombuffer(nimgs, np.int32),
             "bad_documents": stats.bad_documents, "skipped_bytes": stats.skipped_bytes,
             "bad_document_bytes": stats.bad_document_bytes, "problems": list(stats.problems)}
 
@@ -372,6 +372,13 @@ def load_stored(path: str, *, index_path: str | None = None, errors: str = "stri
             continue
         if index.fingerprint != fp:
             logging.info("index %s is stale (the BSON changed); rebuilding", candidate)
+            continue
+        covered = (int(index.lengths.sum(dtype=np.int64)) + index.bad_document_bytes
+                   + index.skipped_bytes)
+        if covered != fp["size"]:  # a damaged or forged index would drop products
+            logging.warning("ignoring index %s: its documents and skipped bytes cover %d "
+                            "bytes of the %d in %s; rebuilding", candidate, covered,
+                            fp["size"], path)
             continue
         if errors == "strict" and index.problems:
             offset, problem = index.problems[0]
