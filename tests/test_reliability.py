@@ -558,3 +558,24 @@ def test_a_fusion_cache_made_from_another_run_is_not_reused(exported, tmp_path):
     fusion.train(str(run), str(folder), epochs=1)
     assert (folder / "features" / "train.tfrecord").stat().st_mtime_ns != stamp
     assert json.loads(key_path.read_text()) == key
+
+
+def test_labels_of_categories_the_export_does_not_know_are_named(exported, catalogue,
+                                                                   tmp_path, caplog):
+    """They gave accuracy 0.0, exit 0, no warning."""
+    import logging
+    from tfcdisc import scoring
+    folder, _ = catalogue
+    _, export = exported
+    labels = pd.read_csv(folder / "test_labels.csv")
+    labels.loc[: 9, "category_id"] = 999  # ten products of a category no one knows
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        report = scoring.evaluate(str(export), bson=str(folder / "test.bson"),
+                                  labels=str(tmp_path / "labels.csv"), progress=False)
+    assert report["products_with_unknown_categories"] == 10
+    assert "10 of 60 products are labelled with 1 categories the export does not know" \
+        in caplog.text
+    with pytest.raises(ValueError, match="categories the export does not know.*--strict"):
+        scoring.evaluate(str(export), bson=str(folder / "test.bson"),
+                         labels=str(tmp_path / "labels.csv"), progress=False, strict=True)

@@ -31,6 +31,7 @@ def main(argv: Sequence[str]) -> None:
         report = scoring.evaluate(f.saved_model, bson=f.bson, labels=f.labels,
                                   data_dir=f.data_dir, split=f.split, batch_size=f.batch_size,
                                   strategy=f.strategy, tpu=f.tpu, errors=f.errors,
+                                  strict=f.strict,
                                   dataset_config=f.dataset_config)
     except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
         cli.fail("evaluate", str(e))
@@ -50,6 +51,8 @@ def _define_flags() -> None:
                         "(test_labels.csv of a synthetic catalogue).")
     flags.DEFINE_string("output", None, "Also write the report to this JSON file.")
     flags.DEFINE_string("plot", None, "Save a PNG: accuracy by category size and by level.")
+    flags.DEFINE_bool("strict", False, "Fail (exit 2) when labels name categories the "
+                      "export does not know, instead of warning.")
 
 
 def run() -> None:

@@ -7,6 +7,7 @@ so its ``product_accuracy`` is exactly the submission's score against the labels
 from __future__ import annotations
 
 import collections
+import logging
 import json
 
 import numpy as np
@@ -70,7 +71,8 @@ def _with_labels(products, labels: dict[int, int]):
 def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
              data_dir: str | None = None, split: str = "validation", batch_size: int = 256,
              progress: bool = True, strategy="default", tpu: str | None = None,
-             errors: str = "strict", dataset_config: str | None = None) -> dict:
+             errors: str = "strict", dataset_config: str | None = None,
+             strict: bool = False) -> dict:
     """Predicts every product and compares with its category; returns the report dict.
 
     ``saved_model`` is an export folder or a `serving.Export`; ``strategy`` as in
@@ -113,8 +115,19 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
         raise ValueError(f"{bson or data_dir}: product _id "
                          f"{int(data['product_id'][truth < 0][0])} has no category; give "
                          "--labels for a test file")
+    unknown = ~np.isin(truth, export.category_ids)
+    if unknown.any():  # such products can only be scored wrong
+        first = int(data["product_id"][unknown][0])
+        message = (f"{int(unknown.sum())} of {len(truth)} products are labelled with "
+                   f"{len(np.unique(truth[unknown]))} categories the export does not know "
+                   f"(first: _id {first}, category {int(truth[unknown][0])}); are the labels "
+                   "or the export of another catalogue?")
+        if strict:
+            raise ValueError(f"{labels or bson or data_dir}: {message} (--strict)")
+        logging.warning("evaluate: %s", message)
     report = score(truth, data["top_k_category_id"], data["image_category_id"],
                    data["num_images"], export.taxonomy)
+    report["products_with_unknown_categories"] = int(unknown.sum())
     if export.duplicate_table is not None:  # what the duplicate lookup touched
         touched = data["duplicate_hits"] > 0
         hit = data["top_k_category_id"][:, 0] == truth
