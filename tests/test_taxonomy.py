@@ -22,7 +22,8 @@ def test_real_taxonomy_counts_and_parents():
     by_id = raw.set_index(raw["category_id"].astype(np.int64))
     for c in (0, 17, 2500, 5269):
         row = by_id.loc[int(tax.category_ids[c])]
-        assert tax.names(c) == (row.category_level1, row.category_level2, row.category_level3)
+        assert tax.names(c) == tuple(" ".join(n.split()) for n in (  # whitespace normalised
+            row.category_level1, row.category_level2, row.category_level3))
     assert tax.class_to_level1.shape == (5270,) and tax.class_to_level1.max() == 48
     assert tax.class_index([tax.category_ids[9], tax.category_ids[3]]).tolist() == [9, 3]
     # A level-2 name under two level-1 parents is two nodes.
@@ -67,3 +68,26 @@ def test_bad_category_files(tmp_path, text, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(TaxonomyError, match="no such file"):
         taxonomy_lib.load(str(tmp_path / "nope.csv"))
+
+
+def test_level_names_are_normalised_and_empty_ones_refused(tmp_path):
+    """A trailing space made a second level-1 class; a line break or an empty name made
+    the dataset's label files disagree with the taxonomy."""
+    path = tmp_path / "category_names.csv"
+    path.write_text('category_id,category_level1,category_level2,category_level3\n'
+                    '1,MAISON ,DECO,VASE\n2,MAISON,DECO ,"TAPIS\nROND"\n3,  AUTO  ,PNEU,ETE\n')
+    tax = taxonomy_lib.load(str(path))
+    assert tax.level1_names == ("AUTO", "MAISON") and tax.level2_names == ("PNEU", "DECO")
+    assert tax.names(1) == ("MAISON", "DECO", "TAPIS ROND")
+    path.write_text("category_id,category_level1,category_level2,category_level3\n"
+                    "1,MAISON,DECO,VASE\n2,MAISON,  ,TAPIS\n")
+    with pytest.raises(TaxonomyError, match="line 3: category_level2 is empty"):
+        taxonomy_lib.load(str(path))
+
+
+def test_the_real_taxonomy_keeps_its_counts_once_normalised():
+    if not REAL_CATEGORY_NAMES.exists():
+        pytest.skip("../shared/data/category_names.csv is not beside this checkout")
+    tax = taxonomy_lib.load(str(REAL_CATEGORY_NAMES))
+    assert (tax.num_classes, tax.num_level1, tax.num_level2) == (5270, 49, 486)
+    assert all(n == " ".join(n.split()) for n in tax.level1_names + tax.level2_names)

@@ -124,7 +124,16 @@ def from_frame(frame: pd.DataFrame, source: str = "<frame>") -> Taxonomy:
         lines = (np.flatnonzero(dup.to_numpy()) + 2).tolist()[:10]
         raise TaxonomyError(f"{source}: duplicate category_id "
                             f"{int(ids[dup].iloc[0])} (lines {lines}); each id must appear once")
-    names = frame[list(COLUMNS[1:])].astype(str)
+    # Whitespace normalised: the real file has trailing and doubled spaces, and a name that
+    # differs from another only by them is the same level, not a new one; a name with a
+    # line break would make the dataset's label files disagree with the taxonomy.
+    names = frame[list(COLUMNS[1:])].astype(str).apply(
+        lambda column: column.map(lambda name: " ".join(name.split())))
+    empty = (names == "").to_numpy()
+    if empty.any():
+        row, col = (int(i[0]) for i in np.nonzero(empty))
+        raise TaxonomyError(f"{source}: line {row + 2}: {COLUMNS[1 + col]} is empty; every "
+                            "category needs its three level names")
     df = pd.DataFrame({"id": ids.to_numpy(), "l1": names.iloc[:, 0].to_numpy(),
                        "l2": names.iloc[:, 1].to_numpy(), "l3": names.iloc[:, 2].to_numpy()})
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
