@@ -579,3 +579,17 @@ def test_labels_of_categories_the_export_does_not_know_are_named(exported, catal
     with pytest.raises(ValueError, match="categories the export does not know.*--strict"):
         scoring.evaluate(str(export), bson=str(folder / "test.bson"),
                          labels=str(tmp_path / "labels.csv"), progress=False, strict=True)
+
+
+def test_a_product_with_more_images_than_slots_uses_its_first_usable_ones(tmp_path):
+    """50 images, the first 4 corrupt: the product got the fallback, and 46 images were
+    neither read nor counted."""
+    from conftest import garbled_jpeg
+    images = [garbled_jpeg(seed=i) for i in range(4)] + [jpeg_bytes(seed=i) for i in range(46)]
+    first = bsonfile.Product(1, 7, images, 0)
+    stats = inference.PredictStats()
+    (batch,) = list(inference.screened(iter([first]), stats))
+    (product, slots), = batch
+    assert slots == images[4:8]  # the first four usable ones
+    assert (stats.corrupt_images, stats.images, stats.extra_images) == (4, 4, 42)
+    assert [s[1] for s in stats.skipped_images] == [0, 1, 2, 3]

@@ -123,9 +123,10 @@ def _read_range(element: tuple, bson: str, labeled: bool, max_pixels: int | None
             yield (k, position, product.product_id), images
             position += 1
     atomic.write(f"{work}/stats-{k:05d}.json", json.dumps(
-        {name: getattr(stats, name) for name in ("images", "corrupt_images",
-                                                 "products_without_images",
-                                                 "skipped_images")}))
+        {name: getattr(stats, name) for name in _COUNTED + ("skipped_images",)}))
+
+
+_COUNTED = ("images", "corrupt_images", "extra_images", "products_without_images")
 
 
 def _write_part(group: tuple, work: str) -> None:
@@ -148,9 +149,8 @@ def _join(ranges: list, work: str, output: str, stats: inference.PredictStats) -
             f.write(text)
             with tf.io.gfile.GFile(f"{work}/stats-{k:05d}.json") as s:
                 part_stats = json.load(s)
-            stats.images += part_stats["images"]
-            stats.corrupt_images += part_stats["corrupt_images"]
-            stats.products_without_images += part_stats["products_without_images"]
+            for name in _COUNTED:
+                setattr(stats, name, getattr(stats, name) + part_stats[name])
             problems.extend(stats.skipped_images,
                             (tuple(x) for x in part_stats["skipped_images"]))
             stats.products += len(offsets)

@@ -46,6 +46,7 @@ class PredictStats:
     products: int = 0
     images: int = 0
     corrupt_images: int = 0
+    extra_images: int = 0  # usable images past the export's 4 slots: read, not scored
     products_without_images: int = 0
     bad_documents: int = 0
     skipped_bytes: int = 0
@@ -74,15 +75,20 @@ def screened(products: Iterator, stats: PredictStats, max_pixels: int | None = N
     listed with its product's _id. Shared by the local and the Beam reader."""
     n = input_pipeline.MAX_IMAGES
     while batch := list(itertools.islice(products, chunk)):
-        verdicts = iter(screen.screen([d for p in batch for d in p.images[:n]],
+        # Every image is screened, so that a product's first n usable ones fill its slots
+        # (not its first n, which may all be bad); usable ones past n are counted.
+        verdicts = iter(screen.screen([d for p in batch for d in p.images],
                                       max_pixels=max_pixels))
         out = []
         for p in batch:
             good = []
-            for k, data in enumerate(p.images[:n]):
+            for k, data in enumerate(p.images):
                 problem = next(verdicts)
                 if problem is None:
-                    good.append(data)
+                    if len(good) < n:
+                        good.append(data)
+                    else:
+                        stats.extra_images += 1
                     continue
                 stats.corrupt_images += 1
                 problems.note(stats.skipped_images, (p.product_id, k, str(problem)))
