@@ -593,3 +593,36 @@ def test_a_product_with_more_images_than_slots_uses_its_first_usable_ones(tmp_pa
     assert slots == images[4:8]  # the first four usable ones
     assert (stats.corrupt_images, stats.images, stats.extra_images) == (4, 4, 42)
     assert [s[1] for s in stats.skipped_images] == [0, 1, 2, 3]
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset, tmp_path,
+                                                                      monkeypatch):
+    """A full disk while writing last.keras left it truncated (and a raw OSError)."""
+    import keras
+    from conftest import train_config
+    from tfcdisc import atomic
+    cfg = train_config(dataset, tmp_path, epochs=2, steps_per_epoch=2)
+    real_copy, copies = atomic.copy, []
+
+    def full_at_epoch_1(local, path):
+        copies.append(path)
+        if path.endswith("last.keras") and copies.count(path) == 2:
+            with atomic.writing(path) as f:  # the disk fills up half-way through
+                f.write(open(local, "rb").read(1000))
+                raise OSError(28, "No space left on device", path)
+        real_copy(local, path)
+
+    monkeypatch.setattr(atomic, "copy", full_at_epoch_1)
+    with pytest.raises(OSError, match="No space left"):
+        training.train(cfg)
+    monkeypatch.setattr(atomic, "copy", real_copy)
+    last = tmp_path / "checkpoints" / "last.keras"
+    keras.saving.load_model(str(last), compile=False)  # epoch 0's, whole
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.keras", "last.keras"]
+    state = json.load(open(tmp_path / "backup" / "state.json"))
+    assert (state["epoch"], state["step"]) == (1, 0)  # epoch 1 is redone
+    resumed = training.train(cfg)
+    assert resumed["resumed"] == {"epoch": 1, "step": 0}
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    keras.saving.load_model(str(last), compile=False)

@@ -29,6 +29,9 @@ def main(argv: Sequence[str]) -> None:
         result = training.train(cfg, flags_text=cli.flags_text())
     except (ValueError, FileNotFoundError) as e:
         cli.fail("train", str(e))
+    except OSError as e:  # a full disk, a read-only folder: what was complete is kept
+        cli.fail("train", f"{e}; the last complete checkpoint and backup are kept: fix it "
+                 "and rerun the same command to resume")
     print(json.dumps({"distribution": result["distribution"],
                       "validation": result["validation"], "resumed": result["resumed"],
                       "global_batch_size": result["global_batch_size"]}, indent=2))

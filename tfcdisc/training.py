@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -89,6 +90,29 @@ class LearningRateLogger(keras.callbacks.Callback):
         if logs is not None:
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(
                 self.model.optimizer.learning_rate))
+
+
+class WholeCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras's ModelCheckpoint (its monitor, mode and best-only rule), written whole or
+    not at all: Keras saves to a local temporary file, which replaces the checkpoint only
+    once complete (`atomic.copy`), so a full disk or a kill mid-write leaves the previous
+    checkpoint, never a truncated one."""
+
+    def __init__(self, filepath: str, **kwargs):
+        self.target = filepath
+        self._local_dir = tempfile.mkdtemp(prefix="tfcdisc-checkpoint-")
+        super().__init__(os.path.join(self._local_dir, os.path.basename(filepath)), **kwargs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if os.path.exists(self.filepath):  # Keras saved this epoch
+            try:
+                atomic.copy(self.filepath, self.target)
+            finally:
+                os.remove(self.filepath)
+
+    def on_train_end(self, logs=None):
+        shutil.rmtree(self._local_dir, ignore_errors=True)
 
 
 class EpochTimeEstimate(keras.callbacks.Callback):
@@ -404,9 +428,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                      cfg.epochs, batch)
 
         epoch, step = (backup["epoch"], backup["step"]) if backup else (0, 0)
-        best = keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/best.keras",
-                                               monitor="val_product_accuracy", mode="max",
-                                               save_best_only=True)
+        best = WholeCheckpoint(out_dir + "/checkpoints/best.keras",
+                               monitor="val_product_accuracy", mode="max",
+                               save_best_only=True)
         if backup is not None:
             model.load_weights(f"{model_dir}/backup/{backup['weights']}")
             if backup.get("best") is not None:
@@ -439,7 +463,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             evaluation,  # before the callbacks that read its val_* logs
             LearningRateLogger(),
             best,
-            keras.callbacks.ModelCheckpoint(out_dir + "/checkpoints/last.keras"),
+            WholeCheckpoint(out_dir + "/checkpoints/last.keras"),
             keras.callbacks.CSVLogger(out_dir + "/history.csv", append=True),
             keras.callbacks.TensorBoard(out_dir + "/logs", update_freq=cfg.log_every_steps),
             saver,  # last: a backup records a finished epoch only once everything above ran
