@@ -626,3 +626,37 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset, 
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"]
     keras.saving.load_model(str(last), compile=False)
+
+
+def test_a_damaged_export_is_named_by_every_loader(exported, catalogue, tmp_path):
+    """A truncated image_model.keras gave "File not found: /tmp/tmp…/m.keras", a damaged
+    tfcdisc.json "Expecting ',' delimiter", a deleted variables/ folder a local predict that
+    worked and a Beam predict that failed: now each loader names the export and the file."""
+    import shutil
+    from tfcdisc import serving
+    _, export = exported
+    recorded = serving.read_metadata(str(export))["files"]
+    assert "saved_model.pb" in recorded and serving.KERAS_MODEL in recorded
+    cases = {
+        "truncated": (serving.KERAS_MODEL, lambda p: p.write_bytes(p.read_bytes()[:1000]),
+                      "assets/image_model.keras differs from what the export recorded"),
+        "variables": ("variables", lambda p: shutil.rmtree(p),
+                      "variables/variables.data-00000-of-00001 is missing"),
+        "graph": ("saved_model.pb", lambda p: p.write_bytes(p.read_bytes() + b"\0"),
+                  "saved_model.pb differs"),
+        "metadata": (serving.METADATA, lambda p: p.write_text(p.read_text()[:-10]),
+                     "assets/tfcdisc.json is damaged"),
+    }
+    for name, (rel, damage, message) in cases.items():
+        copy = tmp_path / name
+        shutil.copytree(export, copy)
+        damage(copy / rel)
+        with pytest.raises(ValueError, match=re.escape(f"{copy}: {message}")):
+            serving.load(str(copy))
+        done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={copy}",
+                               f"--bson={catalogue[0] / 'test.bson'}",
+                               f"--output={tmp_path / 'sub.csv'}"],
+                              capture_output=True, text=True) if name == "truncated" else None
+        if done is not None:  # the command: one line, exit 2
+            assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    serving.verify(str(export))  # the original is whole

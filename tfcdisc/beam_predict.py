@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 import tensorflow as tf
 
-from tfcdisc import atomic, beam_index, bsonfile, inference, problems
+from tfcdisc import atomic, beam_index, bsonfile, inference, problems, serving
 from tfcdisc import index as index_lib
 
 RANGE_BYTES = 64 << 20  # one Beam element: about 8,000 real products
@@ -48,6 +48,7 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
     inference.check_output(output)
     stats = inference.PredictStats()
     max_pixels = inference.max_image_pixels(saved_model)  # also checks it is an export
+    serving.verify(saved_model)  # the graph the workers run is the one exported
     work = f"{output}.parts"
     if tf.io.gfile.exists(work):
         tf.io.gfile.rmtree(work)

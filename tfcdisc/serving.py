@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -295,6 +296,7 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
                 atomic.copy(os.path.join(tmp, "f.keras"), f"{target}/{FUSION}")
         if duplicate_table is not None:
             atomic.write(f"{target}/{DUPLICATES}", duplicate_table.to_bytes())
+        meta["files"] = checksums(target)  # every loader checks them (`verify`)
         # Last: an export is one only once its metadata is there (`read_metadata`).
         atomic.write(f"{target}/{METADATA}", json.dumps(meta, ensure_ascii=False))
     return {"export_dir": export_dir, "classes": taxonomy.num_classes,
@@ -411,6 +413,46 @@ class Export:
         return self.taxonomy.category_ids
 
 
+def checksums(export_dir: str) -> dict[str, str]:
+    """SHA-256 of every file of an export but its metadata, by path inside it."""
+    root = export_dir.rstrip("/")
+    out = {}
+    for folder, _, names in tf.io.gfile.walk(root):
+        for name in names:
+            path = f"{folder.rstrip('/')}/{name}"
+            rel = path[len(root) + 1:]
+            if rel == METADATA:
+                continue
+            digest = hashlib.sha256()
+            with tf.io.gfile.GFile(path, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    digest.update(chunk)
+            out[rel] = digest.hexdigest()
+    return dict(sorted(out.items()))
+
+
+def verify(export_dir: str, meta: dict | None = None) -> None:
+    """Checks every file of an export against the checksums it recorded.
+
+    Raises:
+      ValueError: naming the export and the first file missing, added or different
+        (truncated, damaged or replaced): export again.
+    """
+    meta = read_metadata(export_dir) if meta is None else meta
+    recorded = meta.get("files")
+    if recorded is None:  # exports of earlier versions recorded none
+        logging.warning("%s records no checksums (an earlier version's export); its files "
+                        "cannot be checked: export it again", export_dir)
+        return
+    found = checksums(export_dir)
+    for rel in sorted(set(recorded) | set(found)):
+        if recorded.get(rel) != found.get(rel):
+            what = ("is missing" if rel not in found else
+                    "is not part of it" if rel not in recorded else
+                    "differs from what the export recorded (truncated, damaged or replaced)")
+            raise ValueError(f"{export_dir}: {rel} {what}; export it again")
+
+
 def read_metadata(export_dir: str) -> dict:
     """The export's tfcdisc.json (image size, top k, fallback, taxonomy), without loading
     the model: what can be checked before the model is loaded is checked first."""
@@ -420,12 +462,18 @@ def read_metadata(export_dir: str) -> dict:
         raise FileNotFoundError(f"{export_dir}: not a tfcdisc export (no {KERAS_MODEL}); give "
                                 "the --export_dir of `python -m tfcdisc.export`")
     with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{export_dir}: {METADATA} is damaged ({e}); export it "
+                             "again") from None
 
 
 def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Export:
-    """The export's Keras image model (variables placed by ``strategy``) and metadata."""
+    """The export's Keras image model (variables placed by ``strategy``) and metadata,
+    once its files are checked against its checksums (`verify`)."""
     meta = read_metadata(export_dir)
+    verify(export_dir, meta)
     path = f"{export_dir.rstrip('/')}/{KERAS_MODEL}"
     fusion_model = None
     with tempfile.TemporaryDirectory() as tmp:
