@@ -660,3 +660,29 @@ def test_a_damaged_export_is_named_by_every_loader(exported, catalogue, tmp_path
         if done is not None:  # the command: one line, exit 2
             assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     serving.verify(str(export))  # the original is whole
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(exported, catalogue,
+                                                                    tmp_path, monkeypatch):
+    """A read-only folder failed with a traceback after all the work; a full disk while
+    writing the submission must leave the old one."""
+    from tfcdisc import atomic
+    folder, _ = catalogue
+    _, export = exported
+    done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={export}",
+                           "--bson=/nonexistent/never-read.bson",
+                           "--output=/sys/submission.csv"],  # sysfs: no new files, even root
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--output=/sys/submission.csv: cannot write in /sys" in done.stderr
+    output = tmp_path / "submission.csv"
+    output.write_text("_id,category_id\nthe old one\n")
+
+    def full_disk(local, path):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(atomic, "copy", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        inference.predict(str(export), str(output), bson=str(folder / "test.bson"),
+                          progress=False)
+    assert output.read_text() == "_id,category_id\nthe old one\n"

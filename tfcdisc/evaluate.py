@@ -20,8 +20,7 @@ from tfcdisc.predict import define_inference_flags
 def main(argv: Sequence[str]) -> None:
     from absl import flags
     del argv
-    import tensorflow as tf
-    from tfcdisc import bsonfile, scoring
+    from tfcdisc import atomic, bsonfile, scoring
     f = flags.FLAGS
     try:
         from tfcdisc.inference import check_output
@@ -33,14 +32,13 @@ def main(argv: Sequence[str]) -> None:
                                   strategy=f.strategy, tpu=f.tpu, errors=f.errors,
                                   strict=f.strict,
                                   dataset_config=f.dataset_config)
-    except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
+        text = scoring.to_json(report)
+        if f.output:  # whole or not at all: a full disk leaves the old report
+            atomic.write(f.output, text + "\n")
+        if f.plot:
+            scoring.plot(report, f.plot)
+    except (ValueError, OSError, bsonfile.BsonFormatError) as e:  # OSError: full disk...
         cli.fail("evaluate", str(e))
-    text = scoring.to_json(report)
-    if f.output:
-        with tf.io.gfile.GFile(f.output, "w") as out:
-            out.write(text + "\n")
-    if f.plot:
-        scoring.plot(report, f.plot)
     print(text)
 
 

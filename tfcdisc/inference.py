@@ -227,14 +227,22 @@ def max_image_pixels(saved_model: str | serving.Export) -> int | None:
 
 
 def check_output(path: str, flag: str = "--output") -> None:
-    """Refuses, before any work, an output that is a folder or in a folder that does not
-    exist."""
+    """Refuses, before any work, an output that is a folder, in a folder that does not
+    exist, or in one this process cannot write in."""
     if tf.io.gfile.isdir(path):
         raise ValueError(f"{flag}={path} is a folder; give a file name inside it")
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent and not path.startswith("gs://") and not tf.io.gfile.isdir(parent):
         raise ValueError(f"{flag}={path}: the folder {parent} does not exist; create it or "
                          "fix the path")
+    if "://" not in path:  # a read-only folder or a full disk: said now, not after the work
+        try:
+            with tempfile.NamedTemporaryFile(dir=parent or ".", prefix=".tfcdisc-probe-") as f:
+                f.write(b"x")
+                f.flush()
+        except OSError as e:
+            raise ValueError(f"{flag}={path}: cannot write in {parent or '.'} "
+                             f"({e.strerror}); choose a writable folder") from None
 
 
 def predict(saved_model: str | serving.Export, output: str, *, bson: str | None = None,

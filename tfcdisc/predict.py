@@ -44,6 +44,8 @@ def main(argv: Sequence[str]) -> None:
                 dataset_config=f.dataset_config)
     except (ValueError, FileNotFoundError, bsonfile.BsonFormatError) as e:
         cli.fail("predict", str(e))
+    except OSError as e:  # a full disk while writing: the old output stays
+        cli.fail("predict", f"{e}; {f.output} was left as it was")
     print(json.dumps({"output": f.output, **stats.as_dict(listed=None)}, indent=2))
     if stats.products_lost:
         print(f"predict: {stats.bad_documents} unreadable document(s) and "
