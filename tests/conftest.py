@@ -48,10 +48,13 @@ def catalogue(tmp_path_factory):
 @pytest.fixture(scope="session")
 def dataset(catalogue, tmp_path_factory):
     """The catalogue built into a TFDS dataset; returns the builder."""
+    import fcntl
     folder, _ = catalogue
     data = once_per_run(tmp_path_factory, "data", lambda out: (build_dataset(folder, out),
                                                                 out)[1])
-    return build_dataset(folder, data)  # the built dataset, opened (nothing is rebuilt)
+    with open(f"{data}.open.lock", "w") as lock:  # one build lock holder at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_dataset(folder, data)  # the built dataset, opened (nothing is rebuilt)
 
 
 @pytest.fixture(scope="session")

@@ -209,3 +209,31 @@ def test_tfds_load_by_name_after_importing_the_builder(dataset):
     data_dir = str(pathlib.Path(dataset.data_dir).parents[2])
     ds = tfds.load("cdiscount", split="validation", data_dir=data_dir)
     assert sum(1 for _ in ds) == dataset.info.splits["validation"].num_examples
+
+
+def test_one_build_per_config_folder_and_a_killed_builds_remains_go(tmp_path):
+    """Two builds into one data dir mixed their splits; a SIGKILLed build's incomplete.*
+    folder (a dataset-sized copy on the real data) was never removed."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from tfcdisc import folder_lock, synth
+    synth.generate(str(tmp_path / "k"), 60, 10, num_categories=4, seed=5, workers=1)
+    config_dir = tmp_path / "data" / "cdiscount" / "default"
+    config_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                              stdin=subprocess.PIPE)
+    try:
+        (config_dir / ".tfcdisc-build.lock").write_text(json.dumps(
+            {"what": "tfds build", "host": socket.gethostname(), "pid": holder.pid,
+             "since": "now"}))
+        with pytest.raises(folder_lock.FolderBusyError, match="is being written by tfds build"):
+            build_dataset(tmp_path / "k", tmp_path / "data")
+    finally:
+        holder.communicate(b"")
+    stale = config_dir / "incomplete.0123456789abcdef0123456789abcdef_1.0.0"
+    (stale / "junk").mkdir(parents=True)
+    builder = build_dataset(tmp_path / "k", tmp_path / "data")  # the dead holder's lock too
+    assert builder.info.splits["train"].num_examples > 0
+    assert sorted(p.name for p in config_dir.iterdir()) == ["1.0.0"]

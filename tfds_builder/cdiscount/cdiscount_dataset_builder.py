@@ -23,7 +23,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import splits as splits_lib
 
-from tfcdisc import beam_index, build_plan, records, shards
+from tfcdisc import beam_index, build_plan, folder_lock, records, shards
 
 _HOMEPAGE = "https://www.kaggle.com/c/cdiscount-image-classification-challenge"
 
@@ -78,6 +78,17 @@ class Builder(tfds.core.ShardBasedBuilder):
         python -m tfcdisc.synth --output_dir DIR --num_train_products 4000 \\
             --num_test_products 1000
     """
+
+    def download_and_prepare(self, *args, **kwargs):
+        """TFDS's build, one at a time per config folder (`tfcdisc.folder_lock`: two
+        builds into one folder mixed their splits); under the lock, the ``incomplete.*``
+        folder a killed build left (a dataset-sized copy on the real data) goes first."""
+        config_dir = os.path.dirname(str(self.data_dir).rstrip("/"))
+        with folder_lock.hold(f"{config_dir}/.tfcdisc-build.lock", "tfds build", config_dir):
+            for stale in tf.io.gfile.glob(f"{config_dir}/incomplete.*"):
+                logging.warning("removing %s, left by a build that did not finish", stale)
+                tf.io.gfile.rmtree(stale)
+            return super().download_and_prepare(*args, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         options = self.builder_config.options()
