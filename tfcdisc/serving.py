@@ -26,7 +26,12 @@ table (``assets/duplicates.npz``, `tfcdisc.duplicates`), a fusion head
 Beside it, ``assets/image_model.keras`` and ``assets/tfcdisc.json`` (image size, top k,
 fallback, taxonomy, how the export was made) let `tfcdisc.predict` and
 `tfcdisc.evaluate` run the same computation under a distribution strategy (a TPU,
-several GPUs), which a loaded SavedModel cannot.
+several GPUs) or on JAX, which a loaded SavedModel cannot.
+
+The SavedModel is always TensorFlow's own graph, written by a TensorFlow-backend process
+(a JAX process exports through one). An export is written whole or not at all (a
+temporary sibling swapped into place), by one writer at a time, and records the SHA-256
+of each file, which every loader checks (`verify`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,12 @@ epoch, ``epoch`` from 0, with the learning rate), TensorBoard logs in logs/ (sca
 every ``log_every_steps``), and backup/: rerunning the same command after a crash or a
 preemption resumes at the last backup, mid-epoch if ``backup_every_steps`` is set.
 
-Only the chief writes there; the other workers of a multi-worker run write to their own
+Only the chief (JAX: process 0) writes there, holding the folder's lock
+(`tfcdisc.folder_lock`); the other workers of a multi-worker run write to their own
 temporary folders, as TensorFlow's multi-worker guide prescribes (saving may run
-collectives, so every worker saves, somewhere).
+collectives, so every worker saves, somewhere). Checkpoints replace the previous ones
+only when complete (`WholeCheckpoint`). The same code trains on Keras's JAX backend
+(`distribute.JaxDataParallel`) and on TensorFlow under any strategy.
 
 Validation reports the competition metric, product accuracy (a product's images
 combined by the masked mean of log-probabilities), with image accuracy and top-5, over
