@@ -9,6 +9,7 @@ behind (predict's rows) go to a local temporary file first and are then `copy`-e
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -34,6 +35,25 @@ def writing(path: str, mode: str = "wb") -> Iterator:
 def write(path: str, data: bytes | str) -> None:
     with writing(path, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
+
+
+def read_json(path: str) -> dict | None:
+    """A small JSON file (a lock, a cache key), or None where it is absent or damaged:
+    callers that can start afresh treat both alike."""
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.loads(f.read())
+    except (tf.errors.NotFoundError, json.JSONDecodeError):
+        return None
+
+
+def sha256(path: str) -> str:
+    """The SHA-256 of a file (local or gs://), read 16 MB at a time."""
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_arrays(path: str, meta: dict | None = None, **arrays: np.ndarray) -> None:

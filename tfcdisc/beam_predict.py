@@ -47,8 +47,9 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     inference.check_output(output)
     stats = inference.PredictStats()
-    max_pixels = inference.max_image_pixels(saved_model)  # also checks it is an export
-    serving.verify(saved_model)  # the graph the workers run is the one exported
+    meta = serving.read_metadata(saved_model)  # also checks it is an export
+    serving.verify(saved_model, meta)  # the graph the workers run is the one exported
+    max_pixels = meta.get("max_image_pixels")
     work = f"{output}.parts"
     if tf.io.gfile.exists(work):
         tf.io.gfile.rmtree(work)

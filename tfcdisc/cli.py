@@ -55,9 +55,8 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
     before = set(fv)
     define_flags()
     if backend == "flag" and "backend" not in fv:
-        from tfcdisc.config import BACKENDS
-        flags.DEFINE_enum("backend", "auto", list(BACKENDS), "Keras backend that runs the "
-                          "model: auto is JAX on a TPU VM, TensorFlow elsewhere.")
+        from tfcdisc.config import BACKEND_HELP, BACKENDS
+        flags.DEFINE_enum("backend", "auto", list(BACKENDS), BACKEND_HELP)
     _OWN[:] = [n for n in fv if n not in before and fv[n].name == n]
     _REQUIRED.update(_required(fv))
     program = os.path.basename(sys.argv[0])

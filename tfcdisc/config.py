@@ -19,6 +19,11 @@ BACKBONE_NAMES = (
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker_mirrored", "one_device", "default")
 INFERENCE_STRATEGIES = ("auto", "tpu", "mirrored", "default")
 BACKENDS = ("auto", "jax", "tensorflow")  # Keras's backend (`tfcdisc.backend`)
+# Help of flags that several commands define (train through its dataclass).
+BACKEND_HELP = ("Keras backend that runs the model: auto is JAX on a TPU VM, TensorFlow "
+                "elsewhere; a run may resume on the other.")
+DATASET_CONFIG_HELP = ("Which build of the dataset in --data_dir: the name given to `tfds "
+                       "build --config` (default: the only one there).")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with_tta`)
 
@@ -37,9 +42,7 @@ class TrainConfig:
 
     data_dir: str = setting("", "Where `tfds build` wrote the cdiscount dataset (local or "
                             "gs://).", required=True)
-    dataset_config: str | None = setting(
-        None, "Which build of the dataset in --data_dir: the name given to `tfds build "
-        "--config` (default: the only one there).")
+    dataset_config: str | None = setting(None, DATASET_CONFIG_HELP)
     model_dir: str = setting("", "Run folder: checkpoints, history.csv, TensorBoard logs, "
                              "backup (local or gs://).", required=True)
     backbone: str = setting("efficientnetv2_b0", "Image backbone.", choices=BACKBONE_NAMES,
@@ -74,8 +77,7 @@ class TrainConfig:
                                         "up with the weights.")
     crop_area: float = setting(0.5, "Smallest fraction of an image a training crop covers "
                                "(random resized crop on the accelerator).", lower_bound=0.05)
-    backend: str = setting("auto", "Keras backend: auto is JAX on a TPU VM, TensorFlow "
-                           "elsewhere; a run may resume on the other.", choices=BACKENDS)
+    backend: str = setting("auto", BACKEND_HELP, choices=BACKENDS)
     mixed_precision: str = setting("auto", "auto: bfloat16 on TPU, float16 on GPU, float32 "
                                    "on CPU.", choices=PRECISIONS)
     strategy: str = setting("auto", "Distribution strategy; multi_worker_mirrored reads "

@@ -19,6 +19,8 @@ import time
 
 import tensorflow as tf
 
+from tfcdisc import atomic
+
 
 class FolderBusyError(ValueError):
     """Another process is writing the folder."""
@@ -41,11 +43,7 @@ def _holder_text(holder: dict) -> str:
 
 
 def _read(path: str) -> dict:
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            return json.loads(f.read() or "{}")
-    except (tf.errors.NotFoundError, json.JSONDecodeError):
-        return {}
+    return atomic.read_json(path) or {}  # absent, empty or half-written: no holder
 
 
 @contextlib.contextmanager

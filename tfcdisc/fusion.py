@@ -15,7 +15,6 @@ TPU rules hold: four slots always (static shapes), padding masked, no py_functio
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -86,23 +85,9 @@ def _cache_key(model_dir: str, checkpoint: str, builder) -> dict:
     """What the cached embeddings were made from: the run, the checkpoint's own bytes
     (a rerun or a resumed run changes them) and the dataset."""
     from tfcdisc import serving
-    path = serving.checkpoint_path(model_dir, checkpoint)
-    digest = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            digest.update(chunk)
     return {"model_dir": model_dir, "checkpoint": checkpoint,
-            "checkpoint_sha256": digest.hexdigest(), "dataset": builder.data_dir}
-
-
-def _read_json(path: str) -> dict | None:
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError:
-            return None
+            "checkpoint_sha256": atomic.sha256(serving.checkpoint_path(model_dir, checkpoint)),
+            "dataset": builder.data_dir}
 
 
 def cache_features(image_model: keras.Model, builder, image_size: int, folder: str,
@@ -168,19 +153,19 @@ def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
     and ``fusion_dir/config.json``; returns the latter. One writer per fusion dir
     (`folder_lock`)."""
     from tfcdisc import folder_lock, training
-    training.load_config(model_dir)  # not a run: refused before anything is written
+    run = training.load_config(model_dir)  # not a run: refused before anything is written
     tf.io.gfile.makedirs(fusion_dir)
     with folder_lock.hold(f"{fusion_dir.rstrip('/')}/{training.LOCK_FILE}",
                           "tfcdisc.train_fusion", fusion_dir):
-        return _train(model_dir, fusion_dir, data_dir=data_dir, checkpoint=checkpoint,
+        return _train(model_dir, run, fusion_dir, data_dir=data_dir, checkpoint=checkpoint,
                       epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                       seed=seed)
 
 
-def _train(model_dir: str, fusion_dir: str, *, data_dir: str | None, checkpoint: str,
-           epochs: int, batch_size: int, learning_rate: float, seed: int) -> dict:
-    from tfcdisc import serving, training
-    run = training.load_config(model_dir)
+def _train(model_dir: str, run: dict, fusion_dir: str, *, data_dir: str | None,
+           checkpoint: str, epochs: int, batch_size: int, learning_rate: float,
+           seed: int) -> dict:
+    from tfcdisc import serving
     own = data_dir in (None, run["train"]["data_dir"])  # the run's own data: its config
     data_dir = data_dir or run["train"]["data_dir"]
     builder = input_pipeline.load_builder(
@@ -191,7 +176,7 @@ def _train(model_dir: str, fusion_dir: str, *, data_dir: str | None, checkpoint:
     folder = f"{fusion_dir.rstrip('/')}/features"
     key = _cache_key(model_dir, checkpoint, builder)
     cached = all(tf.io.gfile.exists(f"{folder}/{s}.tfrecord") for s in ("train", "validation"))
-    if cached and _read_json(f"{folder}/{CACHE_KEY}") != key:
+    if cached and atomic.read_json(f"{folder}/{CACHE_KEY}") != key:
         logging.warning("%s holds embeddings of another run, checkpoint or dataset; "
                         "embedding again", folder)
         cached = False

@@ -75,9 +75,7 @@ def define_inference_flags(split: str) -> None:
     flags.DEFINE_string("bson", None, "A Kaggle-style BSON file (local or gs://).")
     flags.DEFINE_string("data_dir", None, "A built TFDS cdiscount dataset (instead of --bson).")
     flags.DEFINE_string("split", split, "The TFDS split, with --data_dir.")
-    flags.DEFINE_string("dataset_config", None, "With --data_dir: which build of the "
-                        "dataset, the name given to `tfds build --config` (default: the "
-                        "only one there).")
+    flags.DEFINE_string("dataset_config", None, config.DATASET_CONFIG_HELP)
     flags.DEFINE_integer("batch_size", 256, "Products per step across all replicas (rounded "
                          "up to a multiple of them).", lower_bound=1)
     flags.DEFINE_enum("strategy", "auto", list(config.INFERENCE_STRATEGIES),

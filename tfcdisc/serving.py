@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -226,11 +225,8 @@ def _in_tensorflow_process(command: str, **flags) -> dict:
     TF Serving and TF.js may not run)."""
     import subprocess
     import sys
-    args = [sys.executable, "-m", f"tfcdisc.{command}"]
-    for name, value in flags.items():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item is not None:
-                args.append(f"--{name}={item}")
+    args = [sys.executable, "-m", f"tfcdisc.{command}",
+            *(f"--{name}={value}" for name, value in flags.items() if value is not None)]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
     done = subprocess.run(args, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -426,13 +422,8 @@ def checksums(export_dir: str) -> dict[str, str]:
         for name in names:
             path = f"{folder.rstrip('/')}/{name}"
             rel = path[len(root) + 1:]
-            if rel == METADATA:
-                continue
-            digest = hashlib.sha256()
-            with tf.io.gfile.GFile(path, "rb") as f:
-                while chunk := f.read(16 << 20):
-                    digest.update(chunk)
-            out[rel] = digest.hexdigest()
+            if rel != METADATA:
+                out[rel] = atomic.sha256(path)
     return dict(sorted(out.items()))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tfcdisc import cli
+from tfcdisc import cli, config
 
 
 def main(argv: Sequence[str]) -> None:
@@ -47,8 +47,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("output", None, "The PNG to write (local or gs://).", required=True)
     flags.DEFINE_string("data_dir", None, "A built TFDS cdiscount dataset.")
     flags.DEFINE_string("split", "train", "The split, with --data_dir.")
-    flags.DEFINE_string("dataset_config", None, "With --data_dir: which build of the "
-                        "dataset (the name given to `tfds build --config`).")
+    flags.DEFINE_string("dataset_config", None, config.DATASET_CONFIG_HELP)
     flags.DEFINE_string("bson", None, "A Kaggle-style BSON file, with --saved_model.")
     flags.DEFINE_string("saved_model", None, "An export: show its predictions.")
     flags.DEFINE_integer("num_products", 16, "Products in the picture.", lower_bound=1)

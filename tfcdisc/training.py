@@ -102,20 +102,15 @@ class WholeCheckpoint(keras.callbacks.ModelCheckpoint):
     checkpoint, never a truncated one."""
 
     def __init__(self, filepath: str, **kwargs):
+        super().__init__(filepath, **kwargs)
         self.target = filepath
-        self._local_dir = tempfile.mkdtemp(prefix="tfcdisc-checkpoint-")
-        super().__init__(os.path.join(self._local_dir, os.path.basename(filepath)), **kwargs)
 
     def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if os.path.exists(self.filepath):  # Keras saved this epoch
-            try:
+        with tempfile.TemporaryDirectory(prefix="tfcdisc-checkpoint-") as local:
+            self.filepath = os.path.join(local, os.path.basename(self.target))
+            super().on_epoch_end(epoch, logs)
+            if os.path.exists(self.filepath):  # Keras saved this epoch
                 atomic.copy(self.filepath, self.target)
-            finally:
-                os.remove(self.filepath)
-
-    def on_train_end(self, logs=None):
-        shutil.rmtree(self._local_dir, ignore_errors=True)
 
 
 class EpochTimeEstimate(keras.callbacks.Callback):
@@ -407,15 +402,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         _vector_logs(model)
     # Every check, the model's own included, ran before this: the first write (the chief's),
     # under the model dir's lock (one writer per run).
+    chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as lock:
-        if distribute.is_chief(strategy):
+        if chief:
             tf.io.gfile.makedirs(model_dir)
             lock.enter_context(folder_lock.hold(f"{model_dir}/{LOCK_FILE}", "tfcdisc.train",
                                                 model_dir))
-        resume = prepare_model_dir(model_dir, cfg, delete=distribute.is_chief(strategy))
+        resume = prepare_model_dir(model_dir, cfg, delete=chief)
         backup = read_backup(model_dir) if resume else None
 
-        chief = distribute.is_chief(strategy)
         out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
         tf.io.gfile.makedirs(out_dir + "/checkpoints")
         if chief:
