@@ -595,9 +595,12 @@ def test_a_product_with_more_images_than_slots_uses_its_first_usable_ones(tmp_pa
     assert [s[1] for s in stats.skipped_images] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("full_at", ["last.keras", "epoch2-step0.weights.h5"])
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset, tmp_path,
-                                                                      monkeypatch):
-    """A full disk while writing last.keras left it truncated (and a raw OSError)."""
+                                                                      monkeypatch, full_at):
+    """A full disk while writing last.keras left it truncated (and a raw OSError); while
+    writing the epoch's backup, a segfault inside HDF5, and the rerun wrote epochs 0 0 1.
+    The disk fills up during epoch 1's write of ``full_at``."""
     import keras
     from conftest import train_config
     from tfcdisc import atomic
@@ -606,7 +609,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset, 
 
     def full_at_epoch_1(local, path):
         copies.append(path)
-        if path.endswith("last.keras") and copies.count(path) == 2:
+        if path.endswith(full_at) and sum(p.endswith("last.keras") for p in copies) == 2:
             with atomic.writing(path) as f:  # the disk fills up half-way through
                 f.write(open(local, "rb").read(1000))
                 raise OSError(28, "No space left on device", path)
@@ -617,8 +620,10 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset, 
         training.train(cfg)
     monkeypatch.setattr(atomic, "copy", real_copy)
     last = tmp_path / "checkpoints" / "last.keras"
-    keras.saving.load_model(str(last), compile=False)  # epoch 0's, whole
+    keras.saving.load_model(str(last), compile=False)  # whole
     assert sorted(p.name for p in last.parent.iterdir()) == ["best.keras", "last.keras"]
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == [
+        "epoch1-step0.weights.h5", "state.json"]  # the half-written one is gone
     state = json.load(open(tmp_path / "backup" / "state.json"))
     assert (state["epoch"], state["step"]) == (1, 0)  # epoch 1 is redone
     resumed = training.train(cfg)
@@ -686,3 +691,141 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(exported, c
         inference.predict(str(export), str(output), bson=str(folder / "test.bson"),
                           progress=False)
     assert output.read_text() == "_id,category_id\nthe old one\n"
+
+
+def test_a_read_only_folder_is_refused_in_one_line_before_the_work(catalogue, dataset,
+                                                                   exported, tmp_path):
+    """Read-only data, model, export and fusion dirs gave raw OSError or
+    PermissionDeniedError tracebacks (after the work, for an export). /sys takes no new
+    files, even from root."""
+    from conftest import train_config
+    from tfcdisc import folder_lock, fusion, serving
+    folder, _ = catalogue
+    run, _ = exported
+    refused = "/sys/tfcdisc-{}: cannot write there"
+    with pytest.raises(folder_lock.FolderNotWritableError, match=refused.format("data/cdiscount/default")):
+        build_dataset(folder, "/sys/tfcdisc-data")
+    with pytest.raises(folder_lock.FolderNotWritableError, match=refused.format("run")):
+        training.train(train_config(dataset, "/sys/tfcdisc-run"))
+    with pytest.raises(folder_lock.FolderNotWritableError, match=refused.format("export")):
+        serving.export(str(run), "/sys/tfcdisc-export")
+    with pytest.raises(folder_lock.FolderNotWritableError, match=refused.format("fusion")):
+        fusion.train(str(run), "/sys/tfcdisc-fusion")
+    done = subprocess.run([sys.executable, "-m", "tfcdisc.ensemble",
+                           f"--saved_model={exported[1]}", f"--saved_model={exported[1]}",
+                           "--export_dir=/sys/tfcdisc-export"], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "/sys/tfcdisc-export: cannot write there (Permission denied); give a folder this "
+        "user can write, or fix its permissions or mount"), done.stderr[-2000:]
+
+
+_LAUNCHER = """
+import os, sys, time
+from tfcdisc import shards
+if __name__ == "__main__":
+    pool = shards.worker_pool(2)
+    busy = [pool.submit(time.sleep, 600) for _ in range(2)]  # as a shard write would be
+    while len(pool._processes) < 2 or not all(f.running() for f in busy):
+        time.sleep(0.01)
+    print(*pool._processes, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_build_workers_die_with_a_killed_launcher(tmp_path):
+    """A SIGKILL of `tfds build` orphaned its workers: they finished their shards and then
+    blocked forever on a pipe (about 750 MB each). Waits on the workers' pidfds."""
+    import select
+    import signal
+    script = tmp_path / "launcher.py"
+    script.write_text(_LAUNCHER)
+    launcher = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                text=True, cwd=REPO)
+    workers = [int(p) for p in launcher.stdout.readline().split()]
+    assert len(workers) == 2
+    fds = [os.pidfd_open(pid) for pid in workers]
+    try:
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        ended = set()
+        while len(ended) < len(fds):
+            ready, _, _ = select.select([f for f in fds if f not in ended], [], [], 60)
+            assert ready, f"workers {workers} still run 60 s after their launcher's kill"
+            ended.update(ready)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _crafted(export, out, io_op) -> None:
+    """``export`` copied to ``out`` with its graph replaced by one whose serving signature
+    runs ``io_op`` too, its checksums recomputed (as a hostile author would)."""
+    import shutil
+    import tensorflow as tf
+    from tfcdisc import serving
+    shutil.copytree(export, out)
+
+    class Hostile(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.string, name="images")])
+        def serve(self, images):
+            io_op(str(out / "written-by-the-graph"))
+            return {"category_id": tf.zeros([tf.shape(images)[0]], tf.int64)}
+
+    module = Hostile()
+    tf.saved_model.save(module, str(out / "graph"), signatures={"serving_default": module.serve})
+    for name in ("saved_model.pb", "variables"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        (out / name).unlink(missing_ok=True)
+        shutil.move(out / "graph" / name, out / name)
+    shutil.rmtree(out / "graph")
+    meta = serving.read_metadata(str(out))
+    meta["files"] = serving.checksums(str(out))
+    (out / serving.METADATA).write_text(json.dumps(meta))
+
+
+def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, catalogue,
+                                                                 tmp_path):
+    """Beam predict ran a crafted graph's tf.io.write_file, while local predict ran the
+    .keras model: two sources of truth, one of them code. Every loader now checks the graph
+    against the inference allow-list, and every path scores the same Keras model."""
+    import tensorflow as tf
+    from tfcdisc import beam_predict, serving
+    _, export = exported
+    for name, io_op in {
+            "writes": lambda path: tf.io.write_file(path, "x"),
+            "reads": lambda path: tf.io.read_file(path),
+            "prints": lambda path: tf.print("x", output_stream=f"file://{path}")}.items():
+        crafted = tmp_path / name
+        _crafted(export, crafted, io_op)
+        op = {"writes": "WriteFile", "reads": "ReadFile", "prints": "PrintV2"}[name]
+        message = f"{crafted}: saved_model.pb is not an inference graph: its graph runs {op}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            serving.load(str(crafted))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            beam_predict.predict(str(crafted), str(tmp_path / "beam.csv"),
+                                 bson=str(catalogue[0] / "test.bson"),
+                                 beam_options=beam_predict.pipeline_options(
+                                     "runner=DirectRunner"))
+        assert not (crafted / "written-by-the-graph").exists()
+    done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={crafted}",
+                           f"--bson={catalogue[0] / 'test.bson'}",
+                           f"--output={tmp_path / 'sub.csv'}"], capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    serving.verify(str(export))  # the real export's graph passes
+
+
+def test_a_shard_that_cannot_be_written_stops_the_build_in_one_line():
+    """A full disk during the build ended in a raw RemoteTraceback of a worker's stack.
+    /sys takes no new files (the same path as ENOSPC: the worker's write fails)."""
+    from tfcdisc import shards
+    spec = shards.ShardSpec("train", 0, "unused.bson", "unused.npz", "unused.csv",
+                            shards.BuildOptions(), "unused.json", num_products=1)
+    tasks = [(spec, f"/sys/tfcdisc-train.tfrecord-0000{k}-of-00002", None) for k in range(2)]
+    for workers in (1, 2):
+        with pytest.raises(shards.ShardWriteError) as failed:
+            shards.write_shards(tasks, workers, progress=False)
+        message = str(failed.value)
+        assert message.startswith("writing /sys/tfcdisc-train.tfrecord-0000") and \
+            "rerun the same command" in message and "\n" not in message, message
+        assert failed.value.__cause__ is None and failed.value.__suppress_context__

@@ -7,8 +7,9 @@ For a model or an ensemble too large for one machine's hours. The file's offset 
 is built as Beam work (`tfcdisc.beam_index`) or reused; the products are cut into
 contiguous ranges of about ``range_bytes``; each Beam worker reads its range, screens
 the images as the local reader does (`tfcdisc.inference.screened`), and Beam's
-RunInference runs the export's own ``serving_default`` signature on batches of products
-(the SavedModel stands alone: workers need TensorFlow, and tfcdisc only to read BSON).
+RunInference scores batches of products exactly as a local predict does: the same
+loader, model and scoring (`ExportHandler`), one source of truth per export (the
+SavedModel's graph is for serving systems; workers install tfcdisc).
 Static shapes are not needed here: Beam workers run on CPUs or GPUs, not TPUs.
 Each range's rows are written to a part file in file order; the launcher joins the
 parts in range order into the same ``submission.csv`` as the local path (header, one row
@@ -17,6 +18,7 @@ per product, file order), written atomically once every product has its row.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -24,9 +26,10 @@ import time
 from typing import Any, Iterable, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, beam_index, bsonfile, inference, problems, serving
+from tfcdisc import atomic, beam_index, bsonfile, inference, problems, product_eval, serving
 from tfcdisc import index as index_lib
 
 RANGE_BYTES = 64 << 20  # one Beam element: about 8,000 real products
@@ -48,7 +51,7 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
     inference.check_output(output)
     stats = inference.PredictStats()
     meta = serving.read_metadata(saved_model)  # also checks it is an export
-    serving.verify(saved_model, meta)  # the graph the workers run is the one exported
+    serving.verify(saved_model, meta)  # refused here, before any Beam work, if damaged
     max_pixels = meta.get("max_image_pixels")
     work = f"{output}.parts"
     if tf.io.gfile.exists(work):
@@ -91,23 +94,42 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
 
 class ExportHandler(ModelHandler):
     """Beam ModelHandler for a tfcdisc export: products (4 JPEG slots, ``b""`` padding)
-    in, category ids out, through the SavedModel's ``serving_default``."""
+    in, category ids out, through the same loader (`serving.load`: checksums, safe-mode
+    Keras model, graph check) and the same scoring (`inference.run_predictions`) as a
+    local predict, so both paths give the same rows from the same files."""
 
     def __init__(self, saved_model: str, batch_size: int):
         super().__init__()
         self._saved_model, self._batch_size = saved_model, batch_size
 
-    def load_model(self):
-        return tf.saved_model.load(self._saved_model).signatures["serving_default"]
+    def load_model(self) -> "_Scorer":
+        export = serving.load(self._saved_model)
+        strategy = product_eval.default_strategy()
+        return _Scorer(export, strategy, inference.predictor_for(export, strategy))
 
     def run_inference(self, batch: Sequence[list[bytes]], model: Any,
                       inference_args=None) -> Iterable[PredictionResult]:
-        out = model(images=tf.constant(list(batch), tf.string))
-        return [PredictionResult(x, c)
-                for x, c in zip(batch, out["category_id"].numpy().tolist())]
+        export, strategy, predictor = model.export, model.strategy, model.predictor
+        n = len(batch)
+        products = {"images": np.array(list(batch), object), "product_id": np.arange(n),
+                    "category_id": np.full(n, -1, np.int64)}
+        rows = inference.run_predictions(
+            export, lambda: tf.data.Dataset.from_tensor_slices(products), n, strategy,
+            inference.PredictStats(), self._batch_size, progress=False, predictor=predictor)
+        ids = np.concatenate([r["category_id"] for r in rows])
+        return [PredictionResult(x, c) for x, c in zip(batch, ids.tolist())]
 
     def batch_elements_kwargs(self) -> dict:
         return {"max_batch_size": self._batch_size}
+
+
+@dataclasses.dataclass
+class _Scorer:
+    """What a worker loads once (Beam shares it by weak reference: not a tuple)."""
+
+    export: serving.Export
+    strategy: Any
+    predictor: product_eval.ProductPredictor
 
 
 def _read_range(element: tuple, bson: str, labeled: bool, max_pixels: int | None,

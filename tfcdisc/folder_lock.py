@@ -26,6 +26,17 @@ class FolderBusyError(ValueError):
     """Another process is writing the folder."""
 
 
+class FolderNotWritableError(ValueError):
+    """The folder cannot be written (read-only, no permission): said before any work."""
+
+
+def _not_writable(folder: str, error: Exception) -> FolderNotWritableError:
+    reason = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
+    return FolderNotWritableError(
+        f"{folder}: cannot write there ({reason}); give a folder this user can write, or "
+        "fix its permissions or mount")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process of this host with that pid runs."""
     try:
@@ -52,28 +63,37 @@ def hold(lock_path: str, what: str, folder: str | None = None):
     another process gets (``folder``: what to name as guarded, default the lock's own).
 
     Raises:
+      FolderNotWritableError: the folder cannot be created or written.
       FolderBusyError: a live process (or one on another host) holds it; the message
         names the folder, the holder and, for a holder that is gone, the file to delete.
     """
     folder = folder or os.path.dirname(lock_path)
+    try:
+        tf.io.gfile.makedirs(os.path.dirname(lock_path))
+    except (OSError, tf.errors.OpError) as e:
+        raise _not_writable(folder, e) from None
     me = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
           "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     text = json.dumps(me)
     local = "://" not in lock_path
     for attempt in range(2):
         if local:
-            os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
             try:
                 fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pass
+            except OSError as e:  # read-only, no permission
+                raise _not_writable(folder, e) from None
             else:
                 with os.fdopen(fd, "w") as f:
                     f.write(text)
                 break
         elif not tf.io.gfile.exists(lock_path):
-            with tf.io.gfile.GFile(lock_path, "w") as f:
-                f.write(text)
+            try:
+                with tf.io.gfile.GFile(lock_path, "w") as f:
+                    f.write(text)
+            except tf.errors.OpError as e:  # a bucket this account may only read
+                raise _not_writable(folder, e) from None
             if _read(lock_path) == me:
                 break
         holder = _read(lock_path)

@@ -154,7 +154,6 @@ def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
     (`folder_lock`)."""
     from tfcdisc import folder_lock, training
     run = training.load_config(model_dir)  # not a run: refused before anything is written
-    tf.io.gfile.makedirs(fusion_dir)
     with folder_lock.hold(f"{fusion_dir.rstrip('/')}/{training.LOCK_FILE}",
                           "tfcdisc.train_fusion", fusion_dir):
         return _train(model_dir, run, fusion_dir, data_dir=data_dir, checkpoint=checkpoint,

@@ -161,18 +161,32 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
     return products, total
 
 
+def _used_table(export: serving.Export):
+    table = export.duplicate_table
+    return table if table is not None and table.weight > 0 else None
+
+
+def predictor_for(export: serving.Export, strategy: tf.distribute.Strategy
+                  ) -> product_eval.ProductPredictor:
+    """The export's scoring (its model, fusion head and duplicate table's weight),
+    compiled once: what local predict, evaluate and each Beam worker run."""
+    table = _used_table(export)
+    return product_eval.ProductPredictor(export.image_model, export.top_k, strategy,
+                                         export.fallback_class,
+                                         duplicate_weight=table.weight if table else 0.0,
+                                         fusion=export.fusion_model)
+
+
 def run_predictions(export: serving.Export, products: Callable[[], tf.data.Dataset],
                     total: int | None, strategy: tf.distribute.Strategy, stats: PredictStats,
-                    batch_size: int = 256, progress: bool = True
+                    batch_size: int = 256, progress: bool = True,
+                    predictor: product_eval.ProductPredictor | None = None
                     ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields one batch of predictions (numpy, category ids) at a time, with a progress bar."""
+    """Yields one batch of predictions (numpy, category ids) at a time, with a progress bar
+    (``predictor``: one `predictor_for` made earlier, reused)."""
     from tqdm import tqdm
-    table = export.duplicate_table
-    table = table if table is not None and table.weight > 0 else None
-    predictor = product_eval.ProductPredictor(export.image_model, export.top_k, strategy,
-                                              export.fallback_class,
-                                              duplicate_weight=table.weight if table else 0.0,
-                                              fusion=export.fusion_model)
+    table = _used_table(export)
+    predictor = predictor or predictor_for(export, strategy)
     batches = product_eval.distribute_products(strategy, products, batch_size,
                                                export.image_size, total, table)
     ids = export.category_ids

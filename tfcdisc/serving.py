@@ -51,7 +51,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, duplicates, folder_lock, input_pipeline, models, product_eval
+from tfcdisc import atomic, duplicates, folder_lock, graph_check, input_pipeline, models
+from tfcdisc import product_eval
 from tfcdisc import training
 from tfcdisc import taxonomy as taxonomy_lib
 
@@ -182,6 +183,13 @@ def export(model_dir: str, export_dir: str, *, top_k: int = 5, checkpoint: str =
         return _in_tensorflow_process("export", model_dir=model_dir, export_dir=export_dir,
                                       top_k=top_k, checkpoint=checkpoint, tta=tta,
                                       duplicates_from=duplicates_from, fusion_dir=fusion_dir)
+    with _writer(export_dir):  # a busy or read-only export dir is refused before the work
+        return _export(model_dir, export_dir, top_k=top_k, checkpoint=checkpoint, tta=tta,
+                       duplicates_from=duplicates_from, fusion_dir=fusion_dir)
+
+
+def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta: str,
+            duplicates_from: str | None, fusion_dir: str | None) -> dict:
     config = training.load_config(model_dir)
     cfg = training.TrainConfig(**config["train"])
     builder = input_pipeline.load_builder(cfg.data_dir, cfg.dataset_config)
@@ -319,9 +327,15 @@ def _whole_or_not_at_all(export_dir: str):
       ValueError: ``export_dir`` holds files and is not an export (nothing is written).
     """
     final = export_dir.rstrip("/")
-    with folder_lock.hold(final + ".tfcdisc-writer.lock", "tfcdisc.export", final):
-        with _into_place(final) as target:
-            yield target
+    with _writer(final), _into_place(final) as target:
+        yield target
+
+
+def _writer(export_dir: str):
+    """The export dir's lock (`folder_lock`): one writer at a time, taken before the work
+    and held (re-entered) while the files are written."""
+    final = export_dir.rstrip("/")
+    return folder_lock.hold(final + ".tfcdisc-writer.lock", "tfcdisc.export", final)
 
 
 @contextlib.contextmanager
@@ -371,6 +385,12 @@ def ensemble(members: Sequence[str], export_dir: str,
             or not math.isfinite(sum(weights)):
         raise ValueError(f"--weights: {len(members)} finite positive numbers with a finite "
                          f"sum, one per --saved_model (got {list(weights)})")
+    with _writer(export_dir):
+        return _ensemble(members, export_dir, weights, duplicates_from)
+
+
+def _ensemble(members: Sequence[str], export_dir: str, weights: list[float],
+              duplicates_from: str | None) -> dict:
     opened = [load(m) for m in members]
     first = opened[0]
     for e in opened:
@@ -428,25 +448,37 @@ def checksums(export_dir: str) -> dict[str, str]:
 
 
 def verify(export_dir: str, meta: dict | None = None) -> None:
-    """Checks every file of an export against the checksums it recorded.
+    """Checks every file of an export against the checksums it recorded, and its graph
+    against the inference allow-list (`graph_check`: checksums stop accidents, not a
+    crafted export that records its own).
 
     Raises:
       ValueError: naming the export and the first file missing, added or different
-        (truncated, damaged or replaced): export again.
+        (truncated, damaged or replaced), or the op its graph must not run.
     """
     meta = read_metadata(export_dir) if meta is None else meta
     recorded = meta.get("files")
     if recorded is None:  # exports of earlier versions recorded none
         logging.warning("%s records no checksums (an earlier version's export); its files "
                         "cannot be checked: export it again", export_dir)
-        return
-    found = checksums(export_dir)
-    for rel in sorted(set(recorded) | set(found)):
-        if recorded.get(rel) != found.get(rel):
-            what = ("is missing" if rel not in found else
-                    "is not part of it" if rel not in recorded else
-                    "differs from what the export recorded (truncated, damaged or replaced)")
-            raise ValueError(f"{export_dir}: {rel} {what}; export it again")
+    else:
+        found = checksums(export_dir)
+        for rel in sorted(set(recorded) | set(found)):
+            if recorded.get(rel) != found.get(rel):
+                what = ("is missing" if rel not in found else
+                        "is not part of it" if rel not in recorded else
+                        "differs from what the export recorded (truncated, damaged or "
+                        "replaced)")
+                raise ValueError(f"{export_dir}: {rel} {what}; export it again")
+    graph = f"{export_dir.rstrip('/')}/saved_model.pb"
+    if not tf.io.gfile.exists(graph):
+        raise ValueError(f"{export_dir}: saved_model.pb is missing; export it again")
+    with tf.io.gfile.GFile(graph, "rb") as f:
+        problem = graph_check.problem(f.read())
+    if problem:
+        raise ValueError(f"{export_dir}: saved_model.pb is not an inference graph: {problem}, "
+                         "file, process or network I/O that tfcdisc.export never writes; do "
+                         "not use this export, export again from its run")
 
 
 def read_metadata(export_dir: str) -> dict:

@@ -22,6 +22,8 @@ import functools
 import json
 import multiprocessing
 import os
+import sys
+import time
 from typing import Iterator, Sequence
 
 import tensorflow as tf
@@ -231,12 +233,41 @@ def _features_for(category_names: str, image_size):
     return records.features(taxonomy_lib.load(category_names), image_size)
 
 
+def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Spawned workers (TensorFlow does not survive fork) that die with their launcher: a
+    SIGKILL-ed `tfds build` left its workers finishing their shards and then blocked
+    forever on a pipe, about 750 MB each."""
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_launcher, initargs=(os.getpid(),))
+
+
+def _exit_with_launcher(launcher: int) -> None:
+    """Worker start: the kernel kills this process when its launcher dies (Linux
+    ``PR_SET_PDEATHSIG``); elsewhere a thread watches for the launcher's end."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != launcher:  # it died before the call above
+            os._exit(1)
+        return
+    import threading
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-launcher").start()
+
+
 def write_shards(tasks: Sequence[tuple[ShardSpec, str, object]], workers: int,
                  progress: bool = True) -> list[int]:
     """Writes shards on ``workers`` processes; returns their lengths, in task order.
 
-    A standard `ProcessPoolExecutor` with spawned workers (TensorFlow does not survive
-    fork); like any spawned pool it imports the caller's main script in each worker,
+    The workers (`worker_pool`) die with this process; like any spawned pool they import
+    the caller's main script,
     so a script that builds must guard its work with ``if __name__ == "__main__"``
     (the `tfds` command, notebooks and pytest do).
     """
@@ -247,17 +278,15 @@ def write_shards(tasks: Sequence[tuple[ShardSpec, str, object]], workers: int,
     results: list = [None] * len(tasks)
     if workers <= 1 or len(tasks) <= 1:
         for i, task in enumerate(tasks):
-            results[i] = write_shard(*task)
+            results[i] = _named(task[1], lambda: write_shard(*task))
             bar.update(task[0].num_products)
     else:
-        with concurrent.futures.ProcessPoolExecutor(
-                min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
-                ) as pool:
+        with worker_pool(min(workers, len(tasks))) as pool:
             futures = {pool.submit(write_shard, *task): i for i, task in enumerate(tasks)}
             try:
                 for future in concurrent.futures.as_completed(futures):
                     i = futures[future]
-                    results[i] = future.result()
+                    results[i] = _named(tasks[i][1], future.result)
                     bar.update(tasks[i][0].num_products)
             except BaseException:
                 for future in futures:
@@ -265,3 +294,20 @@ def write_shards(tasks: Sequence[tuple[ShardSpec, str, object]], workers: int,
                 raise
     bar.close()
     return results
+
+
+class ShardWriteError(RuntimeError):
+    """A shard could not be written (a full disk, a folder this user cannot write)."""
+
+
+def _named(path: str, write):
+    """``write()``, its failure in one line naming the shard (a worker's exception came
+    back as a RemoteTraceback of the worker's stack)."""
+    try:
+        return write()
+    except (OSError, tf.errors.OpError) as e:
+        reason = getattr(e, "message", None) or str(e)
+        raise ShardWriteError(
+            f"writing {path}: {type(e).__name__}: {reason}; the build stopped and keeps "
+            "nothing of it: free space (or fix the folder), then rerun the same command"
+            ) from None

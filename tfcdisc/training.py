@@ -175,7 +175,12 @@ class Backup(keras.callbacks.Callback):
     def save(self, epoch: int, step: int) -> None:
         tf.io.gfile.makedirs(self.directory)
         name = f"epoch{epoch}-step{step}.weights.h5"
-        self.model.save_weights(f"{self.directory}/{name}", overwrite=True)
+        # HDF5 writes into a local temporary folder (a full disk inside its write crashed
+        # the process); the finished file is then copied whole (`atomic.copy`), and the
+        # state names it only after that.
+        with tempfile.TemporaryDirectory(prefix="tfcdisc-backup-") as local:
+            self.model.save_weights(os.path.join(local, name), overwrite=True)
+            atomic.copy(os.path.join(local, name), f"{self.directory}/{name}")
         best = getattr(self.best, "best", None)
         state = {"epoch": epoch, "step": step, "weights": name,
                  "best": None if best is None or abs(best) == float("inf") else float(best)}
@@ -404,8 +409,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     # under the model dir's lock (one writer per run).
     chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as lock:
-        if chief:
-            tf.io.gfile.makedirs(model_dir)
+        if chief:  # the lock makes the folder: a read-only one is refused here
             lock.enter_context(folder_lock.hold(f"{model_dir}/{LOCK_FILE}", "tfcdisc.train",
                                                 model_dir))
         resume = prepare_model_dir(model_dir, cfg, delete=chief)
