@@ -12,8 +12,6 @@ over two (XLA_FLAGS=--xla_force_host_platform_device_count=2: the same two cores
 
 from __future__ import annotations
 
-import argparse
-import sys
 
 from benchmarks import common
 
@@ -34,7 +32,7 @@ def _stage_step(backbone: str, image_size: int, batch: int, steps: int) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
-    from tfcdisc import distribute, training
+    from tfcdisc.learn import distribute, training
     strategy = distribute.get_strategy("default")
     cfg = training.TrainConfig(data_dir="", model_dir="", backbone=backbone,
                                image_size=image_size, global_batch_size=batch,
@@ -104,17 +102,10 @@ path has always run. Not measured: any TPU, any GPU.
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--stage")
-    ap.add_argument("--backbone")
-    for name in ("image_size", "batch", "steps"):
-        ap.add_argument(f"--{name}", type=int)
-    a = ap.parse_args()
-    if a.stage == "step":
-        common.report(_stage_step(a.backbone, a.image_size, a.batch, a.steps))
-    else:
-        run()
+    common.stage_main(run, {"step": lambda a: common.report(
+        _stage_step(a.backbone, a.image_size, a.batch, a.steps))},
+        strings=["backbone"], ints=["image_size", "batch", "steps"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

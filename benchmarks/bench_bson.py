@@ -9,9 +9,7 @@ a second; peak memory the same for a 100 MB and a 1 GB file.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 from benchmarks import common
 
@@ -27,8 +25,8 @@ def _stage(stage: str, path: str, repeat: int = 3) -> dict:
 
 def _once(stage: str, path: str) -> dict:
     import bson
-    from tfcdisc import bsonfile
-    from tfcdisc import index as index_lib
+    from tfcdisc.catalogue import bsonfile
+    from tfcdisc.catalogue import index as index_lib
     import tensorflow as tf  # noqa: F401  (imported before the peak-memory reset)
     size = os.path.getsize(path)
     common.reset_peak()
@@ -56,10 +54,13 @@ def _once(stage: str, path: str) -> dict:
 
 
 def _generator_stage(folder: str) -> dict:
-    from tfcdisc import synth
+    from tfcdisc.catalogue import synth
     s = synth.generate(folder, 4000, 1000, seed=5)
     return {"stage": "generate", "seconds": s["seconds"],
             "products_per_s": s["products_per_second"], "mean_jpeg_bytes": s["mean_jpeg_bytes"]}
+
+
+_STAGES = ("raw_read", "decode_file_iter", "index_build", "stream", "index_load")
 
 
 def run() -> None:
@@ -72,7 +73,7 @@ def run() -> None:
     rows, results = [], {}
     for label, path in (("1 GB", big), ("100 MB", small)):
         common.warm(path)
-        for stage in ("raw_read", "decode_file_iter", "index_build", "stream", "index_load"):
+        for stage in _STAGES:
             r = common.run_stage(__name__, "--stage", stage, "--path", str(path))
             results[(label, stage)] = r
             common.log(label, r)
@@ -116,17 +117,11 @@ products/s, mean JPEG {gen["mean_jpeg_bytes"]:,.0f} bytes (real data: about 4.7 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--stage")
-    ap.add_argument("--path")
-    a = ap.parse_args()
-    if a.stage == "generate":
-        common.report(_generator_stage(a.path))
-    elif a.stage:
-        common.report(_stage(a.stage, a.path), measure=False)
-    else:
-        run()
+    stages = {"generate": lambda a: common.report(_generator_stage(a.path))}
+    for name in _STAGES:
+        stages[name] = lambda a: common.report(_stage(a.stage, a.path), measure=False)
+    common.stage_main(run, stages, strings=["path"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

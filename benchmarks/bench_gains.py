@@ -56,7 +56,7 @@ def _summary(kaggle: pathlib.Path) -> dict:
     """The duplicate rates of the generated catalogue, recomputed from its files."""
     import hashlib
     import numpy as np
-    from tfcdisc import bsonfile, synth
+    from tfcdisc.catalogue import bsonfile, synth
     seen = {}
     for name in ("train.bson", "test.bson"):
         seen[name] = np.array(

@@ -9,7 +9,6 @@ peak memory flat from 1,000 to 20,000 products. Extrapolates the real test set.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -43,7 +42,7 @@ def _export(name: str) -> pathlib.Path:
 def _test_files() -> dict[str, pathlib.Path]:
     folder = common.catalogue("synth-test20k", 200, 20_000, seed=3)
     big = folder / "test.bson"
-    from tfcdisc import index
+    from tfcdisc.catalogue import index
     idx = index.load_or_build(str(big))
     out = {"20k": big}
     for name, n in (("warmup", 300), ("1k", 1000), ("2k", 2000), ("5k", 5000),
@@ -55,9 +54,10 @@ def _test_files() -> dict[str, pathlib.Path]:
 
 def _stage_predict(saved_model: str, bson: str, warmup: str) -> dict:
     import tempfile
-    from tfcdisc import index, inference, serving
+    from tfcdisc.catalogue import index
+    from tfcdisc.serve import inference, export_format
     index.load_or_build(bson)  # as a second run would find it
-    export = serving.load(saved_model)
+    export = export_format.load(saved_model)
     # The model's first calls (graph optimisation) are left out, as for the forward pass.
     inference.predict(export, tempfile.mktemp(suffix=".csv"), bson=warmup, progress=False)
     common.reset_peak()
@@ -69,8 +69,9 @@ def _stage_predict(saved_model: str, bson: str, warmup: str) -> dict:
 
 def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
     """The same product step as predict, on batches decoded beforehand and held in memory."""
-    from tfcdisc import inference, input_pipeline, product_eval, serving
-    export = serving.load(saved_model)
+    from tfcdisc.serve import inference, export_format
+    from tfcdisc.learn import input_pipeline, product_eval
+    export = export_format.load(saved_model)
     products = inference.bson_products(bson, inference.PredictStats()).take(n)
     batches = list(input_pipeline.batch_products(products, 256, export.image_size, n))
     step = product_eval.ProductPredictor(export.image_model, export.top_k).step
@@ -135,18 +136,11 @@ the bare forward pass; on a GPU host the model leaves the cores to the decoder.
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    for name in ("stage", "model", "bson", "warmup"):
-        ap.add_argument(f"--{name}")
-    ap.add_argument("--n", type=int)
-    a = ap.parse_args()
-    if a.stage == "predict":
-        common.report(_stage_predict(a.model, a.bson, a.warmup))
-    elif a.stage == "forward":
-        common.report(_stage_forward(a.model, a.bson, a.n))
-    else:
-        run()
+    common.stage_main(run, {
+        "predict": lambda a: common.report(_stage_predict(a.model, a.bson, a.warmup)),
+        "forward": lambda a: common.report(_stage_forward(a.model, a.bson, a.n))},
+        strings=["model", "bson", "warmup"], ints=["n"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

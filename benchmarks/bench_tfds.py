@@ -11,7 +11,6 @@ the fast local path.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -95,7 +94,7 @@ def _folders() -> dict[str, pathlib.Path]:
     if not (large / "category_names.csv").exists():
         # Rendering 520,000 products takes hours on 2 cores; the 1 GB catalogue's products
         # four times over, under new _ids, take seconds (`synth.replicate`).
-        from tfcdisc import synth
+        from tfcdisc.catalogue import synth
         large.mkdir(parents=True, exist_ok=True)
         synth.replicate(str(big), str(large), _COPIES)
     return {"100 MB": small, "1 GB": big, "4 GB": large}
@@ -216,34 +215,34 @@ the index (about 30 bytes a product: 270 MB for the real catalogue).
     return md
 
 
+def _stage_index(a) -> None:
+    from tfcdisc.catalogue import index
+    for name in ("train.bson", "test.bson"):
+        index.load_or_build(os.path.join(a.folder, name))
+    common.report({})
+
+
+def _stage_kaggle(a) -> None:
+    common.reset_peak()
+    out = tempfile.mktemp(suffix=".tfrecord")
+    try:
+        common.report(kaggle_kernel(a.folder, out, a.limit or 1 << 62))
+    finally:
+        if os.path.exists(out):
+            os.remove(out)
+
+
+def _stage_build(a) -> None:
+    if a.workers:
+        os.environ["TFCDISC_BUILD_WORKERS"] = a.workers
+    print(json.dumps(tfds_build(a.folder, beam=a.stage == "beam", config=a.config)))
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--stage")
-    ap.add_argument("--folder")
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--config")
-    ap.add_argument("--workers")
-    a = ap.parse_args()
-    if a.stage == "index":
-        from tfcdisc import index
-        for name in ("train.bson", "test.bson"):
-            index.load_or_build(os.path.join(a.folder, name))
-        common.report({})
-    elif a.stage == "kaggle":
-        common.reset_peak()
-        out = tempfile.mktemp(suffix=".tfrecord")
-        try:
-            common.report(kaggle_kernel(a.folder, out, a.limit or 1 << 62))
-        finally:
-            if os.path.exists(out):
-                os.remove(out)
-    elif a.stage in ("local", "beam"):
-        if a.workers:
-            os.environ["TFCDISC_BUILD_WORKERS"] = a.workers
-        print(json.dumps(tfds_build(a.folder, beam=a.stage == "beam", config=a.config)))
-    else:
-        run()
+    common.stage_main(run, {"index": _stage_index, "kaggle": _stage_kaggle,
+                            "local": _stage_build, "beam": _stage_build},
+                      strings=["folder", "config", "workers"], ints=["limit"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -12,7 +12,7 @@ in-memory tensors (issue 4). Also the CPU images/s of the demo model and Efficie
 
 from __future__ import annotations
 
-import argparse
+import os
 import pathlib
 import sys
 
@@ -75,7 +75,7 @@ def _kaggle_generator(bson_path: str, batch: int):
 def _stage_input(data_dir: str, which: str, bson_path: str) -> dict:
     import tensorflow as tf
     import tensorflow_datasets as tfds
-    from tfcdisc import input_pipeline as ip
+    from tfcdisc.learn import input_pipeline as ip
     builder = ip.load_builder(data_dir)
     options = ip.PipelineOptions(image_size=180, decode_size=180, shuffle_buffer=8192)
     batch = 128
@@ -112,7 +112,7 @@ def _stage_step(data_dir: str, backbone: str, image_size: int, batch: int, feed:
                 steps: int) -> dict:
     import keras
     import tensorflow as tf
-    from tfcdisc import input_pipeline as ip, training
+    from tfcdisc.learn import input_pipeline as ip, training
     builder = ip.load_builder(data_dir)
     info = training.dataset_info(builder)
     cfg = training.TrainConfig(data_dir=data_dir, model_dir="", backbone=backbone,
@@ -218,29 +218,24 @@ it is a few matrix products beside the backbone. The real catalogue's 12.4M imag
     print(md)
 
 
+def _stage_build(a) -> None:
+    import subprocess
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "tfds"), "build",
+                    str(common.ROOT.parent / "tfds_builder" / "cdiscount"),
+                    "--manual_dir", a.folder, "--data_dir", a.out], check=True,
+                   capture_output=True)
+    common.report({})
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    for name in ("stage", "data_dir", "which", "backbone", "feed", "folder", "out"):
-        ap.add_argument(f"--{name}")
-    for name in ("image_size", "batch", "steps"):
-        ap.add_argument(f"--{name}", type=int)
-    a = ap.parse_args()
-    if a.stage == "build":
-        import subprocess
-        import os
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "tfds"), "build",
-                        str(common.ROOT.parent / "tfds_builder" / "cdiscount"),
-                        "--manual_dir", a.folder, "--data_dir", a.out], check=True,
-                       capture_output=True)
-        common.report({})
-    elif a.stage == "input":
-        common.report(_stage_input(a.data_dir, a.which, a.folder))
-    elif a.stage == "step":
-        common.report(_stage_step(a.data_dir, a.backbone, a.image_size, a.batch, a.feed,
-                                  a.steps))
-    else:
-        run()
+    common.stage_main(run, {
+        "build": _stage_build,
+        "input": lambda a: common.report(_stage_input(a.data_dir, a.which, a.folder)),
+        "step": lambda a: common.report(_stage_step(a.data_dir, a.backbone, a.image_size,
+                                                    a.batch, a.feed, a.steps))},
+        strings=["data_dir", "which", "backbone", "feed", "folder", "out"],
+        ints=["image_size", "batch", "steps"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,6 +7,7 @@ side by side in the same `make bench` run, because these machines are noisy.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -16,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Callable, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parent
 RESULTS = ROOT / "RESULTS.md"
@@ -31,7 +33,7 @@ def catalogue(name: str, num_train: int, num_test: int, seed: int = 1) -> pathli
     """A synthetic Kaggle folder generated once and cached outside the repo."""
     folder = CACHE / name
     if not (folder / "test_labels.csv").exists():
-        from tfcdisc import synth
+        from tfcdisc.catalogue import synth
         log(f"generating {folder} ({num_train} train products) once; later runs reuse it")
         synth.generate(str(folder), num_train, num_test, seed=seed, verbose=True)
     return folder
@@ -40,7 +42,7 @@ def catalogue(name: str, num_train: int, num_test: int, seed: int = 1) -> pathli
 def prefix_copy(src: pathlib.Path, dst: pathlib.Path, max_bytes: int) -> pathlib.Path:
     """The leading whole documents of a BSON file, up to max_bytes (a smaller twin)."""
     if not dst.exists():
-        from tfcdisc import index as index_lib
+        from tfcdisc.catalogue import index as index_lib
         idx = index_lib.load_or_build(str(src))
         ends = idx.offsets + idx.lengths
         cut = int(ends[ends <= max_bytes][-1])
@@ -146,3 +148,20 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def stage_main(run: Callable[[], None], stages: dict[str, Callable[[argparse.Namespace], None]],
+               strings: Sequence[str] = (), ints: Sequence[str] = ()) -> None:
+    """A benchmark module's entry: ``--stage=NAME`` runs one measured stage in this process
+    (what `run_stage` starts, with its arguments as flags), no stage runs the whole suite."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage")
+    for name in strings:
+        ap.add_argument(f"--{name}")
+    for name in ints:
+        ap.add_argument(f"--{name}", type=int)
+    a = ap.parse_args()
+    if a.stage:
+        stages[a.stage](a)
+    else:
+        run()

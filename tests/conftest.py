@@ -40,7 +40,7 @@ def once_per_run(tmp_path_factory, name: str, make):
 def catalogue(tmp_path_factory):
     """A small Kaggle-layout folder: 240 train and 60 test products in 12 categories."""
     def make(out):
-        from tfcdisc import synth
+        from tfcdisc.catalogue import synth
         return out, synth.generate(str(out), 240, 60, num_categories=12, seed=7, workers=1)
     return once_per_run(tmp_path_factory, "catalogue", make)
 
@@ -61,7 +61,8 @@ def dataset(catalogue, tmp_path_factory):
 def exported(dataset, tmp_path_factory):
     """A small model trained for a few steps on the dataset and exported: (run, export)."""
     def make(folder):
-        from tfcdisc import serving, training
+        from tfcdisc.serve import exporting
+        from tfcdisc.learn import training
         run = folder / "run"
         training.train(training.TrainConfig(
             data_dir=dataset.data_dir, model_dir=str(run), backbone="small_cnn",
@@ -70,7 +71,7 @@ def exported(dataset, tmp_path_factory):
             mixed_precision="float32", shuffle_buffer=256, eval_batch_size=16, seed=0,
             verbose=0))
         out = folder / "export" / "model"
-        serving.export(str(run), str(out))
+        exporting.export(str(run), str(out))
         return run, out
     return once_per_run(tmp_path_factory, "exported", make)
 
@@ -88,14 +89,16 @@ def free_ports(n: int) -> list[int]:
 
 
 def train_config(dataset, model_dir, **overrides):
-    """A TrainConfig for a few fast steps of the small CNN on the test dataset."""
-    from tfcdisc import config
-    base = dict(data_dir=dataset.data_dir, model_dir=str(model_dir), backbone="small_cnn",
+    """A TrainConfig for a few fast steps of the small CNN on a built dataset (its builder
+    or its data dir)."""
+    from tfcdisc.learn import settings
+    data_dir = str(getattr(dataset, "data_dir", dataset))
+    base = dict(data_dir=data_dir, model_dir=str(model_dir), backbone="small_cnn",
                 image_size=32, decode_size=48, global_batch_size=16, epochs=1,
                 steps_per_epoch=3, optimizer="adamw", learning_rate=0.004, bn_momentum=0.9,
                 strategy="default", mixed_precision="float32", shuffle_buffer=256,
                 eval_batch_size=8, seed=0, verbose=0)
-    return config.TrainConfig(**{**base, **overrides})
+    return settings.TrainConfig(**{**base, **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -171,6 +174,19 @@ def build_dataset(manual_dir, data_dir, **config):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     return builder
+
+
+def slots(images) -> list[bytes]:
+    """A product's images in the export's 4 slots: the first 4, b"" padding."""
+    return list(images[:4]) + [b""] * (4 - len(images[:4]))
+
+
+def product_batches(builder, split: str, batch_size: int, image_size: int):
+    """A built split's products, decoded and statically batched as evaluation reads them."""
+    from tfcdisc.learn import input_pipeline
+    return input_pipeline.batch_products(
+        input_pipeline.split_products(builder, split), batch_size, image_size,
+        builder.info.splits[split].num_examples)
 
 
 def read_split(builder, split) -> dict:

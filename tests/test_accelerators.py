@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, free_ports, last_json, run_training, train_config
-from tfcdisc import config, distribute, runtime
+from tfcdisc import cli
+from tfcdisc.learn import distribute, runtime
+from tfcdisc.learn import settings
 
 
 # --------------------------------------------------------------------------- runtimes
@@ -108,7 +110,7 @@ def test_each_runtime_keeps_what_it_ships_and_gets_one_tensorflow(where, present
 ])
 def test_auto_backend_is_jax_on_tpu_vms_with_jax_and_tensorflow_elsewhere(where, present,
                                                                           expected):
-    from tfcdisc import backend
+    from tfcdisc.learn import backend
     assert backend.choose("auto", where, "jax" in present) == expected
     assert backend.choose("tensorflow", where, True) == "tensorflow"
     with pytest.raises(ValueError, match="JAX is not installed"):
@@ -117,7 +119,7 @@ def test_auto_backend_is_jax_on_tpu_vms_with_jax_and_tensorflow_elsewhere(where,
 
 def test_a_keras_imported_with_another_backend_is_refused_with_the_fix():
     import keras
-    from tfcdisc import backend
+    from tfcdisc.learn import backend
     other = "jax" if keras.backend.backend() == "tensorflow" else "tensorflow"
     with pytest.raises(ValueError, match=f"KERAS_BACKEND={other} before"):
         backend.select(other)
@@ -185,15 +187,15 @@ def test_tpu_nodes_need_cloud_storage_and_batches_follow_replicas():
 # --------------------------------------------------------------------------- flagfiles
 
 
-def _parse_flagfile(path: pathlib.Path) -> config.TrainConfig:
-    return config.parse(config.TrainConfig, [f"--flagfile={path}", "--data_dir=gs://b/d",
+def _parse_flagfile(path: pathlib.Path) -> settings.TrainConfig:
+    return cli.parse(settings.TrainConfig, [f"--flagfile={path}", "--data_dir=gs://b/d",
                                              "--model_dir=gs://b/r"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.cfg")),
                          ids=lambda p: p.name)
 def test_flagfiles_parse_and_make_sense(path):
-    from tfcdisc import models
+    from tfcdisc.learn import models
     cfg = _parse_flagfile(path)
     assert cfg.image_size >= models.BACKBONES[cfg.backbone].min_size
     text = path.read_text()
@@ -212,11 +214,11 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
     backbones at a small image size. Dynamic shapes or ops XLA lacks fail here."""
     import keras
     import tensorflow as tf
-    from tfcdisc import input_pipeline, product_eval, training
+    from tfcdisc.learn import input_pipeline, product_eval, training
     cfg = _parse_flagfile(path)
     size = {"xception": 71}.get(cfg.backbone, 32)
     small = dict(cfg.__dict__, image_size=size, weights="none", steps_per_execution=1)
-    cfg = config.TrainConfig(**small)
+    cfg = settings.TrainConfig(**small)
     info = {"num_classes": 7, "num_level1": 2, "num_level2": 3}
     keras.mixed_precision.set_global_policy(cfg.mixed_precision)
     try:

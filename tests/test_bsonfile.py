@@ -8,9 +8,9 @@ import pytest
 from bson.int64 import Int64
 
 from conftest import doc, write
-from tfcdisc import bsonfile
-from tfcdisc import index as index_lib
-from tfcdisc.bsonfile import BsonFormatError
+from tfcdisc.catalogue import bsonfile
+from tfcdisc.catalogue import index as index_lib
+from tfcdisc.catalogue.bsonfile import BsonFormatError
 
 
 def _read(source, **kw):

@@ -6,7 +6,9 @@ import pandas as pd
 import tensorflow as tf
 
 from conftest import build_dataset, doc, jpeg_bytes, serve_without_tfcdisc, write_taxonomy
-from tfcdisc import duplicates, inference, scoring, serving, training
+from tfcdisc.learn import duplicates, training
+from tfcdisc.serve import inference, scoring
+from tfcdisc.serve import exporting
 
 
 def test_the_table_keeps_each_image_top_category_and_its_share():
@@ -101,8 +103,8 @@ def test_an_export_with_duplicates_blends_where_images_recur(tmp_path):
         learning_rate=0.0001, strategy="default", mixed_precision="float32",
         shuffle_buffer=64, eval_batch_size=8, seed=0, verbose=0))
     plain, with_table = tmp_path / "plain", tmp_path / "dup"
-    serving.export(str(run), str(plain))
-    summary = serving.export(str(run), str(with_table), duplicates_from=builder.data_dir)
+    exporting.export(str(run), str(plain))
+    summary = exporting.export(str(run), str(with_table), duplicates_from=builder.data_dir)
     info = summary["duplicates"]
     assert info["unique_images"] == 12 and info["weight"] > 0  # chosen: it helped
     accuracy = info["validation_accuracy_by_weight"]
@@ -117,7 +119,7 @@ def test_an_export_with_duplicates_blends_where_images_recur(tmp_path):
     inference.predict(str(with_table), str(out), bson=test, progress=False)
     predicted = pd.read_csv(out)
     # The SavedModel looks the bytes up itself, in a process that cannot import tfcdisc.
-    from tfcdisc import bsonfile
+    from tfcdisc.catalogue import bsonfile
     products = list(bsonfile.iter_products(test))
     got = serve_without_tfcdisc(with_table, [[p.images[0], b"", b"", b""] for p in products])
     assert got["category_id"] == predicted["category_id"].tolist()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import doc, write
-from tfcdisc import bsonfile
-from tfcdisc import index as index_lib
-from tfcdisc.bsonfile import BsonFormatError
+from tfcdisc.catalogue import bsonfile
+from tfcdisc.catalogue import index as index_lib
+from tfcdisc.catalogue.bsonfile import BsonFormatError
 
 
 def test_index_matches_stream(catalogue):
@@ -162,7 +162,7 @@ def test_pieces_that_do_not_meet_are_refused(catalogue):
 
 def test_beam_indexing_matches_and_reports_problems_at_their_offset(catalogue, tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
-    from tfcdisc import beam_index
+    from tfcdisc.catalogue import beam_index
     import shutil
     folder, _ = catalogue
     clean = str(shutil.copy(folder / "test.bson", tmp_path))  # no index beside it yet

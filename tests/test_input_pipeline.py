@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import jpeg_bytes
-from tfcdisc import input_pipeline as ip
+from conftest import jpeg_bytes, product_batches
+from tfcdisc.learn import input_pipeline as ip
 
 
 def _ops(dataset) -> set:
@@ -75,7 +75,7 @@ def test_padding_and_masks():
 
 def test_product_batches_score_every_product(dataset):
     n = dataset.info.splits["validation"].num_examples
-    ds = ip.product_dataset(dataset, "validation", 5, ip.PipelineOptions(image_size=32))
+    ds = product_batches(dataset, "validation", 5, 32)
     spec = ds.element_spec
     assert spec["images"].shape == (5, 4, 32, 32, 3) and spec["images"].dtype == tf.uint8
     assert spec["mask"].shape == (5, 4) and spec["label"].dtype == tf.int32

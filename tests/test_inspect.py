@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from conftest import doc, write
-from tfcdisc import inspect as inspect_lib
+from tfcdisc.catalogue import report as inspect_lib
 
 
 def test_report_on_a_catalogue(catalogue):
@@ -55,7 +55,7 @@ def test_cli_json_and_corrupt_exit_status(tmp_path):
 
 
 def test_histogram_counts_every_product():
-    from tfcdisc import index as index_lib
+    from tfcdisc.catalogue import index as index_lib
     idx = index_lib.OffsetIndex("x", np.arange(4, dtype=np.int64) * 10,
                                 np.full(4, 10, np.int32), np.arange(4, dtype=np.int64),
                                 np.array([5, 5, 6, 7]), np.array([1, 4, 4, 2], np.int16),

@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 
 from conftest import (REPO, free_ports, last_json, once_per_run, run_training,
-                      serve_without_tfcdisc, train_config)
-from tfcdisc import config
+                      serve_without_tfcdisc, slots, train_config)
+from tfcdisc import cli
+from tfcdisc.learn import settings
 
 _DEVICES = "--xla_force_host_platform_device_count=2"
 
 
 def _flagfile_config(path, dataset, model_dir):
-    cfg = config.parse(config.TrainConfig, [f"--flagfile={path}", f"--data_dir={dataset.data_dir}",
+    cfg = cli.parse(settings.TrainConfig, [f"--flagfile={path}", f"--data_dir={dataset.data_dir}",
                                             f"--model_dir={model_dir}"])
     size = 71 if cfg.backbone == "xception" else 32  # small, as XLA sees it on a TPU
-    return config.TrainConfig(**{**cfg.__dict__, "image_size": size, "decode_size": 48,
+    return settings.TrainConfig(**{**cfg.__dict__, "image_size": size, "decode_size": 48,
                                  "weights": "none", "strategy": "default", "epochs": 1,
                                  "steps_per_epoch": 2, "per_replica_batch_size": 4,
                                  "steps_per_execution": 2, "eval_batch_size": 16,
@@ -121,12 +122,12 @@ def test_two_jax_processes_train_as_one_and_only_process_0_writes(dataset, tmp_p
 def jax_run(dataset, tmp_path_factory):
     """A small run trained under JAX on two devices, and its export (TensorFlow)."""
     def make(folder):
-        from tfcdisc import serving
+        from tfcdisc.serve import exporting
         run, out = folder / "run", folder / "export"
         done = run_training(train_config(dataset, run, epochs=2, steps_per_epoch=6),
                             backend="jax")
         assert done.returncode == 0, done.stderr[-3000:]
-        serving.export(str(run), str(out))
+        exporting.export(str(run), str(out))
         return run, out
     return once_per_run(tmp_path_factory, "jax_run", make)
 
@@ -147,9 +148,9 @@ _JAX_SCORES = """
 import json, sys
 sys.path.insert(0, {repo!r})
 import numpy as np, tensorflow as tf
-from tfcdisc import input_pipeline, product_eval, serving
+from tfcdisc.learn import input_pipeline, product_eval, rundir
 images = [[bytes.fromhex(b) for b in p] for p in json.loads(sys.stdin.read())]
-model = serving.float32_model(sys.argv[1])
+model = rundir.float32_model(sys.argv[1])
 batches = input_pipeline.batch_products(tf.data.Dataset.from_tensor_slices(
     {{"images": tf.constant(images)}}), 4, 32, len(images))
 out = product_eval.ProductPredictor(model, 5)(batches)
@@ -159,17 +160,18 @@ print(json.dumps({{k: out[k].tolist() for k in ("top_k_classes", "top_k_probabil
 
 def test_a_jax_run_exports_a_plain_tensorflow_savedmodel_that_agrees_with_it(
         jax_run, catalogue):
-    from tfcdisc import bsonfile, serving
+    from tfcdisc.catalogue import bsonfile
+    from tfcdisc.learn import rundir
     run, export = jax_run
     ops = _graph_ops(export)
     assert "XlaCallModule" not in ops and "StatefulPartitionedCall" in ops
     folder, _ = catalogue
     products = list(bsonfile.iter_products(str(folder / "test.bson")))[:10]
-    images = [p.images[:4] + [b""] * (4 - len(p.images[:4])) for p in products]
+    images = [slots(p.images) for p in products]
     served = serve_without_tfcdisc(export, images)  # neither tfcdisc nor jax importable
     env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": _DEVICES}
     done = subprocess.run([sys.executable, "-c", _JAX_SCORES.format(repo=str(REPO)),
-                           serving.checkpoint_path(str(run))], capture_output=True, text=True,
+                           rundir.checkpoint_path(str(run))], capture_output=True, text=True,
                           input=json.dumps([[b.hex() for b in p] for p in images]),
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

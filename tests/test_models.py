@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcdisc import models
+from tfcdisc.learn import models
 
 
 def test_every_backbone_is_a_train_flag_choice_and_a_keras_application():
-    from tfcdisc import config
-    assert tuple(models.BACKBONES) == config.BACKBONE_NAMES
+    from tfcdisc.learn import settings
+    assert tuple(models.BACKBONES) == settings.BACKBONE_NAMES
     assert all(spec.make is None or callable(spec.make) for spec in models.BACKBONES.values())
 
 

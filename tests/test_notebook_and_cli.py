@@ -51,7 +51,7 @@ def test_notebook_runs_in_smoke_mode(backend, tmp_path, monkeypatch):
 
 
 def test_the_disk_space_check_says_what_the_build_needs(tmp_path):
-    from tfcdisc import runtime
+    from tfcdisc.learn import runtime
     bson = tmp_path / "train.bson"
     bson.write_bytes(b"x" * 1000)
     assert runtime.build_space_problem([str(bson)], str(tmp_path / "data"),

@@ -16,18 +16,12 @@ import bson
 import pandas as pd
 import pytest
 
-from conftest import (REPO, build_dataset, doc, jpeg_bytes, last_json, run_training, write,
-                      write_taxonomy)
-from tfcdisc import bsonfile, config, index as index_lib, inference, training
-
-
-def _config(data_dir, model_dir, **overrides):
-    base = dict(data_dir=str(data_dir), model_dir=str(model_dir), backbone="small_cnn",
-                image_size=32, decode_size=48, global_batch_size=16, epochs=1,
-                steps_per_epoch=3, optimizer="adamw", learning_rate=0.004, bn_momentum=0.9,
-                strategy="default", mixed_precision="float32", shuffle_buffer=256,
-                eval_batch_size=8, seed=0, verbose=0)
-    return config.TrainConfig(**{**base, **overrides})
+from conftest import (REPO, build_dataset, doc, jpeg_bytes, last_json, run_training,
+                      train_config, write, write_taxonomy)
+from tfcdisc.catalogue import bsonfile, index as index_lib
+from tfcdisc.learn import training
+from tfcdisc.learn import rundir
+from tfcdisc.serve import exporting, inference
 
 
 def _digest(path) -> str:
@@ -43,7 +37,8 @@ def test_what_passes_the_screen_decodes_in_full():
     import random
     import tensorflow as tf
     from conftest import garbled_jpeg
-    from tfcdisc import input_pipeline, screen
+    from tfcdisc.learn import input_pipeline
+    from tfcdisc.catalogue import screen
     rng = random.Random(0)
     sources = [jpeg_bytes(seed=1), jpeg_bytes("L", seed=2), jpeg_bytes("CMYK", seed=3),
                jpeg_bytes(progressive=True, seed=4)]
@@ -79,7 +74,7 @@ def test_a_kill_inside_validation_loses_no_history_row_and_no_best_model(dataset
     """Killed while validating epoch 2 (the mid-epoch backup at its last step used to be
     taken as a finished epoch, so its row never came); the epochs after the resume score
     worse than epoch 1, so best.keras must stay epoch 1's model."""
-    cfg = _config(dataset.data_dir, tmp_path, epochs=4, steps_per_epoch=4,
+    cfg = train_config(dataset, tmp_path, epochs=4, steps_per_epoch=4,
                   backup_every_steps=2)
     scores = {"TEST_VAL_SCORES": "0.5,0.9,0.2,0.3"}
     killed = run_training(cfg, env={**scores, "TEST_KILL_IN_VALIDATION": "2"})
@@ -100,25 +95,25 @@ def test_a_kill_inside_validation_loses_no_history_row_and_no_best_model(dataset
 
 
 def test_a_model_dir_of_another_run_is_refused_untouched_unless_overwrite(dataset, tmp_path):
-    training.train(_config(dataset.data_dir, tmp_path))
+    training.train(train_config(dataset, tmp_path))
     before = {name: _digest(tmp_path / name) for name in
               ("config.json", "flags.txt", "history.csv", "checkpoints/best.keras")
               if (tmp_path / name).exists()}
     for other, named in ((dict(learning_rate=0.01), "--learning_rate=0.01 (the run has 0.004)"),
                          (dict(image_size=48), "--image_size=48 (the run has 32)")):
         with pytest.raises(ValueError, match="--overwrite") as e:
-            training.train(_config(dataset.data_dir, tmp_path, **other))
+            training.train(train_config(dataset, tmp_path, **other))
         assert named in str(e.value)
     with pytest.raises(ValueError, match="epochs"):  # invalid flags: nothing written either
-        training.train(_config(dataset.data_dir, tmp_path, epochs=0, overwrite=True))
+        training.train(train_config(dataset, tmp_path, epochs=0, overwrite=True))
     with pytest.raises(ValueError):  # a model that cannot be built, with --overwrite
-        training.train(_config(dataset.data_dir, tmp_path, backbone="xception",
+        training.train(train_config(dataset, tmp_path, backbone="xception",
                                overwrite=True))
     assert {name: _digest(tmp_path / name) for name in before} == before
-    result = training.train(_config(dataset.data_dir, tmp_path, image_size=48, epochs=1,
+    result = training.train(train_config(dataset, tmp_path, image_size=48, epochs=1,
                                     overwrite=True))
     assert result["resumed"] is None
-    again = training.train(_config(dataset.data_dir, tmp_path, image_size=48, epochs=1,
+    again = training.train(train_config(dataset, tmp_path, image_size=48, epochs=1,
                                    overwrite=True))
     assert again["resumed"] == {"epoch": 1, "step": 0}  # the same run is never deleted
     assert json.load(open(tmp_path / "config.json"))["train"]["image_size"] == 48
@@ -127,8 +122,8 @@ def test_a_model_dir_of_another_run_is_refused_untouched_unless_overwrite(datase
 
 
 def test_a_rerun_with_operational_changes_resumes(dataset, tmp_path):
-    training.train(_config(dataset.data_dir, tmp_path))
-    again = training.train(_config(dataset.data_dir, tmp_path, log_every_steps=7,
+    training.train(train_config(dataset, tmp_path))
+    again = training.train(train_config(dataset, tmp_path, log_every_steps=7,
                                    eval_batch_size=4))
     assert again["resumed"] == {"epoch": 1, "step": 0} and not again["history"]
 
@@ -153,7 +148,7 @@ def _catalogue(folder, categories, per_category, seed=0):
 def test_a_catalogue_of_three_categories_trains_and_scores_top3(tmp_path):
     folder = _catalogue(tmp_path / "k", [1000000100, 1000000200, 1000000300], 12)
     builder = build_dataset(folder, tmp_path / "data")
-    result = training.train(_config(builder.data_dir, tmp_path / "run", eval_batch_size=4))
+    result = training.train(train_config(builder, tmp_path / "run", eval_batch_size=4))
     assert result["validation"]["products"] == builder.info.splits["validation"].num_examples
     assert result["validation"]["top5_accuracy"] == 1.0  # every category is in the top 3
 
@@ -162,7 +157,7 @@ def test_one_product_per_category_is_refused_before_anything_is_written(tmp_path
     folder = _catalogue(tmp_path / "k", [1000000100 + i for i in range(6)], 1)
     builder = build_dataset(folder, tmp_path / "data")
     with pytest.raises(ValueError, match="validation split is empty"):
-        training.train(_config(builder.data_dir, tmp_path / "run"))
+        training.train(train_config(builder, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -366,7 +361,8 @@ def test_a_data_dir_holding_two_builds_is_never_resolved_silently(tmp_path):
     """The README's own flow (a default build, then `--config val...` into the same data
     dir) used to train on whichever config sorted last."""
     from conftest import train_config
-    from tfcdisc import input_pipeline, synth
+    from tfcdisc.learn import input_pipeline
+    from tfcdisc.catalogue import synth
     synth.generate(str(tmp_path / "k"), 80, 10, num_categories=4, seed=3, workers=1)
     data = tmp_path / "data"
     build_dataset(tmp_path / "k", data)
@@ -396,41 +392,41 @@ def test_a_data_dir_holding_two_builds_is_never_resolved_silently(tmp_path):
 def test_a_reexport_that_fails_leaves_the_old_export_whole(exported, tmp_path, monkeypatch):
     """A kill or a full disk mid re-export used to leave the new saved_model.pb beside the
     old Keras model and metadata, which predict then used."""
-    from tfcdisc import atomic, serving
+    from tfcdisc.catalogue import atomic
+    from tfcdisc.serve import export_format
     run, _ = exported
     out = tmp_path / "export"
-    serving.export(str(run), str(out), top_k=5)
+    exporting.export(str(run), str(out), top_k=5)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     real_write = atomic.write
 
     def full_disk(path, data):  # the last file of the export
-        if path.endswith(serving.METADATA):
+        if path.endswith(export_format.METADATA):
             raise OSError(28, "No space left on device", path)
         real_write(path, data)
 
     monkeypatch.setattr(atomic, "write", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        serving.export(str(run), str(out), top_k=3, tta="flip")
+        exporting.export(str(run), str(out), top_k=3, tta="flip")
     monkeypatch.setattr(atomic, "write", real_write)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # byte for byte the old export
-    assert serving.load(str(out)).top_k == 5
+    assert export_format.load(str(out)).top_k == 5
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # nothing left beside it
     # What a SIGKILL leaves (a sibling of a dead process) goes with the next export.
     (tmp_path / "export.incomplete-999999999").mkdir()
-    serving.export(str(run), str(out), top_k=3)
-    assert serving.load(str(out)).top_k == 3
+    exporting.export(str(run), str(out), top_k=3)
+    assert export_format.load(str(out)).top_k == 3
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
 def test_an_export_into_a_folder_that_is_not_an_export_is_refused(exported, tmp_path):
-    from tfcdisc import serving
     run, _ = exported
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"precious")
     with pytest.raises(ValueError, match="holds files and is not a tfcdisc export"):
-        serving.export(str(run), str(folder))
+        exporting.export(str(run), str(folder))
     assert [p.name for p in folder.iterdir()] == ["holiday.jpg"]
     assert [p.name for p in tmp_path.iterdir()] == ["photos"]
 
@@ -440,12 +436,13 @@ def test_inputs_that_used_to_be_wrong_without_an_error_are_named(tmp_path):
     BSON: each was silently ignored or misreported."""
     import gzip
     import zipfile
-    from tfcdisc import config as config_lib
+    from tfcdisc import cli
+    from tfcdisc.learn import settings
     flagfile = tmp_path / "run.cfg"
     flagfile.write_text("# comment\n--epochs=2\n\nimage_size=48\n")
     with pytest.raises(ValueError, match=r"run.cfg:4: 'image_size=48' is not a flag .*"
                                          r"--image_size=48"):
-        config_lib.parse(config.TrainConfig, [f"--flagfile={flagfile}", "--data_dir=d",
+        cli.parse(settings.TrainConfig, [f"--flagfile={flagfile}", "--data_dir=d",
                                               "--model_dir=m"])
     done = subprocess.run([sys.executable, "-m", "tfcdisc.train", f"--flagfile={flagfile}",
                            "--data_dir=d", "--model_dir=m"], capture_output=True, text=True)
@@ -467,11 +464,10 @@ def test_inputs_that_used_to_be_wrong_without_an_error_are_named(tmp_path):
 
 
 def test_ensemble_weights_must_be_finite_and_positive(exported, tmp_path):
-    from tfcdisc import serving
     _, export = exported
     for weights in ([1, float("nan")], [1, float("inf")], [1e308, 1e308], [1, 0], [1, -1]):
         with pytest.raises(ValueError, match="finite positive numbers"):
-            serving.ensemble([str(export), str(export)], str(tmp_path / "e"), weights)
+            exporting.ensemble([str(export), str(export)], str(tmp_path / "e"), weights)
     assert not (tmp_path / "e").exists()
 
 
@@ -482,10 +478,11 @@ def test_a_folder_has_one_writer_at_a_time(dataset, exported, tmp_path):
     import os
     import socket
     from conftest import train_config
-    from tfcdisc import folder_lock, fusion, serving
+    from tfcdisc.catalogue import folder_lock
+    from tfcdisc.learn import fusion
     run, _ = exported
     cfg = train_config(dataset, tmp_path / "run", steps_per_epoch=1)
-    lock = tmp_path / "run" / training.LOCK_FILE
+    lock = tmp_path / "run" / rundir.LOCK_FILE
     holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                               stdin=subprocess.PIPE)  # a live process of this host
     try:
@@ -500,9 +497,9 @@ def test_a_folder_has_one_writer_at_a_time(dataset, exported, tmp_path):
         export_lock = tmp_path / "export.tfcdisc-writer.lock"
         export_lock.write_text(lock.read_text())
         with pytest.raises(folder_lock.FolderBusyError, match="export is being written"):
-            serving.export(str(run), str(tmp_path / "export"))
+            exporting.export(str(run), str(tmp_path / "export"))
         (tmp_path / "fusion").mkdir()
-        (tmp_path / "fusion" / training.LOCK_FILE).write_text(lock.read_text())
+        (tmp_path / "fusion" / rundir.LOCK_FILE).write_text(lock.read_text())
         with pytest.raises(folder_lock.FolderBusyError, match="fusion is being written"):
             fusion.train(str(run), str(tmp_path / "fusion"))
     finally:
@@ -518,7 +515,7 @@ def test_a_folder_has_one_writer_at_a_time(dataset, exported, tmp_path):
 def test_history_keeps_one_row_per_epoch_whatever_the_file_holds(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,2.0\nepoch,loss\n0,1.9\n1,1.5\n1,1.4\n2,1.0\n")
-    training._keep_history_before(str(path), 2)  # what a resumed run at epoch 2 keeps
+    rundir.keep_history_before(str(path), 2)  # what a resumed run at epoch 2 keeps
     assert path.read_text() == "epoch,loss\n0,1.9\n1,1.4\n"
 
 
@@ -526,7 +523,7 @@ def test_image_counts_fit_any_document_and_a_forged_index_is_rebuilt(tmp_path, c
     """40,000 images overflowed the index's int16 counts; an index whose documents do not
     cover the file (one product left out) gave 59 rows for 60 products, exit 0."""
     import numpy as np
-    from tfcdisc import atomic
+    from tfcdisc.catalogue import atomic
     many = bson.encode({"_id": 1, "imgs": [{"picture": b"\xff\xd8%d\xff\xd9" % i}
                                            for i in range(40_000)], "category_id": 7})
     path = write(tmp_path, many, doc(2), doc(3), doc(4))
@@ -544,7 +541,7 @@ def test_image_counts_fit_any_document_and_a_forged_index_is_rebuilt(tmp_path, c
 
 
 def test_a_fusion_cache_made_from_another_run_is_not_reused(exported, tmp_path):
-    from tfcdisc import fusion
+    from tfcdisc.learn import fusion
     run, _ = exported
     folder = tmp_path / "fusion"
     fusion.train(str(run), str(folder), epochs=1)
@@ -564,7 +561,7 @@ def test_labels_of_categories_the_export_does_not_know_are_named(exported, catal
                                                                    tmp_path, caplog):
     """They gave accuracy 0.0, exit 0, no warning."""
     import logging
-    from tfcdisc import scoring
+    from tfcdisc.serve import scoring
     folder, _ = catalogue
     _, export = exported
     labels = pd.read_csv(folder / "test_labels.csv")
@@ -603,7 +600,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset, 
     The disk fills up during epoch 1's write of ``full_at``."""
     import keras
     from conftest import train_config
-    from tfcdisc import atomic
+    from tfcdisc.catalogue import atomic
     cfg = train_config(dataset, tmp_path, epochs=2, steps_per_epoch=2)
     real_copy, copies = atomic.copy, []
 
@@ -638,18 +635,18 @@ def test_a_damaged_export_is_named_by_every_loader(exported, catalogue, tmp_path
     tfcdisc.json "Expecting ',' delimiter", a deleted variables/ folder a local predict that
     worked and a Beam predict that failed: now each loader names the export and the file."""
     import shutil
-    from tfcdisc import serving
+    from tfcdisc.serve import export_format
     _, export = exported
-    recorded = serving.read_metadata(str(export))["files"]
-    assert "saved_model.pb" in recorded and serving.KERAS_MODEL in recorded
+    recorded = export_format.read_metadata(str(export))["files"]
+    assert "saved_model.pb" in recorded and export_format.KERAS_MODEL in recorded
     cases = {
-        "truncated": (serving.KERAS_MODEL, lambda p: p.write_bytes(p.read_bytes()[:1000]),
+        "truncated": (export_format.KERAS_MODEL, lambda p: p.write_bytes(p.read_bytes()[:1000]),
                       "assets/image_model.keras differs from what the export recorded"),
         "variables": ("variables", lambda p: shutil.rmtree(p),
                       "variables/variables.data-00000-of-00001 is missing"),
         "graph": ("saved_model.pb", lambda p: p.write_bytes(p.read_bytes() + b"\0"),
                   "saved_model.pb differs"),
-        "metadata": (serving.METADATA, lambda p: p.write_text(p.read_text()[:-10]),
+        "metadata": (export_format.METADATA, lambda p: p.write_text(p.read_text()[:-10]),
                      "assets/tfcdisc.json is damaged"),
     }
     for name, (rel, damage, message) in cases.items():
@@ -657,21 +654,21 @@ def test_a_damaged_export_is_named_by_every_loader(exported, catalogue, tmp_path
         shutil.copytree(export, copy)
         damage(copy / rel)
         with pytest.raises(ValueError, match=re.escape(f"{copy}: {message}")):
-            serving.load(str(copy))
+            export_format.load(str(copy))
         done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={copy}",
                                f"--bson={catalogue[0] / 'test.bson'}",
                                f"--output={tmp_path / 'sub.csv'}"],
                               capture_output=True, text=True) if name == "truncated" else None
         if done is not None:  # the command: one line, exit 2
             assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
-    serving.verify(str(export))  # the original is whole
+    export_format.verify(str(export))  # the original is whole
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_work(exported, catalogue,
                                                                     tmp_path, monkeypatch):
     """A read-only folder failed with a traceback after all the work; a full disk while
     writing the submission must leave the old one."""
-    from tfcdisc import atomic
+    from tfcdisc.catalogue import atomic
     folder, _ = catalogue
     _, export = exported
     done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={export}",
@@ -699,7 +696,8 @@ def test_a_read_only_folder_is_refused_in_one_line_before_the_work(catalogue, da
     PermissionDeniedError tracebacks (after the work, for an export). /sys takes no new
     files, even from root."""
     from conftest import train_config
-    from tfcdisc import folder_lock, fusion, serving
+    from tfcdisc.catalogue import folder_lock
+    from tfcdisc.learn import fusion
     folder, _ = catalogue
     run, _ = exported
     refused = "/sys/tfcdisc-{}: cannot write there"
@@ -708,7 +706,7 @@ def test_a_read_only_folder_is_refused_in_one_line_before_the_work(catalogue, da
     with pytest.raises(folder_lock.FolderNotWritableError, match=refused.format("run")):
         training.train(train_config(dataset, "/sys/tfcdisc-run"))
     with pytest.raises(folder_lock.FolderNotWritableError, match=refused.format("export")):
-        serving.export(str(run), "/sys/tfcdisc-export")
+        exporting.export(str(run), "/sys/tfcdisc-export")
     with pytest.raises(folder_lock.FolderNotWritableError, match=refused.format("fusion")):
         fusion.train(str(run), "/sys/tfcdisc-fusion")
     done = subprocess.run([sys.executable, "-m", "tfcdisc.ensemble",
@@ -722,7 +720,7 @@ def test_a_read_only_folder_is_refused_in_one_line_before_the_work(catalogue, da
 
 _LAUNCHER = """
 import os, sys, time
-from tfcdisc import shards
+from tfcdisc.build import shards
 if __name__ == "__main__":
     pool = shards.worker_pool(2)
     busy = [pool.submit(time.sleep, 600) for _ in range(2)]  # as a shard write would be
@@ -763,7 +761,7 @@ def _crafted(export, out, io_op) -> None:
     runs ``io_op`` too, its checksums recomputed (as a hostile author would)."""
     import shutil
     import tensorflow as tf
-    from tfcdisc import serving
+    from tfcdisc.serve import export_format
     shutil.copytree(export, out)
 
     class Hostile(tf.Module):
@@ -779,9 +777,9 @@ def _crafted(export, out, io_op) -> None:
         (out / name).unlink(missing_ok=True)
         shutil.move(out / "graph" / name, out / name)
     shutil.rmtree(out / "graph")
-    meta = serving.read_metadata(str(out))
-    meta["files"] = serving.checksums(str(out))
-    (out / serving.METADATA).write_text(json.dumps(meta))
+    meta = export_format.read_metadata(str(out))
+    meta["files"] = export_format.checksums(str(out))
+    (out / export_format.METADATA).write_text(json.dumps(meta))
 
 
 def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, catalogue,
@@ -790,7 +788,7 @@ def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, cata
     .keras model: two sources of truth, one of them code. Every loader now checks the graph
     against the inference allow-list, and every path scores the same Keras model."""
     import tensorflow as tf
-    from tfcdisc import beam_predict, serving
+    from tfcdisc.serve import beam_predict, export_format
     _, export = exported
     for name, io_op in {
             "writes": lambda path: tf.io.write_file(path, "x"),
@@ -801,7 +799,7 @@ def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, cata
         op = {"writes": "WriteFile", "reads": "ReadFile", "prints": "PrintV2"}[name]
         message = f"{crafted}: saved_model.pb is not an inference graph: its graph runs {op}"
         with pytest.raises(ValueError, match=re.escape(message)):
-            serving.load(str(crafted))
+            export_format.load(str(crafted))
         with pytest.raises(ValueError, match=re.escape(message)):
             beam_predict.predict(str(crafted), str(tmp_path / "beam.csv"),
                                  bson=str(catalogue[0] / "test.bson"),
@@ -812,13 +810,13 @@ def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, cata
                            f"--bson={catalogue[0] / 'test.bson'}",
                            f"--output={tmp_path / 'sub.csv'}"], capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
-    serving.verify(str(export))  # the real export's graph passes
+    export_format.verify(str(export))  # the real export's graph passes
 
 
 def test_a_shard_that_cannot_be_written_stops_the_build_in_one_line():
     """A full disk during the build ended in a raw RemoteTraceback of a worker's stack.
     /sys takes no new files (the same path as ENOSPC: the worker's write fails)."""
-    from tfcdisc import shards
+    from tfcdisc.build import shards
     spec = shards.ShardSpec("train", 0, "unused.bson", "unused.npz", "unused.csv",
                             shards.BuildOptions(), "unused.json", num_products=1)
     tasks = [(spec, f"/sys/tfcdisc-train.tfrecord-0000{k}-of-00002", None) for k in range(2)]

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import REAL_CATEGORY_NAMES
-from tfcdisc import bsonfile, synth
-from tfcdisc import taxonomy as taxonomy_lib
+from tfcdisc.catalogue import bsonfile, synth
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
 
 
 def _docs(path):

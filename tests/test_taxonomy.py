@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from conftest import REAL_CATEGORY_NAMES
-from tfcdisc import taxonomy as taxonomy_lib
-from tfcdisc.taxonomy import TaxonomyError
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
+from tfcdisc.catalogue.taxonomy import TaxonomyError
 
 needs_real = pytest.mark.skipif(not REAL_CATEGORY_NAMES.exists(),
                                 reason="the real taxonomy lives in ../shared/data beside the repo")

@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import garbled_jpeg, build_dataset, doc, jpeg_bytes, read_split, write, write_taxonomy
-from tfcdisc import build_plan, bsonfile, records
-from tfcdisc import taxonomy as taxonomy_lib
-from tfcdisc.bsonfile import BsonFormatError
+from tfcdisc.build import plan as build_plan, records
+from tfcdisc.catalogue import bsonfile
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
+from tfcdisc.catalogue.bsonfile import BsonFormatError
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def test_one_build_per_config_folder_and_a_killed_builds_remains_go(tmp_path):
     import socket
     import subprocess
     import sys
-    from tfcdisc import folder_lock, synth
+    from tfcdisc.catalogue import folder_lock, synth
     synth.generate(str(tmp_path / "k"), 60, 10, num_categories=4, seed=5, workers=1)
     config_dir = tmp_path / "data" / "cdiscount" / "default"
     config_dir.mkdir(parents=True)

@@ -9,25 +9,22 @@ import sys
 import keras
 import pytest
 
-from conftest import REPO, last_json, run_training
-from tfcdisc import distribute, input_pipeline, product_eval, training
+from conftest import REPO, last_json, product_batches, run_training, train_config
+from tfcdisc.learn import distribute, product_eval, training
+
+
+# Longer runs than conftest's default: a larger batch, warm-up, decay, smoothing.
+_LEARNS = dict(global_batch_size=32, steps_per_epoch=4, warmup_epochs=0.2, weight_decay=1e-4,
+               label_smoothing=0.1, shuffle_buffer=512, decode_size=180)
 
 
 def _config(dataset, model_dir, **overrides):
-    base = dict(data_dir=dataset.data_dir, model_dir=str(model_dir), backbone="small_cnn",
-                image_size=32, global_batch_size=32, epochs=1, steps_per_epoch=4,
-                optimizer="adamw", learning_rate=0.004, warmup_epochs=0.2,
-                weight_decay=1e-4, label_smoothing=0.1, bn_momentum=0.9,
-                strategy="default", mixed_precision="float32", shuffle_buffer=512,
-                eval_batch_size=8, seed=0, verbose=0)
-    base.update(overrides)
-    return training.TrainConfig(**base)
+    return train_config(dataset, model_dir, **{**_LEARNS, **overrides})
 
 
 def _inference_accuracy(dataset, model, image_size):
     """Image accuracy on the training split, in inference mode (moving BN statistics)."""
-    ds = input_pipeline.product_dataset(dataset, "train", 32,
-                                        input_pipeline.PipelineOptions(image_size=image_size))
+    ds = product_batches(dataset, "train", 32, image_size)
     return product_eval.accuracy_report(product_eval.ProductPredictor(model)(ds))
 
 
@@ -91,7 +88,7 @@ def test_a_run_killed_after_its_first_epoch_resumes_at_epoch_1(dataset, tmp_path
 
 def test_mixed_bfloat16_trains_on_cpu(dataset, tmp_path):
     # oneDNN's bfloat16 CPU kernels can return NaN gradients (a CPU-library bug; a TPU
-    # compiles with XLA, which test_xla covers): the plain TensorFlow kernels here.
+    # compiles with XLA, which the JAX tests run): the plain TensorFlow kernels here.
     out = run_training(_config(dataset, tmp_path, mixed_precision="mixed_bfloat16"),
                        env={"TF_ENABLE_ONEDNN_OPTS": "0"})
     assert out.returncode == 0, out.stderr[-3000:]

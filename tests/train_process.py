@@ -25,7 +25,8 @@ if cpus > 1 and keras.backend.backend() == "tensorflow":
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration()] * cpus)
-from tfcdisc import training  # noqa: E402
+from tfcdisc.learn import training  # noqa: E402
+from tfcdisc.learn import rundir  # noqa: E402
 
 keras.config.disable_traceback_filtering()
 scores = [float(x) for x in os.environ.get("TEST_VAL_SCORES", "").split(",") if x]
@@ -54,7 +55,7 @@ class Steps(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.first is None:
-            backup = training.read_backup(cfg_json["model_dir"])
+            backup = rundir.read_backup(cfg_json["model_dir"])
             steps = cfg_json["steps_per_epoch"]
             self.first = backup["epoch"] * steps + backup["step"] if backup else 0
 

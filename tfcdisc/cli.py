@@ -8,10 +8,11 @@ them and the library's INFO logs back (absl's flag: 0 INFO, 1 DEBUG).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import textwrap
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 _OWN: list[str] = []  # the names of the flags the running command defined
@@ -46,7 +47,7 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
         doc: str | None = None, backend: str | None = None) -> None:
     """Runs ``main`` under absl with the command's flags.
 
-    ``backend``: "flag" gives the command a ``--backend`` flag (`tfcdisc.backend`), and
+    ``backend``: "flag" gives the command a ``--backend`` flag (`tfcdisc.learn.backend`), and
     "tensorflow" fixes it (commands that write a SavedModel); either way Keras's backend
     is chosen before ``main`` imports anything. None: the command runs no model.
     """
@@ -55,7 +56,7 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
     before = set(fv)
     define_flags()
     if backend == "flag" and "backend" not in fv:
-        from tfcdisc.config import BACKEND_HELP, BACKENDS
+        from tfcdisc.learn.settings import BACKEND_HELP, BACKENDS
         flags.DEFINE_enum("backend", "auto", list(BACKENDS), BACKEND_HELP)
     _OWN[:] = [n for n in fv if n not in before and fv[n].name == n]
     _REQUIRED.update(_required(fv))
@@ -75,7 +76,7 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
             for handler in logging.getLogger().handlers:  # absl's, installed by app.run
                 handler.addFilter(_no_library_deprecations)
         if backend is not None:
-            from tfcdisc import backend as backend_lib
+            from tfcdisc.learn import backend as backend_lib
             try:
                 backend_lib.select(fv["backend"].value if backend == "flag" else backend)
             except ValueError as e:
@@ -87,10 +88,9 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
                 raise
             fail(program, "TensorFlow is not installed. It comes with an extra, because a TPU "
                  "needs another build of it: pip install 'tfcdisc[cpu]' (or [gpu], or [tpu] "
-                 "as tfcdisc/runtime.py says)")
+                 "as tfcdisc/learn/runtime.py says)")
 
     try:  # a bad flag is an ordinary mistake: one line, exit 2 (absl exits 1, with a banner)
-        from tfcdisc.config import check_flagfiles
         check_flagfiles(sys.argv[1:])
         fv(sys.argv)
     except ValueError as e:
@@ -99,6 +99,30 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
         fail(program, f"{e}; see --help")
     fv.unparse_flags()  # app.run parses again; a second parse would double multi-flags
     app.run(quiet_main)
+
+
+def command(name: str, cls: type, main: Callable[[Any], None], doc: str | None, *,
+            backend: str | None = None, after_os_error: str | None = None
+            ) -> Callable[[], None]:
+    """The ``run`` of a command whose flags are the fields of ``cls`` (`define_settings`);
+    ``main`` gets them as one ``cls``. An ordinary mistake (ValueError,
+    FileNotFoundError: their messages name the fix) is one line and exit 2; so is an
+    OSError (a full disk, a read-only folder) where ``after_os_error`` is given: what to
+    say after it, formatted with the settings."""
+    def main_argv(argv: Sequence[str]) -> None:
+        del argv
+        settings = settings_from_flags(cls)
+        try:
+            main(settings)
+        except (ValueError, FileNotFoundError) as e:
+            fail(name, str(e))
+        except OSError as e:
+            if after_os_error is None:
+                raise
+            said = after_os_error.format(**dataclasses.asdict(settings))
+            fail(name, f"{e}; {said}" if said else str(e))
+
+    return lambda: run(lambda: define_settings(cls), main_argv, doc, backend)
 
 
 def _no_library_deprecations(record) -> bool:
@@ -120,3 +144,86 @@ def fail(command: str, message: str) -> None:
     """One line on stderr naming what is wrong and the fix; exit status 2."""
     print(f"{command}: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def define_settings(cls: type, flag_values=None) -> None:
+    """Defines one absl flag per field of ``cls`` (a dataclass made with `setting`)."""
+    from absl import flags
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        default = None if m["required"] else f.default
+        kind = str(f.type).split("|")[0].strip()
+        kwargs = dict(flag_values=fv, required=m["required"])
+        if m.get("repeated"):
+            flags.DEFINE_multi_string(f.name, default, m["help"], **kwargs)
+        elif kind.startswith("list"):
+            flags.DEFINE_list(f.name, default, m["help"], **kwargs)
+        elif m["choices"]:
+            flags.DEFINE_enum(f.name, default, list(m["choices"]), m["help"], **kwargs)
+        elif kind == "bool":
+            flags.DEFINE_bool(f.name, default, m["help"], **kwargs)
+        elif kind == "int":
+            flags.DEFINE_integer(f.name, default, m["help"], lower_bound=m["lower_bound"],
+                                 **kwargs)
+        elif kind == "float":
+            flags.DEFINE_float(f.name, default, m["help"], lower_bound=m["lower_bound"],
+                               **kwargs)
+        else:
+            flags.DEFINE_string(f.name, default, m["help"], **kwargs)
+
+
+def settings_from_flags(cls: type, flag_values=None) -> Any:
+    """An instance of ``cls`` from parsed flags defined by `define_settings`."""
+    from absl import flags
+    fv = flag_values if flag_values is not None else flags.FLAGS
+    return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
+
+
+def check_flagfiles(argv: Sequence[str]) -> None:
+    """Refuses a flagfile line that is not a flag: absl ignores ``image_size=48``
+    (no dashes) without a word, and the run silently uses the default.
+
+    Raises:
+      ValueError: naming the file, the line number and the fix.
+    """
+    paths, args = [], list(argv)
+    for i, arg in enumerate(args):
+        if arg.startswith("--flagfile="):
+            paths.append(arg.split("=", 1)[1])
+        elif arg == "--flagfile" and i + 1 < len(args):
+            paths.append(args[i + 1])
+    seen: set[str] = set()
+    while paths:
+        path = paths.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue  # absl's own parse names a missing flagfile
+        for number, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith(("#", "//")):
+                continue
+            if not line.startswith("-"):
+                raise ValueError(f"{path}:{number}: {line!r} is not a flag (flags start "
+                                 f"with --, e.g. --{line}); fix or comment out the line")
+            if line.startswith("--flagfile="):
+                paths.append(line.split("=", 1)[1])
+
+
+def parse(cls: type, argv: list[str]) -> Any:
+    """An instance of ``cls`` from command-line style flags (``--flagfile=...`` works),
+    without touching the process's global flags: for notebooks and tests."""
+    from absl import flags
+    check_flagfiles(argv)
+    fv = flags.FlagValues()
+    define_settings(cls, fv)
+    fv(["tfcdisc", *argv])
+    return settings_from_flags(cls, fv)

@@ -12,33 +12,23 @@ epoch). Prints the last validation report as JSON.
 from __future__ import annotations
 
 import json
-from typing import Sequence
 
-from tfcdisc import cli, config
-
-
-def _define_flags() -> None:
-    config.define_flags(config.TrainConfig)
+from tfcdisc import cli
+from tfcdisc.learn import settings
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
-    from tfcdisc import training
-    cfg = config.from_flags(config.TrainConfig)
-    try:
-        result = training.train(cfg, flags_text=cli.flags_text())
-    except (ValueError, FileNotFoundError) as e:
-        cli.fail("train", str(e))
-    except OSError as e:  # a full disk, a read-only folder: what was complete is kept
-        cli.fail("train", f"{e}; the last complete checkpoint and backup are kept: fix it "
-                 "and rerun the same command to resume")
+def main(cfg: settings.TrainConfig) -> None:
+    from tfcdisc.learn import training
+    result = training.train(cfg, flags_text=cli.flags_text())
     print(json.dumps({"distribution": result["distribution"],
                       "validation": result["validation"], "resumed": result["resumed"],
                       "global_batch_size": result["global_batch_size"]}, indent=2))
 
 
-def run() -> None:
-    cli.run(_define_flags, main, __doc__, backend="flag")
+# A full disk, a read-only folder: what was complete is kept.
+run = cli.command("train", settings.TrainConfig, main, __doc__, backend="flag",
+                  after_os_error="the last complete checkpoint and backup are kept: fix it "
+                  "and rerun the same command to resume")
 
 
 if __name__ == "__main__":

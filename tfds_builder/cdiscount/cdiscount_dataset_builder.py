@@ -4,9 +4,9 @@
     tfds build tfds_builder/cdiscount --manual_dir DIR --data_dir OUT \
         --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
 
-The work is in tfcdisc, one module per stage: `tfcdisc.beam_index` (with Beam options,
-the offset indexes are built as Beam work over byte ranges), `tfcdisc.build_plan`
-(splits and shards, from the indexes) and `tfcdisc.shards` (one shard from its
+The work is in tfcdisc, one module per stage: `tfcdisc.catalogue.beam_index` (with Beam options,
+the offset indexes are built as Beam work over byte ranges), `tfcdisc.build.plan`
+(splits and shards, from the indexes) and `tfcdisc.build.shards` (one shard from its
 recipe). Without Beam, shards are written by one process per core; with Beam options,
 TFDS hands the same shard recipes to Beam. Files are read through tf.io.gfile only, so
 a gs:// manual dir works.
@@ -23,36 +23,23 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import splits as splits_lib
 
-from tfcdisc import beam_index, build_plan, folder_lock, records, shards
+from tfcdisc.catalogue import beam_index, folder_lock
+from tfcdisc.build import plan as build_plan, records, shards
 
 _HOMEPAGE = "https://www.kaggle.com/c/cdiscount-image-classification-challenge"
 
 
-@dataclasses.dataclass
-class CdiscountConfig(tfds.core.BuilderConfig):
-    """What decides the content of a build; see `tfcdisc.shards.BuildOptions`.
+@dataclasses.dataclass(eq=False)
+class CdiscountConfig(shards.BuildOptions, tfds.core.BuilderConfig):
+    """A TFDS config: a name and the build's options (`tfcdisc.build.shards.BuildOptions`,
+    the one list of them).
 
     Custom configs from the command line:
       tfds build ... --config '{"name": "val100k", "validation_size": 100000}'
     """
 
-    validation_size: int | None = None
-    seed: int = 0
-    shard_mb: int = 128
-    runs_per_shard: int = 32
-    image_height: int | None = 180
-    image_width: int | None = 180
-    bad_images: str = "drop"
-    bad_documents: str = "fail"
-    decode_images: bool = True
-
     def options(self) -> shards.BuildOptions:
-        size = (self.image_height, self.image_width) if self.image_height else None
-        return shards.BuildOptions(
-            validation_size=self.validation_size, seed=self.seed,
-            shard_bytes=self.shard_mb << 20, runs_per_shard=self.runs_per_shard,
-            image_size=size, bad_images=self.bad_images, bad_documents=self.bad_documents,
-            decode_images=self.decode_images)
+        return self.plain()
 
 
 class Builder(tfds.core.ShardBasedBuilder):
@@ -80,7 +67,7 @@ class Builder(tfds.core.ShardBasedBuilder):
     """
 
     def download_and_prepare(self, *args, **kwargs):
-        """TFDS's build, one at a time per config folder (`tfcdisc.folder_lock`: two
+        """TFDS's build, one at a time per config folder (`tfcdisc.catalogue.folder_lock`: two
         builds into one folder mixed their splits); under the lock, the ``incomplete.*``
         folder a killed build left (a dataset-sized copy on the real data) goes first."""
         config_dir = os.path.dirname(str(self.data_dir).rstrip("/"))
@@ -116,7 +103,7 @@ class Builder(tfds.core.ShardBasedBuilder):
             records.set_label_names(self.info.features, plan.taxonomy)
             self.info.metadata["taxonomy"] = plan.taxonomy.to_dict()
             self.info.metadata["class_counts"] = plan.class_counts.tolist()  # train split
-            self.info.metadata["build_options"] = dataclasses.asdict(options)
+            self.info.metadata["build_options"] = options.metadata()
             self._build_plan = plan
         return self._build_plan
 
@@ -131,9 +118,10 @@ class Builder(tfds.core.ShardBasedBuilder):
         try:
             self._prepare(dl_manager, download_config)
         except (ValueError, FileNotFoundError) as e:
-            # Bad input is an ordinary mistake: under the `tfds` command, one line naming
-            # the file and the fix, exit status 2 (TFDS would print a traceback).
-            if os.path.basename(sys.argv[0]) == "tfds":
+            # Bad input is an ordinary mistake: under the `tfds` command (its entry
+            # module is loaded), one line naming the file and the fix, exit status 2
+            # (TFDS would print a traceback); called from Python, the error is raised.
+            if "tensorflow_datasets.scripts.cli.main" in sys.modules:
                 print(f"tfds build cdiscount: {e}", file=sys.stderr)
                 sys.exit(2)
             raise

@@ -1,7 +1,7 @@
 """Offset indexes built as Beam work: byte ranges of the BSON files, read in parallel.
 
 A Beam build must not read 72 GB in the launching process before any worker starts.
-Here each worker indexes one byte range (`tfcdisc.index.scan_range`: reading begins at
+Here each worker indexes one byte range (`tfcdisc.catalogue.index.scan_range`: reading begins at
 the first document at or after the range's start, as the skip reader resynchronises),
 writes its piece to the work folder, and the launcher joins the pieces, checking that
 each range reader began exactly where its neighbour stopped. If they do not meet (a
@@ -18,8 +18,8 @@ from typing import Sequence
 from absl import logging
 import tensorflow as tf
 
-from tfcdisc import atomic, bsonfile
-from tfcdisc import index as index_lib
+from tfcdisc.catalogue import atomic, bsonfile
+from tfcdisc.catalogue import index as index_lib
 
 RANGE_BYTES = 256 << 20  # one Beam element: ~30,000 real products, a few seconds of reading
 
@@ -32,7 +32,7 @@ def index_files(paths: Sequence[str], index_paths: Sequence[str], *, errors: str
     Args:
       paths: BSON files (local or gs://).
       index_paths: where each file's index is stored; pieces go beside it.
-      errors: "strict" or "skip", as in `tfcdisc.index.build`.
+      errors: "strict" or "skip", as in `tfcdisc.catalogue.index.build`.
       beam_options: `PipelineOptions` for the pipeline; beam_runner: its runner.
       range_bytes: bytes per Beam element.
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, bsonfile, problems
+from tfcdisc.catalogue import atomic, bsonfile, problems
 
 FORMAT_VERSION = 2  # 2: labelled by all documents, bad-document bytes
 ARRAYS = ("offsets", "lengths", "product_ids", "category_ids", "num_images")  # per document
@@ -286,7 +286,7 @@ def _check_duplicates(index: OffsetIndex, errors: str) -> None:
 
 
 def save(index: OffsetIndex, index_path: str) -> None:
-    """Writes the index atomically (`tfcdisc.atomic`)."""
+    """Writes the index atomically (`tfcdisc.catalogue.atomic`)."""
     meta = {"version": FORMAT_VERSION, "path": index.path, "labeled": index.labeled,
             "fingerprint": index.fingerprint, "bad_documents": index.bad_documents,
             "skipped_bytes": index.skipped_bytes, "problems": index.problems,

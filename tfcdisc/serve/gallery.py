@@ -15,8 +15,8 @@ from typing import Iterable
 
 import numpy as np
 
-from tfcdisc import input_pipeline
-from tfcdisc import taxonomy as taxonomy_lib
+from tfcdisc.learn import input_pipeline
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
 
 _CELL = 180  # pixels of one image in the picture
 
@@ -73,11 +73,10 @@ def _names(taxonomy: taxonomy_lib.Taxonomy, category_id: int) -> str:
 def split_samples(data_dir: str, split: str = "train", n: int = 16, seed: int = 0,
                   dataset_config: str | None = None) -> list[dict]:
     """``n`` products drawn at random from a built split, titled with their categories."""
-    import tensorflow as tf
     builder = input_pipeline.load_builder(data_dir, dataset_config)
     taxonomy = taxonomy_lib.Taxonomy.from_dict(builder.info.metadata["taxonomy"])
-    ids = tf.constant([int(c) for c in builder.info.features["label"].names], tf.int64)
-    ds = input_pipeline.split_products(builder, split, ids).shuffle(4096, seed=seed).take(n)
+    ds = input_pipeline.split_products(builder, split, category_ids=True).shuffle(
+        4096, seed=seed).take(n)
     return [{"images": [bytes(j) for j in p["images"]],
              "title": f"{int(p['product_id'])}: {_names(taxonomy, int(p['category_id']))}"
              if p["category_id"] >= 0 else str(int(p["product_id"]))}
@@ -90,7 +89,8 @@ def prediction_samples(export, products: Iterable[dict], strategy=None, n: int =
     `inference.bson_products`), scored by an opened export, titled with the predicted
     category, its probability and, where known, the true one."""
     import tensorflow as tf
-    from tfcdisc import inference, product_eval
+    from tfcdisc.serve import inference
+    from tfcdisc.learn import product_eval
     chosen = list(itertools.islice(iter(products), n))
     stats = inference.PredictStats()
     ds = lambda: tf.data.Dataset.from_tensor_slices(  # noqa: E731

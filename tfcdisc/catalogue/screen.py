@@ -1,6 +1,6 @@
 """The one image screen: what passes it decodes, in the build, in training and in predict.
 
-Two steps. The JPEG header (`tfcdisc.jpeg.check`, microseconds) rejects bytes that are
+Two steps. The JPEG header (`tfcdisc.catalogue.jpeg.check`, microseconds) rejects bytes that are
 not a JPEG and frames of the wrong size, or larger than allowed, before any pixel is
 allocated. Then TensorFlow's own decoder, the one training, evaluation and prediction
 use, decodes the image at 1/8 scale: every byte of the entropy-coded scan is still read
@@ -10,20 +10,21 @@ image on one core here, is measured in `benchmarks/bench_tfds.py`.
 
 Images are decoded `_GROUP` to a graph call, in a graph of that many independent decode
 ops (a `map_fn` loop costs half as much again); only a call that fails is redone one
-image at a time, to name the bad ones. The build (`tfcdisc.shards`) screens every
+image at a time, to name the bad ones. The build (`tfcdisc.build.shards`) screens every
 image it keeps; predict and evaluate screen what they read from a BSON file
-(`tfcdisc.inference`).
+(`tfcdisc.serve.inference`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import tensorflow as tf
 
-from tfcdisc import jpeg
+from tfcdisc.catalogue import jpeg
 
 _GROUP = 64  # images per graph call; a short last group is padded with a 1x1 JPEG
 
@@ -76,3 +77,14 @@ def screen(images: Sequence[bytes], size: tuple[int, int] | None = None,
             for i in group:
                 problems[i] = _decodable(images[i])
     return problems
+
+
+def screen_products(products: Iterable, chunk: int, **options
+                    ) -> Iterator[list[tuple[object, list[jpeg.JpegError | None]]]]:
+    """Products (anything with ``images``) ``chunk`` at a time, each with its images'
+    verdicts (`screen` with ``options``): one decode call covers a chunk's images. What
+    the build and predict's reader share."""
+    products = iter(products)
+    while batch := list(itertools.islice(products, chunk)):
+        verdicts = iter(screen([data for p in batch for data in p.images], **options))
+        yield [(p, [next(verdicts) for _ in p.images]) for p in batch]

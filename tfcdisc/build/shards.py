@@ -1,12 +1,12 @@
 """One output shard from its recipe: read its members, screen their images, write.
 
-A `ShardSpec` (made by `tfcdisc.build_plan`) is small and picklable; calling it streams
+A `ShardSpec` (made by `tfcdisc.build.plan`) is small and picklable; calling it streams
 the shard's examples, so the local build's worker processes and Beam workers (TFDS
 calls it) run the same code and write the same shards. A shard reads only its members
 file and the BSON bytes of its members: a train shard reads its runs, spread over the
 file, interleaved (so it mixes many categories without an in-memory shuffle).
 
-Every JPEG is screened (`tfcdisc.screen`: header, then one decode at 1/8 scale), so
+Every JPEG is screened (`tfcdisc.catalogue.screen`: header, then one decode at 1/8 scale), so
 whatever the build keeps decodes; bytes are moved untouched. Policy
 ``bad_images="drop"``: a bad image is dropped and counted; a labelled product left with
 no image is dropped and counted; a test product is kept (with no images) so that it
@@ -28,42 +28,62 @@ from typing import Iterator, Sequence
 
 import tensorflow as tf
 
-from tfcdisc import atomic, bsonfile, problems, records, screen
-from tfcdisc import taxonomy as taxonomy_lib
+from tfcdisc.catalogue import atomic, bsonfile, problems, screen
+from tfcdisc.build import records
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 NO_LABEL = -1
 _SCREEN_PRODUCTS = 128  # products whose images are decoded in one call
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class BuildOptions:
-    """Everything that decides the content of a build (and so must match across paths).
+    """Everything that decides the content of a build (and so must match across paths);
+    the TFDS builder's config is these fields (`tfds build --config '{"name": ...}'`).
 
     Attributes:
       validation_size: products held out of train.bson; None means 2% of them or
         50,000, whichever is smaller, but at least one per category.
       seed: chooses the validation products.
-      shard_bytes: target BSON bytes read into one output shard.
+      shard_mb: target MB of BSON read into one output shard.
       runs_per_shard: separate stretches of train.bson interleaved into one shard.
-      image_size: (height, width) every image must have; None accepts any size.
+      image_height, image_width: the size every image must have; None accepts any size.
       bad_images: "drop" (count and go on) or "fail" (stop at the first bad image).
-      decode_images: decode every image once (at 1/8 scale) so that nothing undecodable
-        reaches training; False checks headers only (faster: see benchmarks/RESULTS.md),
-        and an image with a garbled scan then stops training when it is drawn.
       bad_documents: "fail" (stop at the first document that cannot be read, naming its
         byte offset) or "skip" (resynchronise, count and list what was lost: a product
         whose document is unreadable cannot be in any split).
+      decode_images: decode every image once (at 1/8 scale) so that nothing undecodable
+        reaches training; False checks headers only (faster: see benchmarks/RESULTS.md),
+        and an image with a garbled scan then stops training when it is drawn.
     """
 
     validation_size: int | None = None
     seed: int = 0
-    shard_bytes: int = 128 << 20
+    shard_mb: int = 128
     runs_per_shard: int = 32
-    image_size: tuple[int, int] | None = (180, 180)
+    image_height: int | None = 180
+    image_width: int | None = 180
     bad_images: str = "drop"
     bad_documents: str = "fail"
     decode_images: bool = True
+
+    @property
+    def shard_bytes(self) -> int:
+        return self.shard_mb << 20
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return (self.image_height, self.image_width) if self.image_height else None
+
+    def plain(self) -> BuildOptions:
+        """These options alone (a builder config carries more), for workers and metadata."""
+        return BuildOptions(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(BuildOptions)})
+
+    def metadata(self) -> dict:
+        """What the dataset's metadata records (``image_size`` is what exports read)."""
+        return {**dataclasses.asdict(self.plain()), "image_size": self.image_size}
 
     def __post_init__(self):
         if self.bad_images not in ("drop", "fail"):
@@ -119,30 +139,17 @@ def _interleave(spec: ShardSpec) -> Iterator[bsonfile.Product]:
         streams = alive
 
 
-def _chunks(items, n: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _generate(spec: ShardSpec) -> Iterator[tuple[int, dict]]:
     labels = _labels(spec.category_names) if spec.split != TEST else None
     size = spec.options.image_size
     stats = {"split": spec.split, "shard": spec.shard, "products": 0, "images": 0,
              "dropped_images": {}, "dropped_products": 0, "products_without_images": 0,
              "examples": []}
-    for chunk in _chunks(_interleave(spec), _SCREEN_PRODUCTS):
-        verdicts = iter(screen.screen([data for p in chunk for data in p.images], size,
-                                      decode=spec.options.decode_images))
-        for product in chunk:
+    for chunk in screen.screen_products(_interleave(spec), _SCREEN_PRODUCTS, size=size,
+                                        decode=spec.options.decode_images):
+        for product, verdicts in chunk:
             images = []
-            for k, data in enumerate(product.images):
-                e = next(verdicts)
+            for k, (data, e) in enumerate(zip(product.images, verdicts)):
                 if e is None:
                     images.append(data)
                     continue

@@ -1,7 +1,7 @@
 """Batch inference over products, under any strategy: every product gets exactly one row.
 
 Products stream from a BSON file (through its offset index) or a built TFDS split
-through tf.data: images are screened in the reader (`tfcdisc.screen`), Python hands
+through tf.data: images are screened in the reader (`tfcdisc.catalogue.screen`), Python hands
 TensorFlow a whole batch of products at a time,
 decoding runs in parallel map calls into static uint8 batches (the last one filled with
 masked dummies), and the export's image model runs on them under the chosen strategy
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import itertools
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +29,9 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, distribute, input_pipeline, problems, product_eval, screen, serving
+from tfcdisc.catalogue import atomic, problems, screen
+from tfcdisc.learn import distribute, input_pipeline, product_eval, settings
+from tfcdisc.serve import export_format
 
 
 @dataclasses.dataclass
@@ -71,19 +71,16 @@ class PredictStats:
 def screened(products: Iterator, stats: PredictStats, max_pixels: int | None = None,
              chunk: int = 256) -> Iterator[list[tuple[object, list[bytes]]]]:
     """Products ``chunk`` at a time, each with its images padded to the export's slots
-    (``b""``): an image that fails the screen (`tfcdisc.screen`) is blanked, counted and
+    (``b""``): an image that fails the screen (`tfcdisc.catalogue.screen`) is blanked, counted and
     listed with its product's _id. Shared by the local and the Beam reader."""
     n = input_pipeline.MAX_IMAGES
-    while batch := list(itertools.islice(products, chunk)):
-        # Every image is screened, so that a product's first n usable ones fill its slots
-        # (not its first n, which may all be bad); usable ones past n are counted.
-        verdicts = iter(screen.screen([d for p in batch for d in p.images],
-                                      max_pixels=max_pixels))
+    # Every image is screened, so that a product's first n usable ones fill its slots (not
+    # its first n, which may all be bad); usable ones past n are counted.
+    for batch in screen.screen_products(products, chunk, max_pixels=max_pixels):
         out = []
-        for p in batch:
+        for p, verdicts in batch:
             good = []
-            for k, data in enumerate(p.images):
-                problem = next(verdicts)
+            for k, (data, problem) in enumerate(zip(p.images, verdicts)):
                 if problem is None:
                     if len(good) < n:
                         good.append(data)
@@ -101,7 +98,7 @@ def screened(products: Iterator, stats: PredictStats, max_pixels: int | None = N
 def bson_products(source, stats: PredictStats, max_pixels: int | None = None,
                   chunk: int = 256) -> tf.data.Dataset:
     """Padded products (``images``, ``product_id``, ``category_id``) of a BSON file (a path,
-    or its `tfcdisc.index.OffsetIndex`): exactly the index's products, in file order, each
+    or its `tfcdisc.catalogue.index.OffsetIndex`): exactly the index's products, in file order, each
     image screened (`screened`) before TensorFlow sees it.
 
     Python hands products over ``chunk`` at a time (one generator call per chunk, not per
@@ -109,7 +106,7 @@ def bson_products(source, stats: PredictStats, max_pixels: int | None = None,
     """
     n = input_pipeline.MAX_IMAGES
     if isinstance(source, str):
-        from tfcdisc import index as index_lib
+        from tfcdisc.catalogue import index as index_lib
         source = index_lib.load_or_build(source)
 
     def gen():
@@ -142,7 +139,7 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
         raise ValueError("give exactly one of --bson and --data_dir")
     if bson:
         if index is None:  # a caller that checked the file first passes its index
-            from tfcdisc import index as index_lib
+            from tfcdisc.catalogue import index as index_lib
             index = index_lib.load_or_build(bson, errors=errors)
         lost_from(index, stats)
         return lambda: bson_products(index, stats, max_pixels), len(index)
@@ -151,22 +148,23 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
         raise ValueError(f"{data_dir}: no split {split!r}; it has "
                          f"{', '.join(sorted(builder.info.splits))} (--split)")
     total = builder.info.splits[split].num_examples
-    ids = tf.constant([int(c) for c in builder.info.features["label"].names], tf.int64)
-
     def products():
-        return input_pipeline.split_products(builder, split, ids)
+        return input_pipeline.split_products(builder, split, category_ids=True)
 
     stats.images = int((builder.info.metadata or {}).get("build_stats", {}).get(
         "splits", {}).get(split, {}).get("images", 0))
     return products, total
 
 
-def _used_table(export: serving.Export):
+_DEFAULT = settings.PredictSettings  # one default per setting (its flag's)
+
+
+def _used_table(export: export_format.Export):
     table = export.duplicate_table
     return table if table is not None and table.weight > 0 else None
 
 
-def predictor_for(export: serving.Export, strategy: tf.distribute.Strategy
+def predictor_for(export: export_format.Export, strategy: tf.distribute.Strategy
                   ) -> product_eval.ProductPredictor:
     """The export's scoring (its model, fusion head and duplicate table's weight),
     compiled once: what local predict, evaluate and each Beam worker run."""
@@ -177,7 +175,7 @@ def predictor_for(export: serving.Export, strategy: tf.distribute.Strategy
                                          fusion=export.fusion_model)
 
 
-def run_predictions(export: serving.Export, products: Callable[[], tf.data.Dataset],
+def run_predictions(export: export_format.Export, products: Callable[[], tf.data.Dataset],
                     total: int | None, strategy: tf.distribute.Strategy, stats: PredictStats,
                     batch_size: int = 256, progress: bool = True,
                     predictor: product_eval.ProductPredictor | None = None
@@ -217,27 +215,27 @@ def run_predictions(export: serving.Export, products: Callable[[], tf.data.Datas
     stats.seconds = time.perf_counter() - start
 
 
-def open_export(saved_model: str | serving.Export, strategy: str | tf.distribute.Strategy,
-                tpu: str | None = None) -> tuple[serving.Export, tf.distribute.Strategy]:
+def open_export(saved_model: str | export_format.Export, strategy: str | tf.distribute.Strategy,
+                tpu: str | None = None) -> tuple[export_format.Export, tf.distribute.Strategy]:
     """The export opened under the strategy (a name from `config.INFERENCE_STRATEGIES`,
     or a strategy); an already opened export is reused as it is."""
     if isinstance(strategy, str):
-        from tfcdisc.config import INFERENCE_STRATEGIES
+        from tfcdisc.learn.settings import INFERENCE_STRATEGIES
         if strategy not in INFERENCE_STRATEGIES:
             raise ValueError(f"--strategy={strategy}: choose from "
                              f"{', '.join(INFERENCE_STRATEGIES)}")
         strategy = distribute.get_strategy(strategy, tpu)
-    if isinstance(saved_model, serving.Export):
+    if isinstance(saved_model, export_format.Export):
         return saved_model, strategy
-    return serving.load(saved_model, strategy), strategy
+    return export_format.load(saved_model, strategy), strategy
 
 
-def max_image_pixels(saved_model: str | serving.Export) -> int | None:
+def max_image_pixels(saved_model: str | export_format.Export) -> int | None:
     """The largest frame an image may declare: the training catalogue's (from the export's
     metadata, read without loading its model)."""
-    if isinstance(saved_model, serving.Export):
+    if isinstance(saved_model, export_format.Export):
         return saved_model.max_image_pixels
-    return serving.read_metadata(saved_model).get("max_image_pixels")
+    return export_format.read_metadata(saved_model).get("max_image_pixels")
 
 
 def check_output(path: str, flag: str = "--output") -> None:
@@ -259,15 +257,16 @@ def check_output(path: str, flag: str = "--output") -> None:
                              f"({e.strerror}); choose a writable folder") from None
 
 
-def predict(saved_model: str | serving.Export, output: str, *, bson: str | None = None,
-            data_dir: str | None = None, split: str = "test", batch_size: int = 256,
-            top_k_output: str | None = None, progress: bool = True,
-            strategy: str | tf.distribute.Strategy = "default", tpu: str | None = None,
-            errors: str = "strict", allow_missing: bool = False,
+def predict(saved_model: str | export_format.Export, output: str, *, bson: str | None = None,
+            data_dir: str | None = None, split: str = _DEFAULT.split,
+            batch_size: int = _DEFAULT.batch_size, top_k_output: str | None = None,
+            progress: bool = True, strategy: str | tf.distribute.Strategy = _DEFAULT.strategy,
+            tpu: str | None = None, errors: str = _DEFAULT.errors,
+            allow_missing: bool = _DEFAULT.allow_missing,
             dataset_config: str | None = None) -> PredictStats:
     """Writes ``output`` (``_id,category_id``, one row per product, file order) atomically.
 
-    ``saved_model`` is an export folder, or a `serving.Export` to reuse across calls.
+    ``saved_model`` is an export folder, or a `export_format.Export` to reuse across calls.
     ``top_k_output`` (.parquet or .csv) adds the top-k category ids and probabilities per
     product, for ensembling. With ``errors="skip"`` unreadable documents of ``bson`` are
     skipped and counted; since their products can have no row, that is refused before
@@ -285,7 +284,7 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
     top_rows = [] if top_k_output else None
     # Rows go to a local temporary file, copied over the output only when complete: a run
     # killed at any moment leaves neither a partial submission nor a stray file beside it.
-    with tempfile.NamedTemporaryFile("w", prefix="tfcdisc-predict-", suffix=".csv") as f:
+    with atomic.via_local(output) as local, open(local, "w") as f:
         f.write("_id,category_id\n")
         for out in run_predictions(export, products, total, strategy, stats, batch_size,
                                    progress):
@@ -293,10 +292,8 @@ def predict(saved_model: str | serving.Export, output: str, *, bson: str | None 
                                                          out["category_id"].tolist())))
             if top_rows is not None:
                 top_rows.append(out)
-        f.flush()
         if top_rows is not None:
             write_top_k(top_rows, top_k_output)
-        atomic.copy(f.name, output)
     return stats
 
 
@@ -335,7 +332,4 @@ def write_top_k(batches: list[dict[str, np.ndarray]], path: str) -> None:
         frame.to_parquet(buf, index=False)
     else:
         buf.write(frame.to_csv(index=False).encode())
-    with tempfile.NamedTemporaryFile(suffix=os.path.splitext(path)[1]) as f:
-        f.write(buf.getvalue())
-        f.flush()
-        atomic.copy(f.name, path)
+    atomic.write(path, buf.getvalue())

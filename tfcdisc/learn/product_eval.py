@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import distribute, input_pipeline, models
+from tfcdisc.learn import distribute, input_pipeline, models
 
 
 class ProductPredictor:

@@ -19,7 +19,7 @@ import time
 
 import tensorflow as tf
 
-from tfcdisc import atomic
+from tfcdisc.catalogue import atomic
 
 
 class FolderBusyError(ValueError):

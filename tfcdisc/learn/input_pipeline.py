@@ -6,9 +6,10 @@ evaluation, export and prediction all use, so a colour-space fix is made once:
 grayscale and CMYK JPEGs come out as RGB.
 
 * Training: one example per image, with its product's labels. Files are shuffled and
-  interleaved, products parsed in vectorised batches, images shuffled in a buffer, the crop is taken from the JPEG bytes
-  (`decode_and_crop_jpeg`, no pixel outside the crop is decoded), flipped, resized,
-  batched with ``drop_remainder=True`` for static shapes.
+  interleaved, products parsed in vectorised batches, images shuffled in a buffer,
+  decoded whole to uint8 at the catalogue's size and batched with ``drop_remainder=True``
+  for static shapes; the random crop, flip and resize run on the device, as the model's
+  first layer (`models.ResizedCrop`).
 * Evaluation and prediction: one example per product, its images padded to
   `MAX_IMAGES` with a mask, centre view; the last batch is filled with masked dummy
   products (``valid`` = 0) instead of being dropped, so every product is scored.
@@ -21,9 +22,10 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tfcdisc import jpeg as jpeg_lib
-from tfcdisc import duplicates, records
-from tfcdisc.records import LABEL_KEYS
+from tfcdisc.catalogue import jpeg as jpeg_lib
+from tfcdisc.learn import duplicates
+from tfcdisc.build import records
+from tfcdisc.build.records import LABEL_KEYS
 
 MAX_IMAGES = 4
 
@@ -240,33 +242,27 @@ def train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
 
 
 def split_products(builder: tfds.core.DatasetBuilder, split: str,
-                   category_ids: tf.Tensor | None = None) -> tf.data.Dataset:
+                   category_ids: bool = False) -> tf.data.Dataset:
     """A built split as padded product elements (see `batch_products`), in stored order.
 
-    ``category_ids`` (class index -> category id) fills ``category_id``; -1 otherwise.
+    With ``category_ids``, ``category_id`` holds each product's category id (from the
+    dataset's class names); -1 otherwise, and for an unlabelled split.
     """
     ds = _read(builder, split, False, PipelineOptions(), None)
+    table = tf.constant([int(c) for c in builder.info.features["label"].names],
+                        tf.int64) if category_ids else None
 
     def product(ex):
         out = {"images": pad_images(ex["images"]),
                "product_id": tf.cast(ex["product_id"], tf.int64), **_labels(ex)}
         out["category_id"] = tf.constant(-1, tf.int64)
-        if category_ids is not None:  # an unlabelled split stores label -1
+        if table is not None:  # an unlabelled split stores label -1
             label = ex["label"]
-            out["category_id"] = tf.where(label >= 0, tf.gather(category_ids,
+            out["category_id"] = tf.where(label >= 0, tf.gather(table,
                                                                 tf.maximum(label, 0)), -1)
         return out
 
     return ds.map(product, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def product_dataset(builder: tfds.core.DatasetBuilder, split: str, batch_size: int,
-                    options: PipelineOptions = PipelineOptions(),
-                    input_context: tf.distribute.InputContext | None = None
-                    ) -> tf.data.Dataset:
-    """The decoded, statically batched products of a built split (`batch_products`)."""
-    return batch_products(split_products(builder, split), batch_size, options.image_size,
-                          builder.info.splits[split].num_examples, input_context)
 
 
 def batch_products(products: tf.data.Dataset, batch_size: int, image_size: int,
@@ -282,7 +278,7 @@ def batch_products(products: tf.data.Dataset, batch_size: int, image_size: int,
     being dropped. ``batch_size`` is global; with an ``input_context`` each input
     pipeline reads every n-th product, and all pipelines make the same number of batches
     (collectives across workers must line up), each split into per-replica batches.
-    With a ``duplicate_table`` (`tfcdisc.duplicates.Table`) batches also carry each
+    With a ``duplicate_table`` (`tfcdisc.learn.duplicates.Table`) batches also carry each
     image's ``duplicate_class`` and ``duplicate_share``, looked up here on the host.
     """
     pipelines = input_context.num_input_pipelines if input_context else 1

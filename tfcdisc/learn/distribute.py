@@ -15,8 +15,8 @@ import os
 import keras
 import tensorflow as tf
 
-from tfcdisc import runtime
-from tfcdisc.config import PRECISIONS, STRATEGIES
+from tfcdisc.learn import runtime
+from tfcdisc.learn.settings import PRECISIONS, STRATEGIES
 
 
 def connect_tpu(tpu: str | None) -> tf.distribute.cluster_resolver.TPUClusterResolver:

@@ -17,8 +17,8 @@ import os
 import sys
 from typing import Mapping
 
-from tfcdisc import runtime
-from tfcdisc.config import BACKENDS
+from tfcdisc.learn import runtime
+from tfcdisc.learn.settings import BACKENDS
 
 
 def choose(name: str, where: runtime.Runtime, have_jax: bool) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tfcdisc import taxonomy as taxonomy_lib
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
 
 IMAGES = "images"  # the product's JPEGs, bytes exactly as in the BSON
 LABEL_KEYS = ("label", "label_level1", "label_level2")  # class indexes, -1 in the test split

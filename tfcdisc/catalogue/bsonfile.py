@@ -30,7 +30,7 @@ import bson
 import tensorflow as tf
 from bson.errors import InvalidBSON
 
-from tfcdisc import problems
+from tfcdisc.catalogue import problems
 
 # MongoDB's maximum document size; Cdiscount documents are far smaller.
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
@@ -389,7 +389,7 @@ def iter_documents(source, *, start: int = 0, end: int | None = None, first_posi
 
     ``labeled`` is checked per document (`product_problem`): with None a document may
     carry ``category_id`` or not, and whether a whole file is labelled is decided from
-    all of them (`tfcdisc.index`), never from the first. Invalid documents raise or are
+    all of them (`tfcdisc.catalogue.index`), never from the first. Invalid documents raise or are
     counted (``errors``). Lists per chunk keep the per-document cost to a plain loop.
     """
     stats = stats if stats is not None else ReadStats()
@@ -422,7 +422,7 @@ def iter_products(source, *, start: int = 0, end: int | None = None, first_posit
     Args:
       source: a path or a readable binary file object.
       start, end: read the documents whose first byte lies in [start, end); ``start``
-        must be a document boundary (take it from `tfcdisc.index.OffsetIndex`).
+        must be a document boundary (take it from `tfcdisc.catalogue.index.OffsetIndex`).
       first_position: the position of the document at ``start``, for messages.
       labeled: whether every product must carry ``category_id`` (a training file).
         False yields ``category_id=None``; None yields each document's own (or None).
@@ -451,7 +451,7 @@ def first_document(source, start: int) -> int:
     file size if there is none): where a reader of an arbitrary byte range begins.
 
     Found as `iter_batches` resynchronises after corrupt bytes, so a reader that starts
-    here and one that framed its way from the file's start agree (`tfcdisc.index`
+    here and one that framed its way from the file's start agree (`tfcdisc.catalogue.index`
     checks that they meet).
     """
     f, _, size, owned = _open(source)

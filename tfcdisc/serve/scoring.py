@@ -1,6 +1,6 @@
 """Scores an export on labelled products: the report's numbers and its plot.
 
-It runs the same prediction path as `tfcdisc.inference` (and training's validation),
+It runs the same prediction path as `tfcdisc.serve.inference` (and training's validation),
 so its ``product_accuracy`` is exactly the submission's score against the labels.
 """
 
@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfcdisc import inference
-from tfcdisc import taxonomy as taxonomy_lib
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
+from tfcdisc.learn import settings
+from tfcdisc.serve import inference
 
 _TOP = 20
 MIN_SUPPORT = 5  # products a category needs to be ranked among the worst
@@ -68,11 +69,15 @@ def _with_labels(products, labels: dict[int, int]):
     return lambda: products().map(lambda p: {**p, "category_id": table.lookup(p["product_id"])})
 
 
+_DEFAULT = settings.EvaluateSettings  # one default per setting (its flag's)
+
+
 def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
-             data_dir: str | None = None, split: str = "validation", batch_size: int = 256,
-             progress: bool = True, strategy="default", tpu: str | None = None,
-             errors: str = "strict", dataset_config: str | None = None,
-             strict: bool = False) -> dict:
+             data_dir: str | None = None, split: str = _DEFAULT.split,
+             batch_size: int = _DEFAULT.batch_size, progress: bool = True,
+             strategy=_DEFAULT.strategy, tpu: str | None = None,
+             errors: str = _DEFAULT.errors, dataset_config: str | None = None,
+             strict: bool = _DEFAULT.strict) -> dict:
     """Predicts every product and compares with its category; returns the report dict.
 
     ``saved_model`` is an export folder or a `serving.Export`; ``strategy`` as in
@@ -82,7 +87,7 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
     label_map = read_labels(labels) if labels else None
     index = None
     if bson:  # what can be checked before predicting is checked before predicting
-        from tfcdisc import index as index_lib
+        from tfcdisc.catalogue import index as index_lib
         index = index_lib.load_or_build(bson, errors=errors)
         if label_map is None and not index.labeled:
             raise ValueError(f"{bson}: its products have no category_id; give --labels "

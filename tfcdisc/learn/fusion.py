@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from tfcdisc import atomic, input_pipeline, models
+from tfcdisc.catalogue import atomic, folder_lock
+from tfcdisc.learn import input_pipeline, models, product_eval, rundir, settings
 
 EMBEDDING = "embedding"
 CACHE_KEY = "made_from.json"  # beside the cached embeddings: which run and data made them
@@ -84,9 +83,8 @@ def _feature_spec() -> dict:
 def _cache_key(model_dir: str, checkpoint: str, builder) -> dict:
     """What the cached embeddings were made from: the run, the checkpoint's own bytes
     (a rerun or a resumed run changes them) and the dataset."""
-    from tfcdisc import serving
     return {"model_dir": model_dir, "checkpoint": checkpoint,
-            "checkpoint_sha256": atomic.sha256(serving.checkpoint_path(model_dir, checkpoint)),
+            "checkpoint_sha256": atomic.sha256(rundir.checkpoint_path(model_dir, checkpoint)),
             "dataset": builder.data_dir}
 
 
@@ -94,7 +92,6 @@ def cache_features(image_model: keras.Model, builder, image_size: int, folder: s
                    splits=("train", "validation"), batch_size: int = 256) -> dict:
     """Embeds every product of ``splits`` once and writes ``folder/{split}.tfrecord``;
     returns {split: products}. The embedding width is ``image_model``'s."""
-    from tfcdisc import product_eval
     model = with_embedding(image_model)
     tf.io.gfile.makedirs(folder)
     strategy = product_eval.default_strategy()
@@ -110,8 +107,7 @@ def cache_features(image_model: keras.Model, builder, image_size: int, folder: s
             strategy, lambda: input_pipeline.split_products(builder, split), batch_size,
             image_size, n)
         counts[split] = 0
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, f"{split}.tfrecord")
+        with atomic.via_local(f"{folder}/{split}.tfrecord") as local:
             with tf.io.TFRecordWriter(local) as f:
                 for batch in batches:
                     out = embed(batch)
@@ -126,7 +122,6 @@ def cache_features(image_model: keras.Model, builder, image_size: int, folder: s
                             "label": tf.train.Feature(int64_list=tf.train.Int64List(
                                 value=[int(y)]))})).SerializeToString())
                         counts[split] += 1
-            atomic.copy(local, f"{folder}/{split}.tfrecord")
     return counts
 
 
@@ -145,16 +140,19 @@ def features_dataset(folder: str, split: str, dim: int) -> tf.data.Dataset:
 # --------------------------------------------------------------------------- training
 
 
+_DEFAULT = settings.FusionSettings  # one default per setting (its flag's)
+
+
 def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
-          checkpoint: str = "best", epochs: int = 10, batch_size: int = 256,
-          learning_rate: float = 1e-3, seed: int = 0) -> dict:
+          checkpoint: str = _DEFAULT.checkpoint, epochs: int = _DEFAULT.epochs,
+          batch_size: int = _DEFAULT.batch_size, learning_rate: float = _DEFAULT.learning_rate,
+          seed: int = _DEFAULT.seed) -> dict:
     """Caches the run's embeddings (once) and trains the fusion head on them; writes
     ``fusion_dir/fusion.keras`` (the epoch with the best validation product accuracy)
     and ``fusion_dir/config.json``; returns the latter. One writer per fusion dir
     (`folder_lock`)."""
-    from tfcdisc import folder_lock, training
-    run = training.load_config(model_dir)  # not a run: refused before anything is written
-    with folder_lock.hold(f"{fusion_dir.rstrip('/')}/{training.LOCK_FILE}",
+    run = rundir.load_config(model_dir)  # not a run: refused before anything is written
+    with folder_lock.hold(f"{fusion_dir.rstrip('/')}/{rundir.LOCK_FILE}",
                           "tfcdisc.train_fusion", fusion_dir):
         return _train(model_dir, run, fusion_dir, data_dir=data_dir, checkpoint=checkpoint,
                       epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
@@ -164,12 +162,11 @@ def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
 def _train(model_dir: str, run: dict, fusion_dir: str, *, data_dir: str | None,
            checkpoint: str, epochs: int, batch_size: int, learning_rate: float,
            seed: int) -> dict:
-    from tfcdisc import serving
     own = data_dir in (None, run["train"]["data_dir"])  # the run's own data: its config
     data_dir = data_dir or run["train"]["data_dir"]
     builder = input_pipeline.load_builder(
         data_dir, run["train"].get("dataset_config") if own else None)
-    image_model = serving.float32_model(serving.checkpoint_path(model_dir, checkpoint))
+    image_model = rundir.float32_model(rundir.checkpoint_path(model_dir, checkpoint))
     dim = int(image_model.get_layer("label").input.shape[-1])
     classes = builder.info.features["label"].num_classes
     folder = f"{fusion_dir.rstrip('/')}/features"
@@ -204,13 +201,11 @@ def _train(model_dir: str, run: dict, fusion_dir: str, *, data_dir: str | None,
                   metrics={"label": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]},
                   jit_compile="auto")
     path = f"{fusion_dir.rstrip('/')}/{FUSION_MODEL}"
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, FUSION_MODEL)
+    with atomic.via_local(path) as local:
         best = keras.callbacks.ModelCheckpoint(local, monitor="val_accuracy", mode="max",
                                                save_best_only=True)
         history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[best],
                             verbose=0).history
-        atomic.copy(local, path)
     accuracy = [float(a) for a in history["val_accuracy"]]
     base = _run_validation_accuracy(model_dir)
     summary = {"model_dir": model_dir, "data_dir": data_dir, "checkpoint": checkpoint,

@@ -1,7 +1,7 @@
 """JPEG facts read from the marker segments alone, without decoding a pixel.
 
 Every image is checked this way first (a few microseconds each), before
-`tfcdisc.screen` decodes it once, so that bytes that are not a JPEG, or frames of the
+`tfcdisc.catalogue.screen` decodes it once, so that bytes that are not a JPEG, or frames of the
 wrong size, cost nothing more; the bytes kept are moved untouched. Grayscale (1 component), YCbCr (3) and CMYK/YCCK (4) baseline,
 extended and progressive JPEGs are legal; the input pipeline turns them all into
 RGB.

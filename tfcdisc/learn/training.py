@@ -1,13 +1,13 @@
 """Trains an image classifier on the TFDS `cdiscount` dataset, under any strategy.
 
-The model dir receives flags.txt, config.json (what export needs to rebuild the model),
-checkpoints/best.keras and checkpoints/last.keras, history.csv (one row per finished
-epoch, ``epoch`` from 0, with the learning rate), TensorBoard logs in logs/ (scalars
-every ``log_every_steps``), and backup/: rerunning the same command after a crash or a
-preemption resumes at the last backup, mid-epoch if ``backup_every_steps`` is set.
+The model dir (`rundir`: its layout) receives flags.txt, config.json, checkpoints/best.keras
+and checkpoints/last.keras, history.csv (one row per finished epoch, ``epoch`` from 0,
+with the learning rate), TensorBoard logs in logs/ (scalars every ``log_every_steps``),
+and backup/: rerunning the same command after a crash or a preemption resumes at the
+last backup, mid-epoch if ``backup_every_steps`` is set.
 
 Only the chief (JAX: process 0) writes there, holding the folder's lock
-(`tfcdisc.folder_lock`); the other workers of a multi-worker run write to their own
+(`tfcdisc.catalogue.folder_lock`); the other workers of a multi-worker run write to their own
 temporary folders, as TensorFlow's multi-worker guide prescribes (saving may run
 collectives, so every worker saves, somewhere). Checkpoints replace the previous ones
 only when complete (`WholeCheckpoint`). The same code trains on Keras's JAX backend
@@ -21,12 +21,9 @@ the whole validation split on every worker (`product_eval`).
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -36,28 +33,14 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from tfcdisc import atomic, distribute, input_pipeline, models, product_eval, runtime
-from tfcdisc import backend as backend_lib
-from tfcdisc import folder_lock
-from tfcdisc import config as config_lib
-from tfcdisc.config import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
+from tfcdisc.catalogue import atomic, folder_lock
+from tfcdisc.learn import distribute, input_pipeline, models, product_eval, rundir, runtime
+from tfcdisc.learn import backend as backend_lib
+from tfcdisc.learn import settings
+from tfcdisc.learn.settings import TrainConfig
 
-__all__ = ["TrainConfig", "train", "load_config", "image_model", "build_and_compile",
+__all__ = ["TrainConfig", "train", "image_model", "build_and_compile",
            "dataset_info", "EpochTimeEstimate"]
-
-
-def _config_path(model_dir: str) -> str:
-    return model_dir.rstrip("/") + "/config.json"
-
-
-def load_config(model_dir: str) -> dict:
-    """The config.json a run wrote: its TrainConfig plus the dataset's class counts."""
-    path = _config_path(model_dir)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path}: not a training run (no config.json); give the "
-                                "--model_dir of `python -m tfcdisc.train`")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -106,11 +89,9 @@ class WholeCheckpoint(keras.callbacks.ModelCheckpoint):
         self.target = filepath
 
     def on_epoch_end(self, epoch, logs=None):
-        with tempfile.TemporaryDirectory(prefix="tfcdisc-checkpoint-") as local:
-            self.filepath = os.path.join(local, os.path.basename(self.target))
+        with atomic.via_local(self.target) as local:  # copied if Keras saved this epoch
+            self.filepath = local
             super().on_epoch_end(epoch, logs)
-            if os.path.exists(self.filepath):  # Keras saved this epoch
-                atomic.copy(self.filepath, self.target)
 
 
 class EpochTimeEstimate(keras.callbacks.Callback):
@@ -178,9 +159,8 @@ class Backup(keras.callbacks.Callback):
         # HDF5 writes into a local temporary folder (a full disk inside its write crashed
         # the process); the finished file is then copied whole (`atomic.copy`), and the
         # state names it only after that.
-        with tempfile.TemporaryDirectory(prefix="tfcdisc-backup-") as local:
-            self.model.save_weights(os.path.join(local, name), overwrite=True)
-            atomic.copy(os.path.join(local, name), f"{self.directory}/{name}")
+        with atomic.via_local(f"{self.directory}/{name}") as local:
+            self.model.save_weights(local, overwrite=True)
         best = getattr(self.best, "best", None)
         state = {"epoch": epoch, "step": step, "weights": name,
                  "best": None if best is None or abs(best) == float("inf") else float(best)}
@@ -188,33 +168,6 @@ class Backup(keras.callbacks.Callback):
         for old in tf.io.gfile.glob(f"{self.directory}/epoch*.weights.h5"):
             if not old.endswith("/" + name):
                 tf.io.gfile.remove(old)
-
-
-def read_backup(model_dir: str) -> dict | None:
-    """The backup state of a run (see `Backup`), or None for a fresh run."""
-    path = model_dir.rstrip("/") + "/backup/state.json"
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def _keep_history_before(path: str, epoch: int) -> None:
-    """history.csv keeps exactly the rows of the epochs before ``epoch``: a run killed
-    after writing an epoch's row but before its backup redoes that epoch, once."""
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return
-    # One row per epoch whatever the file holds (a second header or a repeated epoch from
-    # an older version's crash): the last row of each epoch wins.
-    by_epoch = {int(r[0]): r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch}
-    kept = [rows[0]] + [by_epoch[e] for e in sorted(by_epoch)]
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(kept)
-    atomic.write(path, out.getvalue())
 
 
 # --------------------------------------------------------------------------- model
@@ -284,47 +237,6 @@ def dataset_info(builder) -> dict:
             if counts else 0}
 
 
-LOCK_FILE = ".tfcdisc-writer.lock"  # `folder_lock`: one writer per model dir
-_RUN_FILES = ("config.json", "flags.txt", "history.csv", "checkpoints", "backup", "logs")
-
-
-def prepare_model_dir(model_dir: str, cfg: TrainConfig, delete: bool = True) -> bool:
-    """Refuses a model dir holding another run, unless ``cfg.overwrite``: then that run's
-    files are deleted (by the caller that has ``delete``: the chief). Writes nothing else.
-
-    Returns whether the run may resume from what is there: False when it starts afresh.
-    """
-    present = [n for n in _RUN_FILES if tf.io.gfile.exists(f"{model_dir}/{n}")]
-    if not present:
-        return True
-    if "config.json" not in present:
-        problem = (f"{model_dir} holds {', '.join(present)} but no config.json (the remains "
-                   "of something else)")
-    else:
-        saved = load_config(model_dir)["train"]
-        model = config_lib.differences(saved, cfg, MODEL_FIELDS)
-        recipe = config_lib.differences(saved, cfg, [
-            k for k in saved if k not in MODEL_FIELDS and k not in OPERATIONAL_FIELDS])
-        if not model and not recipe:
-            return True  # the same run: resumed (or left alone if finished)
-        problem = (f"{model_dir} holds a run of {'another model' if model else 'other settings'}"
-                   f": {', '.join(model + recipe)}")
-    if not delete:
-        # A worker other than the chief: what it sees may be the chief's own fresh start
-        # (its checkpoints folder before its config.json). The chief refuses or deletes;
-        # the worker starts afresh with it.
-        return False
-    if not cfg.overwrite:
-        raise ValueError(f"{problem}; give the run's own values to resume it, another "
-                         "--model_dir, or --overwrite to delete it and start afresh")
-    for name in present:
-        path = f"{model_dir}/{name}"
-        (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
-    logging.warning("--overwrite: deleted the previous run's %s in %s", ", ".join(present),
-                    model_dir)
-    return False
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -380,7 +292,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     Rerunning with the same model_dir resumes from the last backup. ``flags_text`` is
     written to flags.txt once the settings have proved valid.
     """
-    config_lib.check(cfg)
+    settings.check(cfg)
     used_backend = backend_lib.select(cfg.backend)
     strategy = distribute.get_strategy(cfg.strategy, cfg.tpu)
     distribution = distribute.describe(strategy)  # e.g. backend jax, DataParallel over 8 ...
@@ -410,15 +322,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as lock:
         if chief:  # the lock makes the folder: a read-only one is refused here
-            lock.enter_context(folder_lock.hold(f"{model_dir}/{LOCK_FILE}", "tfcdisc.train",
+            lock.enter_context(folder_lock.hold(f"{model_dir}/{rundir.LOCK_FILE}", "tfcdisc.train",
                                                 model_dir))
-        resume = prepare_model_dir(model_dir, cfg, delete=chief)
-        backup = read_backup(model_dir) if resume else None
+        resume = rundir.prepare(model_dir, cfg, delete=chief)
+        backup = rundir.read_backup(model_dir) if resume else None
 
         out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
         tf.io.gfile.makedirs(out_dir + "/checkpoints")
         if chief:
-            atomic.write(_config_path(model_dir), json.dumps(
+            atomic.write(rundir.config_path(model_dir), json.dumps(
                 {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
                  "backend": used_backend, "distribution": distribution,
                  "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
@@ -438,7 +350,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             if backup.get("best") is not None:
                 best.best = backup["best"]
             if chief:
-                _keep_history_before(model_dir + "/history.csv", epoch)
+                rundir.keep_history_before(model_dir + "/history.csv", epoch)
             print(f"train: resuming {model_dir} at epoch {epoch}, step {step}", file=sys.stderr)
 
         options = input_pipeline.PipelineOptions(

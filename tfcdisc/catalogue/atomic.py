@@ -3,7 +3,8 @@
 A file is written under a temporary name beside it and renamed over the real one only
 once complete, so a reader sees the old file or the whole new one. An exception removes
 the temporary file; a SIGKILL cannot be caught, so long writes that must leave nothing
-behind (predict's rows) go to a local temporary file first and are then `copy`-ed.
+behind (predict's rows, checkpoints) go to a local temporary file first (`via_local`) and
+are then `copy`-ed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -74,6 +76,29 @@ def read_arrays(path: str) -> dict:
     if "meta" in out:
         out["meta"] = json.loads(out["meta"].tobytes())
     return out
+
+
+@contextlib.contextmanager
+def via_local(path: str) -> Iterator[str]:
+    """A local temporary path of the same name for a writer that needs a real file (Keras,
+    HDF5, TFRecord, pandas): what it leaves there replaces ``path`` (local or gs://) whole
+    once the block ends without error (`copy`); if it wrote nothing, nothing is copied.
+    A full disk inside a library's own write cannot leave ``path`` half-written."""
+    with tempfile.TemporaryDirectory(prefix="tfcdisc-") as tmp:
+        local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
+        yield local
+        if os.path.exists(local):
+            copy(local, path)
+
+
+@contextlib.contextmanager
+def local_copy(path: str) -> Iterator[str]:
+    """A local copy of ``path`` (local or gs://) for a reader that needs a real file
+    (Keras, zipfile), removed after the block."""
+    with tempfile.TemporaryDirectory(prefix="tfcdisc-") as tmp:
+        local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
+        tf.io.gfile.copy(path, local)
+        yield local
 
 
 def copy(local: str, path: str) -> None:

@@ -1,6 +1,6 @@
 """Keras models: a backbone by name, float32 heads, and the product-level combination.
 
-The image model takes uint8 RGB (what `tfcdisc.input_pipeline` makes: a quarter of the
+The image model takes uint8 RGB (what `tfcdisc.learn.input_pipeline` makes: a quarter of the
 bytes of float32 over the host-to-device link) of any size. Its first layer,
 `ResizedCrop`, makes the model's view on the accelerator: in training a random resized
 crop with a random flip, in inference the whole image resized to ``image_size``. Then the
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from tfcdisc import config
+from tfcdisc.learn import settings
 
 _APPS = keras.applications
 
@@ -152,8 +152,8 @@ def with_tta(image_model: keras.Model, tta: str) -> keras.Model:
     The result is an image model like any other (uint8 in, ``label`` out, here as
     log-probabilities), so every inference path runs it unchanged, on any device.
     """
-    if tta not in config.TTA_MODES:
-        raise ValueError(f"--tta={tta}: choose from {', '.join(config.TTA_MODES)}")
+    if tta not in settings.TTA_MODES:
+        raise ValueError(f"--tta={tta}: choose from {', '.join(settings.TTA_MODES)}")
     if tta == "none":
         return image_model
     inputs = keras.Input(image_model.input.shape[1:], dtype=image_model.input.dtype,
@@ -406,7 +406,7 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
     - a product's images are combined by the masked mean of their log-probabilities,
       or by the ``fusion`` head over their embeddings;
     - where the duplicate table found an image (``duplicate_class`` >= 0, from
-      `tfcdisc.duplicates.features`) the table's answer is blended in with
+      `tfcdisc.learn.duplicates.features`) the table's answer is blended in with
       ``duplicate_weight``: per image, or with a fusion head per product;
     - a product with no usable image gets ``fallback_class`` with probability 0, and
       padded slots get image class -1.
@@ -415,7 +415,7 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
     int32; with the table's features also duplicate_hits [B] (images found) and, for a
     ``weight_grid``, top1_by_weight [B, len(grid)] (to choose the weight on validation).
     """
-    from tfcdisc import duplicates
+    from tfcdisc.learn import duplicates
     mask = ops.cast(mask, "float32")
     per_image = outputs["label"]
     fused = fused_logits(fusion, outputs, mask)

@@ -4,9 +4,9 @@
         --output=gs://B/submission.csv --beam_pipeline_options="runner=DataflowRunner,..."
 
 For a model or an ensemble too large for one machine's hours. The file's offset index
-is built as Beam work (`tfcdisc.beam_index`) or reused; the products are cut into
+is built as Beam work (`tfcdisc.catalogue.beam_index`) or reused; the products are cut into
 contiguous ranges of about ``range_bytes``; each Beam worker reads its range, screens
-the images as the local reader does (`tfcdisc.inference.screened`), and Beam's
+the images as the local reader does (`tfcdisc.serve.inference.screened`), and Beam's
 RunInference scores batches of products exactly as a local predict does: the same
 loader, model and scoring (`ExportHandler`), one source of truth per export (the
 SavedModel's graph is for serving systems; workers install tfcdisc).
@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tempfile
 import time
 from typing import Any, Iterable, Sequence
 
@@ -29,8 +28,10 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc import atomic, beam_index, bsonfile, inference, problems, product_eval, serving
-from tfcdisc import index as index_lib
+from tfcdisc.catalogue import atomic, beam_index, bsonfile, problems
+from tfcdisc.serve import inference, export_format
+from tfcdisc.learn import product_eval
+from tfcdisc.catalogue import index as index_lib
 
 RANGE_BYTES = 64 << 20  # one Beam element: about 8,000 real products
 
@@ -45,13 +46,13 @@ def pipeline_options(flag_value: str):
 def predict(saved_model: str, output: str, *, bson: str, beam_options,
             batch_size: int = 256, errors: str = "strict", allow_missing: bool = False,
             range_bytes: int = RANGE_BYTES) -> inference.PredictStats:
-    """Writes ``output`` as `tfcdisc.inference.predict` does, running on Beam."""
+    """Writes ``output`` as `tfcdisc.serve.inference.predict` does, running on Beam."""
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     inference.check_output(output)
     stats = inference.PredictStats()
-    meta = serving.read_metadata(saved_model)  # also checks it is an export
-    serving.verify(saved_model, meta)  # refused here, before any Beam work, if damaged
+    meta = export_format.read_metadata(saved_model)  # also checks it is an export
+    export_format.verify(saved_model, meta)  # refused here, before any Beam work, if damaged
     max_pixels = meta.get("max_image_pixels")
     work = f"{output}.parts"
     if tf.io.gfile.exists(work):
@@ -94,7 +95,7 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
 
 class ExportHandler(ModelHandler):
     """Beam ModelHandler for a tfcdisc export: products (4 JPEG slots, ``b""`` padding)
-    in, category ids out, through the same loader (`serving.load`: checksums, safe-mode
+    in, category ids out, through the same loader (`export_format.load`: checksums, safe-mode
     Keras model, graph check) and the same scoring (`inference.run_predictions`) as a
     local predict, so both paths give the same rows from the same files."""
 
@@ -103,7 +104,7 @@ class ExportHandler(ModelHandler):
         self._saved_model, self._batch_size = saved_model, batch_size
 
     def load_model(self) -> "_Scorer":
-        export = serving.load(self._saved_model)
+        export = export_format.load(self._saved_model)
         strategy = product_eval.default_strategy()
         return _Scorer(export, strategy, inference.predictor_for(export, strategy))
 
@@ -127,7 +128,7 @@ class ExportHandler(ModelHandler):
 class _Scorer:
     """What a worker loads once (Beam shares it by weak reference: not a tuple)."""
 
-    export: serving.Export
+    export: export_format.Export
     strategy: Any
     predictor: product_eval.ProductPredictor
 
@@ -162,7 +163,7 @@ def _write_part(group: tuple, work: str) -> None:
 
 def _join(ranges: list, work: str, output: str, stats: inference.PredictStats) -> None:
     """The parts in range order, checked complete, as one submission (atomically)."""
-    with tempfile.NamedTemporaryFile("w", prefix="tfcdisc-predict-", suffix=".csv") as f:
+    with atomic.via_local(output) as local, open(local, "w") as f:
         f.write("_id,category_id\n")
         for k, offsets, *_ in ranges:
             with tf.io.gfile.GFile(f"{work}/part-{k:05d}.csv") as part:
@@ -178,5 +179,3 @@ def _join(ranges: list, work: str, output: str, stats: inference.PredictStats) -
             problems.extend(stats.skipped_images,
                             (tuple(x) for x in part_stats["skipped_images"]))
             stats.products += len(offsets)
-        f.flush()
-        atomic.copy(f.name, output)

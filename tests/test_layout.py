@@ -1,0 +1,86 @@
+"""The package's layout: commands on top, four wings below, each importing only the wings
+before it (function-level imports included), no Keras in the catalogue, no import circle.
+Read from the source (ast), so nothing is imported."""
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfcdisc"
+WINGS = ("catalogue", "build", "learn", "serve")
+COMMANDS = {"cli", "synth", "inspect", "train", "train_fusion", "export", "ensemble",
+            "predict", "evaluate", "show", "demo_summary"}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(path: pathlib.Path, modules) -> set[str]:
+    """Every tfcdisc module and outside top-level package the file imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                found.add(full if full in modules else node.module)
+    return {n if n in modules else n.split(".")[0] for n in found}
+
+
+def _wing(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in WINGS) else None
+
+
+def test_the_top_level_holds_only_the_commands_and_the_wings():
+    top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert top == COMMANDS
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} \
+        == set(WINGS)
+
+
+def test_each_wing_imports_only_the_wings_before_it():
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        wing = _wing(name)
+        if wing is None:
+            continue
+        for imported in _imports(path, modules):
+            if imported == "tfcdisc" or (imported.startswith("tfcdisc.")
+                                         and _wing(imported) is None):
+                wrong.append(f"{name} imports the command level ({imported})")
+            elif imported.startswith("tfcdisc.") and \
+                    WINGS.index(_wing(imported)) > WINGS.index(wing):
+                wrong.append(f"{name} imports {imported}, a later wing")
+            elif wing == "catalogue" and imported in ("keras", "jax"):
+                wrong.append(f"{name} imports {imported}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_circle():
+    modules = _modules()
+    graph = {name: {i for i in _imports(path, modules) if i in modules and i != name
+                    and not modules[i].name == "__init__.py"}
+             for name, path in modules.items()}
+    done, stack = set(), []
+
+    def visit(name):
+        if name in stack:
+            raise AssertionError("import circle: " + " -> ".join(
+                stack[stack.index(name):] + [name]))
+        if name in done:
+            return
+        stack.append(name)
+        for other in sorted(graph[name]):
+            visit(other)
+        stack.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

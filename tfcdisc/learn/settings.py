@@ -1,0 +1,286 @@
+"""Every command's settings: one dataclass per command, which is also its flags.
+
+Each field carries its help text (and choices or bounds) in its metadata, so a command's
+flags, their defaults and its dataclass cannot drift apart (`cli.define_settings` makes
+the flags, `cli.parse` reads them without the process's global flags). One default per
+setting: library functions whose argument is a setting take their default from here. In
+`TrainConfig`, fields marked ``model=True`` define the network: a resumed or exported run
+must use the same values.
+
+This module imports no TensorFlow: ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+BACKBONE_NAMES = (
+    "xception", *(f"efficientnet_b{i}" for i in range(8)),
+    *(f"efficientnetv2_b{i}" for i in range(4)), "efficientnetv2_s", "efficientnetv2_m",
+    "efficientnetv2_l", "resnet50", "mobilenetv3_small", "mobilenetv3_large", "small_cnn")
+STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker_mirrored", "one_device", "default")
+INFERENCE_STRATEGIES = ("auto", "tpu", "mirrored", "default")
+BACKENDS = ("auto", "jax", "tensorflow")  # Keras's backend (`tfcdisc.learn.backend`)
+# Help of flags that several commands define (train through its dataclass).
+BACKEND_HELP = ("Keras backend that runs the model: auto is JAX on a TPU VM, TensorFlow "
+                "elsewhere; a run may resume on the other.")
+DATASET_CONFIG_HELP = ("Which build of the dataset in --data_dir: the name given to `tfds "
+                       "build --config` (default: the only one there).")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with_tta`)
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None,
+            lower_bound: float | None = None, required: bool = False,
+            model: bool = False, repeated: bool = False) -> Any:
+    """A dataclass field that also describes its flag (``repeated``: the flag may be
+    given several times, a list)."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, choices=choices, lower_bound=lower_bound, required=required, model=model,
+        repeated=repeated))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; the train command fills it from its flags."""
+
+    data_dir: str = setting("", "Where `tfds build` wrote the cdiscount dataset (local or "
+                            "gs://).", required=True)
+    dataset_config: str | None = setting(None, DATASET_CONFIG_HELP)
+    model_dir: str = setting("", "Run folder: checkpoints, history.csv, TensorBoard logs, "
+                             "backup (local or gs://).", required=True)
+    backbone: str = setting("efficientnetv2_b0", "Image backbone.", choices=BACKBONE_NAMES,
+                            model=True)
+    image_size: int = setting(180, "Side of the square model input (images are 180x180; "
+                              "Xception needs >= 71).", lower_bound=16, model=True)
+    weights: str = setting("none", "none, imagenet (downloaded by Keras; needs a network) or "
+                           "a .weights.h5 / .keras path.")
+    global_batch_size: int = setting(256, "Images per step across all replicas (ignored when "
+                                     "--per_replica_batch_size is set).", lower_bound=1)
+    per_replica_batch_size: int | None = setting(
+        None, "Images per step on each replica; the global batch is this times the number "
+        "of replicas (8 on a v3-8, 1 on a v5e-1), so one flagfile fits every TPU.",
+        lower_bound=1)
+    epochs: int = setting(10, "Epochs to train.", lower_bound=1)
+    steps_per_epoch: int | None = setting(None, "Steps per epoch (default: one pass over "
+                                          "the training images).", lower_bound=1)
+    optimizer: str = setting("sgd", "SGD with Nesterov momentum 0.9, or AdamW.",
+                             choices=("sgd", "adamw"))
+    learning_rate: float = setting(0.1, "Peak learning rate per 256 images; scaled by the "
+                                   "global batch / 256.", lower_bound=0.0)
+    warmup_epochs: float = setting(1.0, "Linear warm-up, then cosine decay.", lower_bound=0.0)
+    weight_decay: float = setting(5e-5, "Decoupled weight decay.", lower_bound=0.0)
+    label_smoothing: float = setting(0.1, "Label smoothing of every head.", lower_bound=0.0)
+    dropout: float = setting(0.2, "Dropout before the heads.", lower_bound=0.0)
+    level1_loss_weight: float = setting(0.0, "Loss weight of an auxiliary level-1 head "
+                                        "(0: no head).", lower_bound=0.0, model=True)
+    level2_loss_weight: float = setting(0.0, "Loss weight of an auxiliary level-2 head "
+                                        "(0: no head).", lower_bound=0.0, model=True)
+    bn_momentum: float | None = setting(None, "BatchNormalization momentum override; 0.9 "
+                                        "for short runs, so inference-mode statistics keep "
+                                        "up with the weights.")
+    crop_area: float = setting(0.5, "Smallest fraction of an image a training crop covers "
+                               "(random resized crop on the accelerator).", lower_bound=0.05)
+    backend: str = setting("auto", BACKEND_HELP, choices=BACKENDS)
+    mixed_precision: str = setting("auto", "auto: bfloat16 on TPU, float16 on GPU, float32 "
+                                   "on CPU.", choices=PRECISIONS)
+    strategy: str = setting("auto", "Distribution strategy; multi_worker_mirrored reads "
+                            "TF_CONFIG.", choices=STRATEGIES)
+    tpu: str | None = setting(None, "TPU address or name (local on a TPU VM, "
+                              "grpc://host:8470 for a TPU node).")
+    steps_per_execution: int = setting(1, "Steps per compiled call (32-128 on TPU).",
+                                       lower_bound=1)
+    shuffle_buffer: int = setting(16384, "Images in the shuffle buffer.", lower_bound=1)
+    decode_size: int = setting(180, "Side of the uint8 images the host decodes for training "
+                               "(the catalogue's own size: no resize on the host).",
+                               lower_bound=16)
+    deterministic: bool = setting(False, "Reproducible input order (slower).")
+    data_service: str | None = setting(None, "tf.data service dispatcher address.")
+    eval_batch_size: int = setting(256, "Products per validation batch (global).",
+                                   lower_bound=1)
+    eval_max_batches: int | None = setting(None, "Validate on at most this many batches.",
+                                           lower_bound=1)
+    backup_every_steps: int | None = setting(
+        None, "Also back up every N steps, not only at the end of an epoch: a preemption "
+        "then loses at most N steps.", lower_bound=1)
+    log_every_steps: int = setting(100, "Write TensorBoard scalars every N steps.",
+                                   lower_bound=1)
+    seed: int | None = setting(None, "Random seed (weights, shuffling, crops).")
+    verbose: int | None = setting(None, "Keras fit verbosity: 0, 1 (progress bar per step) "
+                                  "or 2 (a line per epoch); default: 1 on a terminal or in a "
+                                  "notebook, 2 otherwise.")
+    overwrite: bool = setting(False, "Replace another run in --model_dir (its checkpoints, "
+                              "backup, history and logs are deleted); without it such a dir "
+                              "is refused. The same run always resumes.")
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["model"])
+# Settings that change where or how visibly a run trains, not what it trains: a model dir
+# may be resumed with other values of these; any other difference is another run.
+OPERATIONAL_FIELDS = ("model_dir", "data_dir", "backend", "strategy", "tpu", "data_service",
+                      "steps_per_execution", "eval_batch_size", "eval_max_batches",
+                      "backup_every_steps", "log_every_steps", "verbose", "deterministic",
+                      "shuffle_buffer", "overwrite")
+
+
+def check(settings: Any) -> None:
+    """Refuses values the flags would refuse, for callers that build a config in Python."""
+    for f in dataclasses.fields(settings):
+        value, m = getattr(settings, f.name), f.metadata
+        if m.get("required") and not value:
+            raise ValueError(f"--{f.name} is required")
+        if value is None:
+            continue
+        if m.get("choices") and value not in m["choices"]:
+            raise ValueError(f"--{f.name}={value}: choose from {', '.join(m['choices'])}")
+        if m.get("lower_bound") is not None and value < m["lower_bound"]:
+            raise ValueError(f"--{f.name}={value}: must be at least {m['lower_bound']}")
+
+
+def differences(saved: dict, settings: Any, fields: Sequence[str]) -> list[str]:
+    """``--name=value (the run has other)`` for each of ``fields`` that differs."""
+    return [f"--{k}={getattr(settings, k)} (the run has {saved.get(k)})" for k in fields
+            if k in saved and saved[k] != getattr(settings, k)]
+
+
+# --------------------------------------------------------------------------- other commands
+
+CHECKPOINTS = ("best", "last")
+ERROR_MODES = ("strict", "skip")
+
+
+@dataclasses.dataclass
+class InferenceSettings:
+    """What predict and evaluate share: the export, the products, where the model runs."""
+
+    saved_model: str = setting(None, "Folder written by tfcdisc.export.", required=True)
+    bson: str | None = setting(None, "A Kaggle-style BSON file (local or gs://).")
+    data_dir: str | None = setting(None, "A built TFDS cdiscount dataset (instead of --bson).")
+    split: str = setting("test", "The TFDS split, with --data_dir.")
+    dataset_config: str | None = setting(None, DATASET_CONFIG_HELP)
+    batch_size: int = setting(256, "Products per step across all replicas (rounded up to a "
+                              "multiple of them).", lower_bound=1)
+    strategy: str = setting("auto", "Where the model runs: auto (a TPU VM's TPU, else every "
+                            "GPU, else the CPU), tpu, mirrored (all GPUs, or logical CPUs), "
+                            "default (one device).", choices=INFERENCE_STRATEGIES)
+    tpu: str | None = setting(None, "TPU address or name (local on a TPU VM).")
+    errors: str = setting("strict", "A --bson document that cannot be read: strict stops "
+                          "with its byte offset; skip counts it, resynchronises and goes on "
+                          "(its product has no row).", choices=ERROR_MODES)
+
+
+@dataclasses.dataclass
+class PredictSettings(InferenceSettings):
+    output: str = setting("submission.csv", "The submission CSV (_id,category_id).")
+    top_k_output: str | None = setting(None, "Also write top-k ids and probabilities per "
+                                       "product (.parquet or .csv), for ensembling.")
+    allow_missing: bool = setting(False, "With --errors=skip, write the submission even if "
+                                  "unreadable documents leave products without a row (listed "
+                                  "in the report as lost).")
+    beam_pipeline_options: str | None = setting(
+        None, "Run on Apache Beam with these options, comma-separated as for `tfds build` "
+        "(e.g. \"runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,"
+        "setup_file=./pyproject.toml\"); needs --bson.")
+
+
+@dataclasses.dataclass
+class EvaluateSettings(InferenceSettings):
+    split: str = setting("validation", "The TFDS split, with --data_dir.")
+    labels: str | None = setting(None, "_id,category_id CSV for an unlabelled --bson "
+                                 "(test_labels.csv of a synthetic catalogue).")
+    output: str | None = setting(None, "Also write the report to this JSON file.")
+    plot: str | None = setting(None, "Save a PNG: accuracy by category size and by level.")
+    strict: bool = setting(False, "Fail (exit 2) when labels name categories the export "
+                           "does not know, instead of warning.")
+
+
+@dataclasses.dataclass
+class ExportSettings:
+    model_dir: str = setting(None, "A finished (or running) train run.", required=True)
+    export_dir: str = setting(None, "Where to write the SavedModel (local or gs://).",
+                              required=True)
+    top_k: int = setting(5, "Categories per product in top_k_* outputs.", lower_bound=1)
+    checkpoint: str = setting("best", "best: highest validation product accuracy; last: "
+                              "the last finished epoch.", choices=CHECKPOINTS)
+    tta: str = setting("none", "Test-time augmentation: flip averages each image's original "
+                       "and mirrored views (log-probabilities); twice the compute, same "
+                       "signatures.", choices=TTA_MODES)
+    fusion_dir: str | None = setting(None, "A fusion head of this run "
+                                     "(`tfcdisc.train_fusion`): products are scored from "
+                                     "their images' embeddings together.")
+    duplicates_from: str | None = setting(
+        None, "A built dataset (usually the run's --data_dir): embed a table of its "
+        "training images' exact bytes, blended with the model where a product's image "
+        "recurs, with a weight chosen on its validation split.")
+
+
+@dataclasses.dataclass
+class EnsembleSettings:
+    saved_model: list[str] = setting(None, "A member export (repeat the flag).",
+                                     required=True, repeated=True)
+    weights: list[str] | None = setting(None, "One weight per --saved_model, in order "
+                                        "(default: equal).")
+    export_dir: str = setting(None, "Where to write the ensemble (local or gs://).",
+                              required=True)
+    duplicates_from: str | None = setting(
+        None, "A built dataset: give the ensemble a duplicate-image table, weighed on its "
+        "validation split (as `tfcdisc.export --duplicates_from`).")
+
+
+@dataclasses.dataclass
+class FusionSettings:
+    model_dir: str = setting(None, "A finished train run.", required=True)
+    fusion_dir: str = setting(None, "Where the feature cache and the head go.", required=True)
+    data_dir: str | None = setting(None, "The built dataset (default: the run's).")
+    checkpoint: str = setting("best", "The run's checkpoint whose embeddings the head learns "
+                              "from (export uses the same).", choices=CHECKPOINTS)
+    epochs: int = setting(10, "Epochs over the cached embeddings.", lower_bound=1)
+    batch_size: int = setting(256, "Products per step.", lower_bound=1)
+    learning_rate: float = setting(1e-3, "AdamW learning rate.", lower_bound=0.0)
+    seed: int = setting(0, "Random seed.")
+
+
+@dataclasses.dataclass
+class ShowSettings:
+    output: str = setting(None, "The PNG to write (local or gs://).", required=True)
+    data_dir: str | None = setting(None, "A built TFDS cdiscount dataset.")
+    split: str = setting("train", "The split, with --data_dir.")
+    dataset_config: str | None = setting(None, DATASET_CONFIG_HELP)
+    bson: str | None = setting(None, "A Kaggle-style BSON file, with --saved_model.")
+    saved_model: str | None = setting(None, "An export: show its predictions.")
+    num_products: int = setting(16, "Products in the picture.", lower_bound=1)
+    columns: int = setting(4, "Products per row.", lower_bound=1)
+    seed: int = setting(0, "Which products a split shows (random draw).")
+
+
+@dataclasses.dataclass
+class InspectSettings:
+    bson: str = setting(None, "BSON file to inspect (local or gs://).", required=True)
+    errors: str = setting("strict", "strict: stop at the first corrupt document; skip: skip, "
+                          "count and list bad documents and bytes.", choices=ERROR_MODES)
+    category_names: str | None = setting(None, "category_names.csv for category names "
+                                         "(default: the one beside the BSON file, if any; "
+                                         "'' for none).")
+    progress: bool = setting(False, "Show a progress bar even when stderr is not a terminal.")
+
+
+@dataclasses.dataclass
+class SynthSettings:
+    output_dir: str = setting(None, "Folder (local or gs://) to write the catalogue to.",
+                              required=True)
+    num_train_products: int = setting(2000, "Products in train.bson.", lower_bound=1)
+    num_test_products: int = setting(500, "Products in test.bson.", lower_bound=0)
+    num_categories: int | None = setting(None, "Categories used (default 40, fewer if the "
+                                         "taxonomy is smaller).", lower_bound=1)
+    category_names: str | None = setting(None, "A category_names.csv to sample real "
+                                         "categories from (copied whole into the output). "
+                                         "Default: a built-in invented taxonomy.")
+    seed: int = setting(0, "Random seed; the catalogue is deterministic for a seed.")
+    workers: int | None = setting(None, "Rendering processes (default: every core).")
+    difficulty: str = setting(
+        "easy", "easy: distinct looks, clean labels. hard: leaves of a level-1 branch look "
+        "alike, 8% noise images shared across categories, stock photos reused across "
+        "products and between train and test, half of them unlike their category (about "
+        "38% of training images are copies, as in the real file), 5% wrong training labels.",
+        choices=("easy", "hard"))

@@ -1,0 +1,180 @@
+"""Exporting: a run (or several, as an ensemble) into one export (`export_format`).
+
+From a run folder (`learn.rundir`: the checkpoint's own model in float32, the dataset its
+config names), with flip TTA, a fusion head, or a duplicate-image table whose blend
+weight is chosen on the validation split (the table stays off unless it helped). A JAX
+process exports through a TensorFlow-backend subprocess: the SavedModel is always
+TensorFlow's own graph. The commands are `tfcdisc.export` and `tfcdisc.ensemble`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfcdisc.catalogue import taxonomy as taxonomy_lib
+from tfcdisc.learn import duplicates, input_pipeline, models, product_eval, rundir, settings
+from tfcdisc.serve import export_format
+
+
+_EXPORT = settings.ExportSettings  # one default per setting (its flag's)
+
+
+def export(model_dir: str, export_dir: str, *, top_k: int = _EXPORT.top_k,
+           checkpoint: str = _EXPORT.checkpoint, tta: str = _EXPORT.tta,
+           duplicates_from: str | None = None,
+           fusion_dir: str | None = None) -> dict:
+    """Writes the SavedModel; returns a summary (paths, classes, fallback category).
+
+    ``tta="flip"`` averages each image's original and mirrored views in log-probability
+    space (`models.with_tta`): twice the compute, the same signatures.
+    ``duplicates_from`` (a built dataset of the same taxonomy) embeds a duplicate-image
+    table made from its train split, blended with a weight chosen on its validation
+    split (`tfcdisc.learn.duplicates`; the weight is 0, the table off, unless it helped).
+    ``fusion_dir`` (of `tfcdisc.train_fusion`) combines each product's image embeddings
+    with its fusion head instead of averaging log-probabilities; it uses the checkpoint
+    the head was trained on. With ``duplicates_from`` as well, the table is blended with
+    the head's product predictions (`duplicates.blend_product`).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return _in_tensorflow_process("export", model_dir=model_dir, export_dir=export_dir,
+                                      top_k=top_k, checkpoint=checkpoint, tta=tta,
+                                      duplicates_from=duplicates_from, fusion_dir=fusion_dir)
+    with export_format.writer(export_dir):  # a busy or read-only export dir is refused before the work
+        return _export(model_dir, export_dir, top_k=top_k, checkpoint=checkpoint, tta=tta,
+                       duplicates_from=duplicates_from, fusion_dir=fusion_dir)
+
+
+def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta: str,
+            duplicates_from: str | None, fusion_dir: str | None) -> dict:
+    cfg = rundir.train_settings(model_dir)
+    builder = input_pipeline.load_builder(cfg.data_dir, cfg.dataset_config)
+    meta = builder.info.metadata or {}
+    if "taxonomy" not in meta:
+        raise ValueError(f"{cfg.data_dir}: the dataset's metadata has no taxonomy; rebuild "
+                         "it with this version's tfds_builder/cdiscount")
+    taxonomy = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
+    counts = np.asarray(meta.get("class_counts") or [], np.int64)
+    if counts.size != taxonomy.num_classes:
+        logging.warning("no class counts in the dataset metadata: falling back to class 0 for "
+                        "products without images")
+        counts = np.zeros(taxonomy.num_classes)
+    built_size = (meta.get("build_options") or {}).get("image_size")
+    fusion_head = None
+    if fusion_dir:
+        from tfcdisc.learn import fusion
+        if tta != "none":
+            raise ValueError("--fusion_dir reads embeddings of the plain model: it does not "
+                             "combine with --tta yet")
+        checkpoint = fusion.load_config(fusion_dir)["checkpoint"]
+        fusion_head = rundir.float32_model(f"{fusion_dir.rstrip('/')}/{fusion.FUSION_MODEL}")
+    image_model = models.with_tta(rundir.float32_model(rundir.checkpoint_path(model_dir, checkpoint)), tta)
+    if fusion_head is not None:
+        image_model = fusion.with_embedding(image_model)
+    table = None
+    if duplicates_from:
+        table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size,
+                                fusion=fusion_head)
+    summary = export_format.write(export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
+                    fallback_class=int(np.argmax(counts)),
+                    max_image_pixels=int(np.prod(built_size)) if built_size else None,
+                    duplicate_table=table, fusion_model=fusion_head, tta=tta)
+    return {**summary, "checkpoint": checkpoint}
+
+
+def _in_tensorflow_process(command: str, **flags) -> dict:
+    """Runs ``python -m tfcdisc.<command>`` (TensorFlow backend) and returns its JSON
+    summary: a SavedModel is TensorFlow's graph, which a process whose Keras runs on
+    JAX cannot trace (Keras's own JAX export would wrap it in XlaCallModule ops, which
+    TF Serving and TF.js may not run)."""
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", f"tfcdisc.{command}",
+            *(f"--{name}={value}" for name, value in flags.items() if value is not None)]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    if done.returncode:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+        raise ValueError(f"{command} (in a TensorFlow-backend process) failed: {last}")
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model: keras.Model,
+                    image_size: int, batch_size: int = 256,
+                    fusion: keras.Model | None = None) -> duplicates.Table:
+    """The table of ``data_dir``'s train split (never validation or test), its blend weight
+    chosen by product accuracy on the validation split (with a ``fusion`` head, blended
+    with the head's product predictions)."""
+    builder = input_pipeline.load_builder(data_dir)
+    theirs = (builder.info.metadata or {}).get("taxonomy")
+    if theirs is None or not np.array_equal(
+            taxonomy_lib.Taxonomy.from_dict(theirs).category_ids, taxonomy.category_ids):
+        raise ValueError(f"--duplicates_from={data_dir}: not built with the run's taxonomy")
+    table = duplicates.build(input_pipeline.image_labels(builder, "train"))
+    grid = duplicates.WEIGHT_GRID
+    predictor = product_eval.ProductPredictor(image_model, 1, weight_grid=grid, fusion=fusion)
+    hits = np.zeros(len(grid))
+    n = builder.info.splits["validation"].num_examples
+    batches = product_eval.distribute_products(
+        tf.distribute.get_strategy(), lambda: input_pipeline.split_products(builder, "validation"),
+        batch_size, image_size, n, duplicate_table=table)
+    for out in predictor.batches(batches):
+        hits += (out["top1_by_weight"] == out["label"][:, None]).sum(axis=0)
+    table.weight = duplicates.choose_weight(list(hits), grid)
+    table.accuracy_by_weight = {str(w): float(h / max(n, 1)) for w, h in zip(grid, hits)}
+    logging.info("duplicate table: %d unique images of %d; validation accuracy by weight %s; "
+                 "weight %.1f", len(table), table.images, table.accuracy_by_weight,
+                 table.weight)
+    return table
+
+
+def ensemble(members: Sequence[str], export_dir: str,
+             weights: Sequence[float] | None = None, duplicates_from: str | None = None
+             ) -> dict:
+    """One self-contained export that averages its members' probabilities (with
+    ``weights``, equal by default). Members are exports of the same taxonomy; they may
+    differ in backbone and image size and carry their own test-time augmentation. A
+    member's duplicate table is not used (it was weighed for that member alone):
+    ``duplicates_from`` gives the ensemble its own, weighed for the ensemble."""
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two --saved_model")
+    weights = [1.0] * len(members) if not weights else [float(w) for w in weights]
+    if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights) \
+            or not math.isfinite(sum(weights)):
+        raise ValueError(f"--weights: {len(members)} finite positive numbers with a finite "
+                         f"sum, one per --saved_model (got {list(weights)})")
+    with export_format.writer(export_dir):
+        return _ensemble(members, export_dir, weights, duplicates_from)
+
+
+def _ensemble(members: Sequence[str], export_dir: str, weights: list[float],
+              duplicates_from: str | None) -> dict:
+    opened = [export_format.load(m) for m in members]
+    first = opened[0]
+    for e in opened:
+        if e.fusion_model is not None:
+            raise ValueError(f"{e.path}: an export with a fusion head cannot be an ensemble "
+                             "member yet (its products are not scored image by image)")
+    for e in opened[1:]:
+        if not np.array_equal(e.taxonomy.category_ids, first.taxonomy.category_ids):
+            raise ValueError(f"{e.path}: another taxonomy than {first.path}; an ensemble's "
+                             "members must classify into the same categories")
+    limits = [e.max_image_pixels for e in opened]
+    model = models.ensemble_model([e.image_model for e in opened], list(weights))
+    image_size = max(e.image_size for e in opened)
+    table = None
+    if duplicates_from:
+        table = duplicate_table(duplicates_from, first.taxonomy, model, image_size)
+    return export_format.write(export_dir, model, first.taxonomy, image_size=image_size,
+                 top_k=max(e.top_k for e in opened), fallback_class=first.fallback_class,
+                 max_image_pixels=None if None in limits else max(limits),
+                 duplicate_table=table,
+                 members=[{"saved_model": e.path, "weight": w, "image_size": e.image_size}
+                          for e, w in zip(opened, weights)])
