@@ -77,7 +77,7 @@ clean-demo:
 
 # ---------------------------------------------------------------------------- checks
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

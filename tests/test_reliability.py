@@ -112,10 +112,10 @@ def test_a_model_dir_of_another_run_is_refused_untouched_unless_overwrite(datase
     assert {name: _digest(tmp_path / name) for name in before} == before
     result = training.train(train_config(dataset, tmp_path, image_size=48, epochs=1,
                                     overwrite=True))
-    assert result["resumed"] is None
+    assert result.resumed is None
     again = training.train(train_config(dataset, tmp_path, image_size=48, epochs=1,
                                    overwrite=True))
-    assert again["resumed"] == {"epoch": 1, "step": 0}  # the same run is never deleted
+    assert again.resumed == {"epoch": 1, "step": 0}  # the same run is never deleted
     assert json.load(open(tmp_path / "config.json"))["train"]["image_size"] == 48
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert [r["epoch"] for r in rows] == ["0"]
@@ -125,7 +125,7 @@ def test_a_rerun_with_operational_changes_resumes(dataset, tmp_path):
     training.train(train_config(dataset, tmp_path))
     again = training.train(train_config(dataset, tmp_path, log_every_steps=7,
                                    eval_batch_size=4))
-    assert again["resumed"] == {"epoch": 1, "step": 0} and not again["history"]
+    assert again.resumed == {"epoch": 1, "step": 0} and not again.history
 
 
 # --------------------------------------------------------------------------- catalogues
@@ -149,8 +149,8 @@ def test_a_catalogue_of_three_categories_trains_and_scores_top3(tmp_path):
     folder = _catalogue(tmp_path / "k", [1000000100, 1000000200, 1000000300], 12)
     builder = build_dataset(folder, tmp_path / "data")
     result = training.train(train_config(builder, tmp_path / "run", eval_batch_size=4))
-    assert result["validation"]["products"] == builder.info.splits["validation"].num_examples
-    assert result["validation"]["top5_accuracy"] == 1.0  # every category is in the top 3
+    assert result.validation["products"] == builder.info.splits["validation"].num_examples
+    assert result.validation["top5_accuracy"] == 1.0  # every category is in the top 3
 
 
 def test_one_product_per_category_is_refused_before_anything_is_written(tmp_path):
@@ -385,7 +385,7 @@ def test_a_data_dir_holding_two_builds_is_never_resolved_silently(tmp_path):
     assert not (tmp_path / "refused").exists()  # refused before anything was written
     result = training.train(train_config(only, tmp_path / "run", data_dir=str(data),
                                          dataset_config="test", steps_per_epoch=1))
-    assert result["validation"]["products"] == 20
+    assert result.validation["products"] == 20
     assert json.load(open(tmp_path / "run" / "config.json"))["train"]["dataset_config"] == "test"
 
 
@@ -506,7 +506,7 @@ def test_a_folder_has_one_writer_at_a_time(dataset, exported, tmp_path):
         holder.communicate(b"")
     # The holder is gone now: its lock is taken over, and released at the end.
     result = training.train(cfg)
-    assert result["validation"]["products"] > 0 and not lock.exists()
+    assert result.validation["products"] > 0 and not lock.exists()
     with folder_lock.hold(str(lock), "test") as _:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
@@ -624,7 +624,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(dataset, 
     state = json.load(open(tmp_path / "backup" / "state.json"))
     assert (state["epoch"], state["step"]) == (1, 0)  # epoch 1 is redone
     resumed = training.train(cfg)
-    assert resumed["resumed"] == {"epoch": 1, "step": 0}
+    assert resumed.resumed == {"epoch": 1, "step": 0}
     rows = list(csv.DictReader(open(tmp_path / "history.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"]
     keras.saving.load_model(str(last), compile=False)

@@ -68,9 +68,9 @@ class Steps(keras.callbacks.Callback):
 
 steps = Steps()
 result = training.train(training.TrainConfig(**cfg_json), callbacks=[steps])
-weights = sum(float(abs(keras.ops.convert_to_numpy(w)).sum()) for w in result["model"].weights)
-print(json.dumps({"loss": result["history"].get("loss", []), "validation": result["validation"],
-                  "weights_abs_sum": weights, "distribution": result["distribution"],
-                  "resumed": result["resumed"],
+weights = sum(float(abs(keras.ops.convert_to_numpy(w)).sum()) for w in result.model.weights)
+print(json.dumps({"loss": result.history.get("loss", []), "validation": result.validation,
+                  "weights_abs_sum": weights, "distribution": result.distribution,
+                  "resumed": result.resumed,
                   "first_step": steps.first if steps.done else None,
-                  "last_step": steps.last, "global_batch_size": result["global_batch_size"]}))
+                  "last_step": steps.last, "global_batch_size": result.global_batch_size}))

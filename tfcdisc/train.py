@@ -20,9 +20,9 @@ from tfcdisc.learn import settings
 def main(cfg: settings.TrainConfig) -> None:
     from tfcdisc.learn import training
     result = training.train(cfg, flags_text=cli.flags_text())
-    print(json.dumps({"distribution": result["distribution"],
-                      "validation": result["validation"], "resumed": result["resumed"],
-                      "global_batch_size": result["global_batch_size"]}, indent=2))
+    print(json.dumps({"distribution": result.distribution,
+                      "validation": result.validation, "resumed": result.resumed,
+                      "global_batch_size": result.global_batch_size}, indent=2))
 
 
 # A full disk, a read-only folder: what was complete is kept.

@@ -285,25 +285,12 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
         if start:
             f.seek(start)
         w = _Window(f, start)
-        if not start and w.fill(6) and (kind := compressed_kind(bytes(w.buf[:6]))) and \
-                w.framing_problem(unpack(w.buf, 0)[0]) is not None:
-            raise BsonFormatError(path, 0, f"this is a {kind} file, not BSON", position=0,
-                                  advice=f"decompress it first ({_UNPACK[kind]}) and give "
-                                  "the .bson inside")
+        if not start:
+            _refuse_compressed(w, path)
         stats.end_offset = None
         while w.offset < limit:
-            # Frame as many complete documents as the window holds, in a tight loop.
-            buf, pos, stop = w.buf, w.pos, len(w.buf)
-            starts, ends = [], []
-            room = min(stop, limit - w.base)
-            while pos + 4 <= stop and pos < room:
-                length = unpack(buf, pos)[0]
-                nxt = pos + length
-                if length < MIN_DOCUMENT_BYTES or nxt > stop or buf[nxt - 1] != 0:
-                    break
-                starts.append(pos)
-                ends.append(nxt)
-                pos = nxt
+            buf = w.buf
+            starts, ends, pos = _frame(buf, w.pos, min(len(buf), limit - w.base))
             if starts:
                 docs, bad, problem = _decode(buf, starts, ends) if decode else (None, None, "")
                 if bad is not None and errors == "strict":
@@ -319,11 +306,7 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
                     w.pos = pos
                     continue
                 w.pos = starts[bad]
-                offset = w.offset
-                w.resynchronise()
-                skipped = w.offset - offset
-                stats.skipped_bytes += skipped
-                stats.record(offset, f"{problem}; skipped {skipped} bytes to resynchronise")
+                _resynchronise(w, stats, problem)
                 continue
             # The next document is not complete in the window: read more, or report.
             offset = w.offset
@@ -347,14 +330,45 @@ def iter_batches(source, *, start: int = 0, end: int | None = None, first_positi
             if errors == "strict":
                 raise BsonFormatError(path, offset, problem, position=position,
                                       advice=_ADVICE_FRAME)
-            w.resynchronise()
-            skipped = w.offset - offset
-            stats.skipped_bytes += skipped
-            stats.record(offset, f"{problem}; skipped {skipped} bytes to resynchronise")
+            _resynchronise(w, stats, problem)
         stats.end_offset = w.offset
     finally:
         if owned:
             f.close()
+
+
+def _frame(buf, pos: int, room: int) -> tuple[list[int], list[int], int]:
+    """The complete documents in ``buf`` from ``pos`` (starting before ``room``), framed
+    in a tight loop: their starts and ends, and where the next begins."""
+    unpack, stop = _INT32.unpack_from, len(buf)
+    starts, ends = [], []
+    while pos + 4 <= stop and pos < room:
+        length = unpack(buf, pos)[0]
+        nxt = pos + length
+        if length < MIN_DOCUMENT_BYTES or nxt > stop or buf[nxt - 1] != 0:
+            break
+        starts.append(pos)
+        ends.append(nxt)
+        pos = nxt
+    return starts, ends, pos
+
+
+def _refuse_compressed(w: _Window, path: str) -> None:
+    """A gzip, zip... file given as BSON is named at byte 0 (it does not frame as BSON)."""
+    if w.fill(6) and (kind := compressed_kind(bytes(w.buf[:6]))) and \
+            w.framing_problem(_INT32.unpack_from(w.buf, 0)[0]) is not None:
+        raise BsonFormatError(path, 0, f"this is a {kind} file, not BSON", position=0,
+                              advice=f"decompress it first ({_UNPACK[kind]}) and give the "
+                              ".bson inside")
+
+
+def _resynchronise(w: _Window, stats: ReadStats, problem: str) -> None:
+    """Skips from the window's position to the next document that parses, counted."""
+    offset = w.offset
+    w.resynchronise()
+    skipped = w.offset - offset
+    stats.skipped_bytes += skipped
+    stats.record(offset, f"{problem}; skipped {skipped} bytes to resynchronise")
 
 
 # --------------------------------------------------------------------------- decoding

@@ -39,7 +39,7 @@ from tfcdisc.learn import backend as backend_lib
 from tfcdisc.learn import settings
 from tfcdisc.learn.settings import TrainConfig
 
-__all__ = ["TrainConfig", "train", "image_model", "build_and_compile",
+__all__ = ["TrainConfig", "TrainResult", "train", "image_model", "build_and_compile",
            "dataset_info", "EpochTimeEstimate"]
 
 
@@ -273,7 +273,7 @@ def _build_for_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy
     ("Attempt to convert a value (PerReplica...) to a Tensor"). No public Keras API
     builds a compiled model's loss and metrics, so this one path calls Keras internals
     (``_symbolic_build``, ``_maybe_symbolic_build``); Keras is pinned to the tested range
-    in pyproject.toml and tests/test_train.py fails when those internals change.
+    in pyproject.toml and tests/learn/test_train.py fails when those internals change.
     """
     per_replica = batch // strategy.num_replicas_in_sync
     spec = (tf.TensorSpec([per_replica, size, size, 3], tf.uint8),
@@ -283,15 +283,37 @@ def _build_for_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
-def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
-          flags_text: str | None = None) -> dict:
-    """Trains and validates; returns the last validation report, the history, the model,
-    its strategy (to predict with on the same accelerator), and where a resumed run
-    started (``resumed``: epoch and step, or None).
+@dataclasses.dataclass
+class TrainResult:
+    """What a training run gives back: its last validation report (product accuracy...),
+    the Keras history, the model and its strategy (to predict with on the same
+    accelerator), where a resumed run started (epoch and step, or None), and its shape."""
 
-    Rerunning with the same model_dir resumes from the last backup. ``flags_text`` is
-    written to flags.txt once the settings have proved valid.
-    """
+    validation: dict | None
+    history: dict[str, list]
+    model: keras.Model
+    resumed: dict | None
+    global_batch_size: int
+    steps_per_epoch: int
+    strategy: object
+    distribution: str
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What a run is, decided (and checked) before anything is written."""
+
+    strategy: object
+    distribution: str
+    backend: str
+    policy: str
+    builder: object
+    info: dict
+    batch: int
+    steps_per_epoch: int
+
+
+def _set_up(cfg: TrainConfig) -> _Setup:
     settings.check(cfg)
     used_backend = backend_lib.select(cfg.backend)
     strategy = distribute.get_strategy(cfg.strategy, cfg.tpu)
@@ -306,40 +328,79 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     _check_dataset(builder, cfg.data_dir)
     batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
                                          strategy)
-    steps_per_epoch = cfg.steps_per_epoch or max(1, info["train_images"] // batch)
-    total_steps = steps_per_epoch * cfg.epochs
-    model_dir = cfg.model_dir.rstrip("/")
+    return _Setup(strategy, distribution, used_backend, policy, builder, info, batch,
+                  cfg.steps_per_epoch or max(1, info["train_images"] // batch))
+
+
+def _model(cfg: TrainConfig, run: _Setup) -> keras.Model:
+    """The compiled model, its optimizer state built (a resumed run loads into it)."""
+    strategy = run.strategy
     with strategy.scope():
-        model = build_and_compile(cfg, info, total_steps, steps_per_epoch, batch)
-    label_keys = tuple(model.output)
-    with strategy.scope():  # public: a resumed run loads the optimizer's state into it
+        model = build_and_compile(cfg, run.info, run.steps_per_epoch * cfg.epochs,
+                                  run.steps_per_epoch, run.batch)
         model.optimizer.build(model.trainable_variables)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        _build_for_multi_worker(model, strategy, batch, cfg.decode_size, label_keys)
+        _build_for_multi_worker(model, strategy, run.batch, cfg.decode_size,
+                                tuple(model.output))
         _vector_logs(model)
+    return model
+
+
+def _write_run_files(cfg: TrainConfig, run: _Setup, flags_text: str | None) -> None:
+    model_dir = cfg.model_dir.rstrip("/")
+    atomic.write(rundir.config_path(model_dir), json.dumps(
+        {"train": dataclasses.asdict(cfg), "dataset": run.info, "policy": run.policy,
+         "backend": run.backend, "distribution": run.distribution,
+         "strategy": type(run.strategy).__name__,
+         "replicas": run.strategy.num_replicas_in_sync, "global_batch_size": run.batch,
+         "steps_per_epoch": run.steps_per_epoch}, indent=2))
+    if flags_text is not None:
+        atomic.write(model_dir + "/flags.txt", flags_text)
+
+
+def _train_data(cfg: TrainConfig, run: _Setup, label_keys: tuple):
+    """``start_step -> dataset``: the training stream from a step on, for the strategy."""
+    options = input_pipeline.PipelineOptions(
+        image_size=cfg.image_size, decode_size=cfg.decode_size,
+        shuffle_buffer=cfg.shuffle_buffer, deterministic=cfg.deterministic, seed=cfg.seed,
+        data_service=cfg.data_service)
+
+    def from_step(start_step: int):
+        def fn(ctx):
+            ds = input_pipeline.train_dataset(run.builder, run.batch, options,
+                                              input_context=ctx, start_step=start_step)
+            return ds.map(lambda x, y: (x, {k: y[k] for k in label_keys}))
+        if isinstance(run.strategy, distribute.JaxDataParallel):  # Keras splits each batch
+            return fn(run.strategy.input_context())  # over the devices; a process reads its share
+        return run.strategy.distribute_datasets_from_function(fn)
+    return from_step
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
+          flags_text: str | None = None) -> TrainResult:
+    """Trains and validates (`TrainResult`). Rerunning with the same model_dir resumes
+    from the last backup. ``flags_text`` is written to flags.txt once the settings have
+    proved valid."""
+    run = _set_up(cfg)
+    strategy, steps_per_epoch = run.strategy, run.steps_per_epoch
+    model = _model(cfg, run)
+    model_dir = cfg.model_dir.rstrip("/")
     # Every check, the model's own included, ran before this: the first write (the chief's),
     # under the model dir's lock (one writer per run).
     chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as lock:
         if chief:  # the lock makes the folder: a read-only one is refused here
-            lock.enter_context(folder_lock.hold(f"{model_dir}/{rundir.LOCK_FILE}", "tfcdisc.train",
-                                                model_dir))
+            lock.enter_context(folder_lock.hold(f"{model_dir}/{rundir.LOCK_FILE}",
+                                                "tfcdisc.train", model_dir))
         resume = rundir.prepare(model_dir, cfg, delete=chief)
         backup = rundir.read_backup(model_dir) if resume else None
-
         out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
         tf.io.gfile.makedirs(out_dir + "/checkpoints")
         if chief:
-            atomic.write(rundir.config_path(model_dir), json.dumps(
-                {"train": dataclasses.asdict(cfg), "dataset": info, "policy": policy,
-                 "backend": used_backend, "distribution": distribution,
-                 "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-                 "global_batch_size": batch, "steps_per_epoch": steps_per_epoch}, indent=2))
-            if flags_text is not None:
-                atomic.write(model_dir + "/flags.txt", flags_text)
+            _write_run_files(cfg, run, flags_text)
         logging.info("training %s on %d replicas (%s), %d steps/epoch x %d epochs of %d images",
-                     cfg.backbone, strategy.num_replicas_in_sync, policy, steps_per_epoch,
-                     cfg.epochs, batch)
+                     cfg.backbone, strategy.num_replicas_in_sync, run.policy, steps_per_epoch,
+                     cfg.epochs, run.batch)
 
         epoch, step = (backup["epoch"], backup["step"]) if backup else (0, 0)
         best = WholeCheckpoint(out_dir + "/checkpoints/best.keras",
@@ -353,25 +414,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                 rundir.keep_history_before(model_dir + "/history.csv", epoch)
             print(f"train: resuming {model_dir} at epoch {epoch}, step {step}", file=sys.stderr)
 
-        options = input_pipeline.PipelineOptions(
-            image_size=cfg.image_size, decode_size=cfg.decode_size,
-            shuffle_buffer=cfg.shuffle_buffer, deterministic=cfg.deterministic, seed=cfg.seed,
-            data_service=cfg.data_service)
-
-        def train_data(start_step: int):
-            def fn(ctx):
-                ds = input_pipeline.train_dataset(builder, batch, options, input_context=ctx,
-                                                  start_step=start_step)
-                return ds.map(lambda x, y: (x, {k: y[k] for k in label_keys}))
-            if isinstance(strategy, distribute.JaxDataParallel):  # Keras splits each batch
-                return fn(strategy.input_context())  # over the devices; a process reads its share
-            return strategy.distribute_datasets_from_function(fn)
-
+        train_data = _train_data(cfg, run, tuple(model.output))
         val_ds = product_eval.distribute_products(
-            strategy, lambda: input_pipeline.split_products(builder, "validation"),
-            cfg.eval_batch_size, cfg.image_size, builder.info.splits["validation"].num_examples)
+            strategy, lambda: input_pipeline.split_products(run.builder, "validation"),
+            cfg.eval_batch_size, cfg.image_size,
+            run.builder.info.splits["validation"].num_examples)
         evaluation = ProductEvaluation(val_ds, strategy, cfg.eval_max_batches,
-                                       info["fallback_class"])
+                                       run.info["fallback_class"])
         saver = Backup(out_dir + "/backup", cfg.backup_every_steps, best)
         all_callbacks = [
             evaluation,  # before the callbacks that read its val_* logs
@@ -403,7 +452,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             fit(epoch, cfg.epochs, steps_per_epoch, epoch * steps_per_epoch)
         if not chief:
             shutil.rmtree(out_dir, ignore_errors=True)
-        return {"validation": evaluation.last, "history": history, "model": model,
-                "resumed": {"epoch": backup["epoch"], "step": backup["step"]} if backup else None,
-                "global_batch_size": batch, "steps_per_epoch": steps_per_epoch,
-                "strategy": strategy, "distribution": distribution}
+        return TrainResult(
+            evaluation.last, history, model,
+            {"epoch": backup["epoch"], "step": backup["step"]} if backup else None,
+            run.batch, steps_per_epoch, strategy, run.distribution)

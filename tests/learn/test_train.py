@@ -31,13 +31,13 @@ def _inference_accuracy(dataset, model, image_size):
 def test_short_run_evaluates_in_inference_mode_as_well_as_it_trains(dataset, tmp_path):
     result = training.train(_config(dataset, tmp_path, epochs=5, steps_per_epoch=14,
                                  level1_loss_weight=0.2, level2_loss_weight=0.2))
-    train_accuracy = result["history"]["label_accuracy"][-1]
+    train_accuracy = result.history["label_accuracy"][-1]
     assert train_accuracy > 0.6  # it learned
     # The same images score about as well with moving BatchNorm statistics (inference)
     # as with batch statistics (training).
-    inference = _inference_accuracy(dataset, result["model"], 32)
+    inference = _inference_accuracy(dataset, result.model, 32)
     assert inference["image_accuracy"] >= train_accuracy - 0.1
-    validation = result["validation"]
+    validation = result.validation
     assert validation["products"] == dataset.info.splits["validation"].num_examples
     files = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "history.csv", "checkpoints", "logs"} <= files
@@ -54,9 +54,9 @@ def test_default_batchnorm_momentum_lags_in_short_runs(dataset, tmp_path):
     leaves the moving statistics far from the weights, and inference mode suffers."""
     result = training.train(_config(dataset, tmp_path, epochs=5, steps_per_epoch=14,
                                  bn_momentum=None))
-    history = result["history"]  # one head: Keras drops the "label_" prefix
+    history = result.history  # one head: Keras drops the "label_" prefix
     train_accuracy = history.get("label_accuracy", history.get("accuracy"))[-1]
-    inference = _inference_accuracy(dataset, result["model"], 32)
+    inference = _inference_accuracy(dataset, result.model, 32)
     assert inference["image_accuracy"] < train_accuracy - 0.2
 
 
