@@ -84,3 +84,17 @@ def test_no_import_circle():
 
     for name in sorted(graph):
         visit(name)
+
+
+def test_every_test_file_is_collected(request):
+    """pytest skips folders named ``build`` unless told: tests/build was silently left out.
+    Checked when the whole suite runs (`make test`)."""
+    import pytest
+    option = request.config.option
+    if option.file_or_dir or option.keyword or option.markexpr:
+        pytest.skip("only a run of the whole suite collects every file")
+    tests = pathlib.Path(__file__).resolve().parent
+    collected = {pathlib.Path(str(item.fspath)) for item in request.session.items}
+    missing = [str(p.relative_to(tests)) for p in tests.rglob("test_*.py")
+               if p not in collected]
+    assert not missing, missing

@@ -87,12 +87,18 @@ def padding_mask(images: tf.Tensor) -> tf.Tensor:
 def decode_products(images: tf.Tensor, image_size: int) -> tf.Tensor:
     """[..., MAX_IMAGES] JPEG strings (empty = padding) -> uint8 [..., MAX_IMAGES, S, S, 3].
 
-    One map over every image of one product or of a whole batch; the static shape of
-    ``images`` is kept, so TPU batches stay static.
+    One map over the real images of one product or of a whole batch (padded slots, about
+    half of them, are zeros, never decoded: the mask leaves them out); the static shape
+    of ``images`` is kept, so TPU batches stay static.
     """
-    flat = tf.map_fn(lambda j: decode_eval(j, image_size), tf.reshape(images, [-1]),
-                     parallel_iterations=16,
-                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
+    flat = tf.reshape(images, [-1])
+    real = tf.where(tf.strings.length(flat) > 0)
+    decoded = tf.map_fn(lambda j: decode_eval(j, image_size), tf.gather_nd(flat, real),
+                        parallel_iterations=16,
+                        fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
+                                                          tf.uint8))
+    flat = tf.scatter_nd(real, decoded, tf.concat([tf.shape(flat, out_type=tf.int64),
+                                                   [image_size, image_size, 3]], 0))
     pixels = tf.reshape(flat, tf.concat([tf.shape(images), [image_size, image_size, 3]], 0))
     pixels.set_shape(images.shape.concatenate([image_size, image_size, 3]))
     return pixels
