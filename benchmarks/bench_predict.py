@@ -1,24 +1,34 @@
-"""Batch prediction: `tfcdisc.predict` against the bare forward pass of the same model.
+"""Batch prediction: the whole `tfcdisc.predict` / `tfcdisc.evaluate` command against the
+bare forward pass of the same model, where the time goes, and what each change bought.
 
     python -m benchmarks.run predict
 
-Targets (issue 5): predict's products/s >= 0.9x the exported model's forward pass on
-already-decoded tensors of the same products (decoding and I/O hide behind the model);
-peak memory flat from 1,000 to 20,000 products. Extrapolates the real test set.
+Targets (issue 20): predict and evaluate >= 0.9x the forward pass on already decoded
+batches, for the demo model and EfficientNetV2-B0 at 180 px, measured side by side in one
+run; no wait after the last batch; peak memory flat in the number of products.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
+import subprocess
 import sys
+import tempfile
+import time
 
 from benchmarks import common
 
 REAL_TEST_PRODUCTS = 1_768_182
-MODELS = {  # name: (flags over the demo flagfile, what it stands for)
-    "demo": ([], "demo small_cnn, 64 px"),
+MODELS = {  # name: (flags over the demo flagfile, what it stands for, products predicted)
+    "demo": ([], "demo small_cnn, 64 px", "20k"),
     "effv2b0": (["--backbone=efficientnetv2_b0", "--image_size=180"],
-                "EfficientNetV2-B0, 180 px (untrained weights: speed only)"),
+                "EfficientNetV2-B0, 180 px (untrained weights: speed only)", "2k"),
+}
+VARIANTS = {  # what predict did before this issue's changes, and each change added
+    "before": "autotuned pipeline, padded slots decoded (before)",
+    "no_padding_decode": "+ padded slots not decoded",
+    "now": "+ no autotuning (the iterator is freed at once): today's code",
 }
 
 
@@ -28,7 +38,6 @@ def _export(name: str) -> pathlib.Path:
     if (out / "saved_model.pb").exists():
         return out
     from benchmarks import bench_train
-    import subprocess
     run = common.CACHE / f"run-{name}"
     data = bench_train._dataset_dir()
     for cmd in (["tfcdisc.train", f"--flagfile={common.ROOT.parent}/experiments/demo_cpu.cfg",
@@ -44,7 +53,7 @@ def _test_files() -> dict[str, pathlib.Path]:
     big = folder / "test.bson"
     from tfcdisc.catalogue import index
     idx = index.load_or_build(str(big))
-    out = {"20k": big}
+    out = {"20k": big, "labels": folder / "test_labels.csv"}
     for name, n in (("warmup", 300), ("1k", 1000), ("2k", 2000), ("5k", 5000),
                     ("10k", 10000)):
         out[name] = common.prefix_copy(big, common.CACHE / f"synth-test-{name}" / "test.bson",
@@ -52,24 +61,53 @@ def _test_files() -> dict[str, pathlib.Path]:
     return out
 
 
-def _stage_predict(saved_model: str, bson: str, warmup: str) -> dict:
-    import tempfile
+def _padded_decode(images, image_size):
+    """`input_pipeline.decode_products` as it was: every slot decoded, padding included."""
+    import tensorflow as tf
+    from tfcdisc.learn import input_pipeline
+    flat = tf.map_fn(lambda j: input_pipeline.decode_eval(j, image_size),
+                     tf.reshape(images, [-1]), parallel_iterations=16,
+                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
+    pixels = tf.reshape(flat, tf.concat([tf.shape(images), [image_size, image_size, 3]], 0))
+    pixels.set_shape(images.shape.concatenate([image_size, image_size, 3]))
+    return pixels
+
+
+def _variant(name: str) -> None:
+    """Puts the product pipeline back as it was before the issue's changes, up to ``name``."""
+    from tfcdisc.learn import input_pipeline
+    if name == "before":
+        input_pipeline.decode_products = _padded_decode
+    if name in ("before", "no_padding_decode"):
+        plain = input_pipeline.product_options
+
+        def autotuned():
+            opts = plain()
+            opts.autotune.enabled = True
+            return opts
+        input_pipeline.product_options = autotuned
+
+
+def _stage_predict(saved_model: str, bson: str, warmup: str, variant: str) -> dict:
+    """`inference.predict` in this process, whole: from the call to its return (the
+    iterator's teardown included), after a warm-up call."""
     from tfcdisc.catalogue import index
-    from tfcdisc.serve import inference, export_format
+    from tfcdisc.serve import export_format, inference
+    _variant(variant)
     index.load_or_build(bson)  # as a second run would find it
     export = export_format.load(saved_model)
-    # The model's first calls (graph optimisation) are left out, as for the forward pass.
     inference.predict(export, tempfile.mktemp(suffix=".csv"), bson=warmup, progress=False)
     common.reset_peak()
-    stats = inference.predict(export, tempfile.mktemp(suffix=".csv"), bson=bson,
-                              batch_size=256, progress=False)
-    return {"products": stats.products, "seconds": stats.seconds,
-            "products_per_s": stats.products / stats.seconds}
+    with common.Timer() as t:
+        stats = inference.predict(export, tempfile.mktemp(suffix=".csv"), bson=bson,
+                                  batch_size=256, progress=False)
+    return {"products": stats.products, "seconds": t.seconds, "loop_seconds": stats.seconds,
+            "products_per_s": stats.products / t.seconds}
 
 
 def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
     """The same product step as predict, on batches decoded beforehand and held in memory."""
-    from tfcdisc.serve import inference, export_format
+    from tfcdisc.serve import export_format, inference
     from tfcdisc.learn import input_pipeline, product_eval
     export = export_format.load(saved_model)
     products = inference.bson_products(bson, inference.PredictStats()).take(n)
@@ -82,54 +120,130 @@ def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
     return {"products": n, "seconds": t.seconds, "products_per_s": n / t.seconds}
 
 
+def _stage_stages(saved_model: str, bson: str, n: int) -> dict:
+    """Each part of predict alone on the same products, one core's worth each: the index,
+    the image screen, the pipeline's decode into static batches, the CSV rows."""
+    import numpy as np
+    from tfcdisc.catalogue import index, screen
+    from tfcdisc.learn import input_pipeline
+    from tfcdisc.serve import export_format, inference
+    export = export_format.load(saved_model)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, common.Timer() as t:
+        idx = index.load_or_build(bson, index_path=f"{tmp}/fresh.idx.npz")
+    out["index"] = t.seconds * n / len(idx)
+    products = list(idx.iter_products())[:n]
+    with common.Timer() as t:
+        for batch in screen.screen_products(products, 256):
+            pass
+    out["screen"] = t.seconds
+    padded = [list(p.images[:4]) + [b""] * (4 - len(p.images[:4])) for p in products]
+    import tensorflow as tf
+    ds = input_pipeline.batch_products(tf.data.Dataset.from_tensor_slices(
+        {"images": np.array(padded, object), "product_id": np.arange(n)}), 256,
+        export.image_size, n)
+    with common.Timer() as t:
+        for _ in ds:
+            pass
+    out["decode"] = t.seconds
+    ids = np.arange(n)
+    with common.Timer() as t, tempfile.NamedTemporaryFile("w") as f:
+        for i in range(0, n, 256):
+            f.write("".join(f"{a},{b}\n" for a, b in zip(ids[i:i + 256].tolist(),
+                                                         ids[i:i + 256].tolist())))
+    out["csv"] = t.seconds
+    del inference
+    return out
+
+
+def _stage_command(command: str, saved_model: str, bson: str, labels: str) -> dict:
+    """The command a user runs, as a user runs it: wall time from start to exit."""
+    args = [sys.executable, "-m", f"tfcdisc.{command}", f"--saved_model={saved_model}",
+            f"--bson={bson}", "--strategy=default"]
+    if command == "predict":
+        args.append(f"--output={tempfile.mktemp(suffix='.csv')}")
+    else:
+        args.append(f"--labels={labels}")
+    start = time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    out = json.loads(done.stdout[done.stdout.index("{"):])
+    products = out.get("products") or out.get("products_predicted")
+    return {"products": products, "seconds": seconds, "products_per_s": products / seconds}
+
+
 def run() -> None:
     files = _test_files()
-    rows = []
-    for name, (_, label) in MODELS.items():
+    rows, variant_rows, stage_rows = [], [], []
+    for name, (_, label, size) in MODELS.items():
         saved = str(_export(name))
+        bson = str(files[size])
         n = 2048 if name == "demo" else 768
-        bson = files["20k"] if name == "demo" else files["2k"]
-        rounds = []
-        for _ in range(2):  # forward and predict back to back, twice: this machine drifts
-            fwd = common.run_stage(__name__, "--stage", "forward", "--model", saved, "--bson",
-                                   str(files["20k"]), "--n", str(n))
-            pred = common.run_stage(__name__, "--stage", "predict", "--model", saved,
-                                    "--bson", str(bson), "--warmup", str(files["warmup"]))
-            common.log(name, fwd, pred)
-            rounds.append((fwd["products_per_s"], pred["products_per_s"]))
-        fwd_best, pred_best = max(f for f, _ in rounds), max(p for _, p in rounds)
-        ratio = pred_best / fwd_best
-        hours = REAL_TEST_PRODUCTS / pred_best / 3600
-        rows.append([label, f"{fwd_best:,.0f}", f"{pred_best:,.0f}", f"{ratio:.2f}x",
-                     ", ".join(f"{p / f:.2f}x" for f, p in rounds), f"{hours:,.1f} h"])
+        fwd = common.run_stage(__name__, "--stage", "forward", "--model", saved, "--bson",
+                               str(files["20k"]), "--n", str(n))
+        commands = {c: common.run_stage(__name__, "--stage", "command", "--model", saved,
+                                        "--bson", bson, "--warmup", c,
+                                        "--labels", str(files["labels"]))
+                    for c in ("predict", "evaluate")}
+        variants = {v: common.run_stage(__name__, "--stage", "predict", "--model", saved,
+                                        "--bson", bson, "--warmup", str(files["warmup"]),
+                                        "--variant", v) for v in VARIANTS}
+        parts = common.run_stage(__name__, "--stage", "stages", "--model", saved, "--bson",
+                                 bson, "--n", str(min(n, 2000)))
+        common.log(name, fwd, commands, variants, parts)
+        f = fwd["products_per_s"]
+        for c, r in commands.items():
+            rows.append([label, f"`tfcdisc.{c}`", f"{r['products']:,}", f"{r['seconds']:.1f}",
+                         f"{r['products_per_s']:,.0f}", f"{f:,.0f}",
+                         f"{r['products_per_s'] / f:.2f}x",
+                         f"{REAL_TEST_PRODUCTS / r['products_per_s'] / 3600:.1f} h"])
+        for v, r in variants.items():
+            variant_rows.append([label, VARIANTS[v], f"{r['seconds']:.1f}",
+                                 f"{r['seconds'] - r['loop_seconds']:.2f}",
+                                 f"{r['products_per_s']:,.0f}", f"{r['products_per_s'] / f:.2f}x"])
+        m = min(n, 2000)
+        model_s = m / f
+        total = sum(parts.values()) + model_s
+        stage_rows.append([label, f"{m:,}"] + [
+            f"{s:.2f} s ({100 * s / total:.0f}%)" for s in
+            (parts["index"], parts["screen"], parts["decode"], model_s, parts["csv"])])
     sizes = ("1k", "5k", "10k", "20k")
     mem = {k: common.run_stage(__name__, "--stage", "predict", "--model",
                                str(_export("demo")), "--bson", str(files[k]), "--warmup",
-                               str(files["warmup"])) for k in sizes}
-    md = f"""## Batch prediction (issues 5 and 9)
+                               str(files["warmup"]), "--variant", "now") for k in sizes}
+    md = f"""## Batch prediction (issues 5, 9 and 20)
 
-`python -m benchmarks.run predict` on {common.machine()}, CPU only (`--strategy=default`);
-forward and predict each in its own process, back to back, two rounds.
-Synthetic test.bson of 20,000 products (1.75 images each; EfficientNetV2-B0 on its first
-2,000). Forward pass: the export's image model in the product step that predict runs
-(`product_eval.ProductPredictor`, padded slots skipped off-TPU) on batches already decoded in
-memory, 256 products each. Predict: the whole `tfcdisc.predict` (BSON reading, JPEG checks,
-parallel decoding into static batches, the step under the strategy, CSV writing). Both after
-the model's first calls (graph optimisation).
+`python -m benchmarks.run predict` on {common.machine()}, CPU only (`--strategy=default`),
+every contender in its own process, one after the other in this run. Synthetic test.bson
+of 20,000 products (1.75 images each); EfficientNetV2-B0 on its first 2,000. Forward pass:
+the export's image model in predict's own product step (`product_eval.ProductPredictor`,
+padded slots skipped off-TPU) on batches decoded beforehand and held in memory, 256
+products each, after its first call.
 
-{common.table(["model", "forward pass only (products/s)", "tfcdisc.predict (products/s)",
-               "predict / forward, best against best (target >= 0.9x)",
-               "round by round", "real test set (1,768,182) at this rate"], rows)}
+Headline, the whole command as a user runs it (start-up, model loading, the offset index
+already beside the file, reading, screening, decoding, the model, the CSV or the report,
+exit) against the forward pass:
 
-Peak memory of `tfcdisc.predict` (demo model) above its post-import size, by products
-predicted: {", ".join(f"{k}: {mem[k]['peak_growth_mb']:.0f} MB" for k in sizes)}. One batch of
-predictions is held at a time and rows are written as they come; what rises early is
-tf.data's autotuned buffers (a few decoded batches) ramping up, and the increments shrink
-as the run goes on, where a leak would grow in step with the products.
+{common.table(["model", "command", "products", "wall s", "products/s", "forward pass only (products/s)",
+               "command / forward (target >= 0.9x)", "real test set (1,768,182) at this rate"], rows)}
 
-Target predict / forward >= 0.9x: {"; ".join(f"{r[0].split(',')[0]} {'met' if float(r[3][:-1]) >= 0.9 else 'missed'} ({r[3]})" for r in rows)}.
-On these 2 cores decoding shares the CPU with the model, which is why predict stays below
-the bare forward pass; on a GPU host the model leaves the cores to the decoder.
+What each change bought (derived: `inference.predict` in one process, timed from the call
+to its return, after a warm-up call; "after the last batch" is the time between the loop's
+end and the return, the iterator's teardown):
+
+{common.table(["model", "predict as", "seconds", "after the last batch (s)", "products/s",
+               "vs forward pass"], variant_rows)}
+
+Where the time goes (derived: each part alone on the same products, one after the other;
+the model's share is the forward pass's time for them):
+
+{common.table(["model", "products", "index", "screen (1/8 decode)", "decode into batches",
+               "model", "CSV"], stage_rows)}
+
+Peak memory of predict (demo model) above its post-import size, by products predicted:
+{", ".join(f"{k}: {mem[k]['peak_growth_mb']:.0f} MB" for k in sizes)}.
 """
     common.write_section("predict", md)
     print(md)
@@ -137,9 +251,13 @@ the bare forward pass; on a GPU host the model leaves the cores to the decoder.
 
 def main() -> None:
     common.stage_main(run, {
-        "predict": lambda a: common.report(_stage_predict(a.model, a.bson, a.warmup)),
-        "forward": lambda a: common.report(_stage_forward(a.model, a.bson, a.n))},
-        strings=["model", "bson", "warmup"], ints=["n"])
+        "predict": lambda a: common.report(_stage_predict(a.model, a.bson, a.warmup,
+                                                          a.variant)),
+        "forward": lambda a: common.report(_stage_forward(a.model, a.bson, a.n)),
+        "stages": lambda a: common.report(_stage_stages(a.model, a.bson, a.n)),
+        "command": lambda a: common.report(_stage_command(a.warmup, a.model, a.bson,
+                                                          a.labels))},
+        strings=["model", "bson", "warmup", "variant", "labels"], ints=["n"])
 
 
 if __name__ == "__main__":

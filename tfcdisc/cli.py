@@ -111,8 +111,8 @@ def command(name: str, cls: type, main: Callable[[Any], None], doc: str | None, 
     say after it, formatted with the settings."""
     def main_argv(argv: Sequence[str]) -> None:
         del argv
-        settings = settings_from_flags(cls)
         try:
+            settings = settings_from_flags(cls)  # a dataclass may check itself
             main(settings)
         except (ValueError, FileNotFoundError) as e:
             fail(name, str(e))

@@ -12,20 +12,22 @@ its ``product_accuracy`` is exactly the submission's score against the labels.
 from __future__ import annotations
 
 
-from tfcdisc import cli
+from tfcdisc import cli, predict
 from tfcdisc.learn import settings
 
 
 def main(f: settings.EvaluateSettings) -> None:
+    # Before TensorFlow starts: a wrong path is refused at once.
+    predict._check_paths(f, {"--output": f.output, "--plot": f.plot})
+    from tfcdisc.catalogue import labels
+    label_map = labels.read(f.labels) if f.labels else None
     from tfcdisc.catalogue import atomic
-    from tfcdisc.serve import inference, scoring
-    for flag, path in (("--output", f.output), ("--plot", f.plot)):
-        if path:
-            inference.check_output(path, flag)
+    from tfcdisc.serve import scoring
     report = scoring.evaluate(f.saved_model, bson=f.bson, labels=f.labels,
                               data_dir=f.data_dir, split=f.split, batch_size=f.batch_size,
                               strategy=f.strategy, tpu=f.tpu, errors=f.errors,
-                              strict=f.strict, dataset_config=f.dataset_config)
+                              strict=f.strict, dataset_config=f.dataset_config,
+                              label_map=label_map)
     text = scoring.to_json(report)
     if f.output:  # whole or not at all: a full disk leaves the old report
         atomic.write(f.output, text + "\n")

@@ -18,6 +18,8 @@ from tfcdisc.learn import settings
 
 
 def main(f: settings.InspectSettings) -> None:
+    from tfcdisc.catalogue import paths
+    paths.check_input_file(f.bson)  # before TensorFlow starts
     from tfcdisc.catalogue import report
     names = f.category_names
     if names is None:

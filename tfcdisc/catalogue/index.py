@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import stat
 import zipfile
 import zlib
 from typing import Callable, Iterator
@@ -24,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc.catalogue import atomic, bsonfile, problems
+from tfcdisc.catalogue import atomic, bsonfile, paths, problems
 
 FORMAT_VERSION = 2  # 2: labelled by all documents, bad-document bytes
 ARRAYS = ("offsets", "lengths", "product_ids", "category_ids", "num_images")  # per document
@@ -307,19 +306,6 @@ def load(index_path: str, path: str | None = None) -> OffsetIndex:
                        bad_document_bytes=meta.get("bad_document_bytes", 0))
 
 
-def check_file(path: str) -> None:
-    """Refuses what cannot be indexed: a missing path, a folder, a pipe or a device
-    (indexing needs a file it can read twice and seek in)."""
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path}: no such file; check the path (local or gs://)")
-    if tf.io.gfile.isdir(path):
-        raise ValueError(f"{path} is a folder; give the BSON file in it (e.g. "
-                         f"{path.rstrip('/')}/train.bson)")
-    if "://" not in path and not stat.S_ISREG(os.stat(path).st_mode):
-        raise ValueError(f"{path} is not a regular file (a pipe or a device, as `<(...)` "
-                         "gives): copy it to a file first")
-
-
 def default_index_path(path: str) -> str:
     return path + ".idx.npz"
 
@@ -359,7 +345,7 @@ def _places(path: str, index_path: str | None) -> tuple[list[str], list[str]]:
 def load_stored(path: str, *, index_path: str | None = None, errors: str = "strict"
                 ) -> OffsetIndex | None:
     """The stored index of an unchanged file (see `load_or_build`), or None."""
-    check_file(path)
+    paths.check_input_file(path)
     fp = fingerprint(path)
     for candidate in _places(path, index_path)[0]:
         if not tf.io.gfile.exists(candidate):

@@ -71,9 +71,9 @@ def summarize(index: index_lib.OffsetIndex, taxonomy=None) -> dict:
 def inspect_file(path: str, *, errors: str = "strict", category_names: str | None = None,
                  progress: bool = False) -> dict:
     """Indexes (or reuses the index of) a BSON file and summarizes it."""
-    from tfcdisc.catalogue import bsonfile
+    from tfcdisc.catalogue import bsonfile, paths
     from tfcdisc.catalogue import index as index_lib
-    index_lib.check_file(path)
+    paths.check_input_file(path)
     bar = None
     if progress:
         from tqdm import tqdm

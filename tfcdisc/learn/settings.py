@@ -227,6 +227,15 @@ class EnsembleSettings:
         None, "A built dataset: give the ensemble a duplicate-image table, weighed on its "
         "validation split (as `tfcdisc.export --duplicates_from`).")
 
+    def __post_init__(self):
+        check_ensemble_members(self.saved_model or [])
+
+
+def check_ensemble_members(members) -> None:
+    """What every ensemble needs, checked by the command before TensorFlow starts."""
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two --saved_model")
+
 
 @dataclasses.dataclass
 class FusionSettings:

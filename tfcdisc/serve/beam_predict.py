@@ -28,7 +28,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc.catalogue import atomic, beam_index, bsonfile, problems
+from tfcdisc.catalogue import atomic, beam_index, bsonfile, paths, problems
 from tfcdisc.serve import inference, export_format
 from tfcdisc.learn import product_eval
 from tfcdisc.catalogue import index as index_lib
@@ -49,7 +49,7 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
     """Writes ``output`` as `tfcdisc.serve.inference.predict` does, running on Beam."""
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-    inference.check_output(output)
+    paths.check_output(output)
     stats = inference.PredictStats()
     meta = export_format.read_metadata(saved_model)  # also checks it is an export
     export_format.verify(saved_model, meta)  # refused here, before any Beam work, if damaged

@@ -47,12 +47,9 @@ import tensorflow as tf
 from tfcdisc.catalogue import atomic, folder_lock
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 from tfcdisc.learn import duplicates, input_pipeline, models, product_eval
-from tfcdisc.serve import graph_check
+from tfcdisc.serve import export_layout, graph_check
 
-KERAS_MODEL = "assets/image_model.keras"
-METADATA = "assets/tfcdisc.json"
-DUPLICATES = "assets/duplicates.npz"
-FUSION = "assets/fusion.keras"
+from tfcdisc.serve.export_layout import DUPLICATES, FUSION, KERAS_MODEL, METADATA  # noqa: F401
 
 
 class ProductClassifier(tf.Module):
@@ -284,12 +281,8 @@ def verify(export_dir: str, meta: dict | None = None) -> None:
 def read_metadata(export_dir: str) -> dict:
     """The export's tfcdisc.json (image size, top k, fallback, taxonomy), without loading
     the model: what can be checked before the model is loaded is checked first."""
-    path = f"{export_dir.rstrip('/')}/{METADATA}"
-    if not tf.io.gfile.exists(f"{export_dir.rstrip('/')}/{KERAS_MODEL}") or \
-            not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{export_dir}: not a tfcdisc export (no {KERAS_MODEL}); give "
-                                "the --export_dir of `python -m tfcdisc.export`")
-    with tf.io.gfile.GFile(path) as f:
+    export_layout.check(export_dir)
+    with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{METADATA}") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:

@@ -143,8 +143,7 @@ def ensemble(members: Sequence[str], export_dir: str,
     differ in backbone and image size and carry their own test-time augmentation. A
     member's duplicate table is not used (it was weighed for that member alone):
     ``duplicates_from`` gives the ensemble its own, weighed for the ensemble."""
-    if len(members) < 2:
-        raise ValueError("an ensemble needs at least two --saved_model")
+    settings.check_ensemble_members(members)
     weights = [1.0] * len(members) if not weights else [float(w) for w in weights]
     if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights) \
             or not math.isfinite(sum(weights)):

@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import sys
-import tempfile
 import time
 from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc.catalogue import atomic, problems, screen
+from tfcdisc.catalogue import atomic, paths, problems, screen
 from tfcdisc.learn import distribute, input_pipeline, product_eval, settings
 from tfcdisc.serve import export_format
 
@@ -238,25 +237,6 @@ def max_image_pixels(saved_model: str | export_format.Export) -> int | None:
     return export_format.read_metadata(saved_model).get("max_image_pixels")
 
 
-def check_output(path: str, flag: str = "--output") -> None:
-    """Refuses, before any work, an output that is a folder, in a folder that does not
-    exist, or in one this process cannot write in."""
-    if tf.io.gfile.isdir(path):
-        raise ValueError(f"{flag}={path} is a folder; give a file name inside it")
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent and not path.startswith("gs://") and not tf.io.gfile.isdir(parent):
-        raise ValueError(f"{flag}={path}: the folder {parent} does not exist; create it or "
-                         "fix the path")
-    if "://" not in path:  # a read-only folder or a full disk: said now, not after the work
-        try:
-            with tempfile.NamedTemporaryFile(dir=parent or ".", prefix=".tfcdisc-probe-") as f:
-                f.write(b"x")
-                f.flush()
-        except OSError as e:
-            raise ValueError(f"{flag}={path}: cannot write in {parent or '.'} "
-                             f"({e.strerror}); choose a writable folder") from None
-
-
 def predict(saved_model: str | export_format.Export, output: str, *, bson: str | None = None,
             data_dir: str | None = None, split: str = _DEFAULT.split,
             batch_size: int = _DEFAULT.batch_size, top_k_output: str | None = None,
@@ -272,9 +252,9 @@ def predict(saved_model: str | export_format.Export, output: str, *, bson: str |
     skipped and counted; since their products can have no row, that is refused before
     any prediction unless ``allow_missing``.
     """
-    check_output(output)
+    paths.check_output(output)
     if top_k_output:
-        check_output(top_k_output, "--top_k_output")
+        paths.check_output(top_k_output, "--top_k_output")
     stats = PredictStats()
     products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats,
                                     errors=errors, max_pixels=max_image_pixels(saved_model),

@@ -14,51 +14,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from tfcdisc.catalogue import labels as labels_lib
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 from tfcdisc.learn import settings
 from tfcdisc.serve import inference
 
 _TOP = 20
 MIN_SUPPORT = 5  # products a category needs to be ranked among the worst
-
-
-def read_labels(path: str) -> dict[int, int]:
-    """``_id,category_id`` CSV (test_labels.csv) -> {product id: category id}.
-
-    Every flaw is named with its file and line: a missing or empty file, missing columns,
-    no rows, a blank or non-integer value, a duplicate _id.
-    """
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"--labels={path}: no such file")
-    if tf.io.gfile.isdir(path):
-        raise ValueError(f"--labels={path} is a folder; give the _id,category_id CSV file")
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            frame = pd.read_csv(f, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty file; expected the header _id,category_id and one "
-                         "row per product") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a CSV file ({e})") from None
-    missing = {"_id", "category_id"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected _id,category_id")
-    if not len(frame):
-        raise ValueError(f"{path}: a header and no rows; expected one row per product")
-    values = {}
-    for column in ("_id", "category_id"):
-        text = frame[column].str.strip()
-        bad = ~text.str.fullmatch(r"[+-]?\d+")
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{path}: line {i + 2}: {column} {frame[column].iloc[i]!r} is not "
-                             "an integer")
-        values[column] = text.astype(np.int64)
-    ids = values["_id"]
-    if ids.duplicated().any():
-        i = int(np.flatnonzero(ids.duplicated().to_numpy())[0])
-        raise ValueError(f"{path}: line {i + 2}: duplicate _id {int(ids.iloc[i])}")
-    return dict(zip(ids.tolist(), values["category_id"].tolist()))
 
 
 def _with_labels(products, labels: dict[int, int]):
@@ -77,14 +39,17 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
              batch_size: int = _DEFAULT.batch_size, progress: bool = True,
              strategy=_DEFAULT.strategy, tpu: str | None = None,
              errors: str = _DEFAULT.errors, dataset_config: str | None = None,
-             strict: bool = _DEFAULT.strict) -> dict:
+             strict: bool = _DEFAULT.strict, label_map: dict[int, int] | None = None
+             ) -> dict:
     """Predicts every product and compares with its category; returns the report dict.
 
-    ``saved_model`` is an export folder or a `serving.Export`; ``strategy`` as in
-    `inference.predict`.
+    ``saved_model`` is an export folder or a `export_format.Export`; ``strategy`` as in
+    `inference.predict`; ``label_map``: the ``labels`` file already read
+    (`catalogue.labels.read`: the command reads it before TensorFlow starts).
     """
     stats = inference.PredictStats()
-    label_map = read_labels(labels) if labels else None
+    if label_map is None and labels:
+        label_map = labels_lib.read(labels)
     index = None
     if bson:  # what can be checked before predicting is checked before predicting
         from tfcdisc.catalogue import index as index_lib
