@@ -354,8 +354,9 @@ def test_tfds_build_names_an_empty_category_file(catalogue, tmp_path):
 
 
 def test_without_tensorflow_a_command_names_the_extra_to_install():
+    # A file that exists: its path passes the checks made before TensorFlow is needed.
     done = _run(["-c", "import sys; sys.modules['tensorflow'] = None\n"
-                 "sys.argv = ['tfcdisc-inspect', '--bson=/no/such.bson']\n"
+                 f"sys.argv = ['tfcdisc-inspect', '--bson={REPO / 'pyproject.toml'}']\n"
                  "from tfcdisc import inspect; inspect.run()"])
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "pip install 'tfcdisc[cpu]'" in done.stderr.strip().splitlines()[-1]

@@ -49,6 +49,26 @@ def read_json(path: str) -> dict | None:
         return None
 
 
+def load_json(path: str, missing: str | None, damaged: str,
+              name: str | None = None) -> dict | None:
+    """A JSON file a reader cannot do without (a run's config, an export's metadata).
+
+    Returns None where it is absent and ``missing`` is None; otherwise raises
+    FileNotFoundError(``missing``) for an absent file and ValueError naming the file (or
+    ``name``), the parse error and ``damaged`` (what to do) for a damaged one.
+    """
+    if not tf.io.gfile.exists(path):
+        if missing is None:
+            return None
+        raise FileNotFoundError(missing)
+    with tf.io.gfile.GFile(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name or path} is damaged ({e}); {damaged}") from None
+
+
 def sha256(path: str) -> str:
     """The SHA-256 of a file (local or gs://), read 16 MB at a time."""
     digest = hashlib.sha256()

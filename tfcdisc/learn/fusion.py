@@ -230,9 +230,7 @@ def _run_validation_accuracy(model_dir: str) -> float | None:
 
 
 def load_config(fusion_dir: str) -> dict:
-    path = f"{fusion_dir.rstrip('/')}/config.json"
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{fusion_dir}: no fusion head here (no config.json); give "
-                                "the --fusion_dir of `python -m tfcdisc.train_fusion`")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return atomic.load_json(f"{fusion_dir.rstrip('/')}/config.json",
+                            f"{fusion_dir}: no fusion head here (no config.json); give the "
+                            "--fusion_dir of `python -m tfcdisc.train_fusion`",
+                            "train the fusion head again")

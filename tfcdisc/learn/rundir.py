@@ -75,11 +75,9 @@ def config_path(model_dir: str) -> str:
 def load_config(model_dir: str) -> dict:
     """The config.json a run wrote: its TrainConfig plus the dataset's class counts."""
     path = config_path(model_dir)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path}: not a training run (no config.json); give the "
-                                "--model_dir of `python -m tfcdisc.train`")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return atomic.load_json(path, f"{path}: not a training run (no config.json); give the "
+                            "--model_dir of `python -m tfcdisc.train`",
+                            "train the run again, or restore the file")
 
 
 def train_settings(model_dir: str) -> TrainConfig:
@@ -89,11 +87,8 @@ def train_settings(model_dir: str) -> TrainConfig:
 
 def read_backup(model_dir: str) -> dict | None:
     """The backup state of a run (see `Backup`), or None for a fresh run."""
-    path = model_dir.rstrip("/") + "/backup/state.json"
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return atomic.load_json(model_dir.rstrip("/") + "/backup/state.json", None,
+                            "delete the backup folder to start the run afresh")
 
 
 def keep_history_before(path: str, epoch: int) -> None:

@@ -282,12 +282,8 @@ def read_metadata(export_dir: str) -> dict:
     """The export's tfcdisc.json (image size, top k, fallback, taxonomy), without loading
     the model: what can be checked before the model is loaded is checked first."""
     export_layout.check(export_dir)
-    with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{METADATA}") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{export_dir}: {METADATA} is damaged ({e}); export it "
-                             "again") from None
+    return atomic.load_json(f"{export_dir.rstrip('/')}/{METADATA}", None, "export it again",
+                            name=f"{export_dir}: {METADATA}")
 
 
 def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Export:

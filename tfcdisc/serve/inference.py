@@ -216,7 +216,7 @@ def run_predictions(export: export_format.Export, products: Callable[[], tf.data
 
 def open_export(saved_model: str | export_format.Export, strategy: str | tf.distribute.Strategy,
                 tpu: str | None = None) -> tuple[export_format.Export, tf.distribute.Strategy]:
-    """The export opened under the strategy (a name from `config.INFERENCE_STRATEGIES`,
+    """The export opened under the strategy (a name from `settings.INFERENCE_STRATEGIES`,
     or a strategy); an already opened export is reused as it is."""
     if isinstance(strategy, str):
         from tfcdisc.learn.settings import INFERENCE_STRATEGIES
