@@ -88,13 +88,17 @@ def test_no_import_circle():
 
 def test_every_test_file_is_collected(request):
     """pytest skips folders named ``build`` unless told: tests/build was silently left out.
-    Checked when the whole suite runs (`make test`)."""
-    import pytest
-    option = request.config.option
-    if option.file_or_dir or option.keyword or option.markexpr:
-        pytest.skip("only a run of the whole suite collects every file")
-    tests = pathlib.Path(__file__).resolve().parent
-    collected = {pathlib.Path(str(item.fspath)) for item in request.session.items}
-    missing = [str(p.relative_to(tests)) for p in tests.rglob("test_*.py")
-               if p not in collected]
-    assert not missing, missing
+    Every test file must lie under the configured test paths, in no folder that
+    ``norecursedirs`` excludes (pytest matches each folder's name against its patterns)."""
+    import fnmatch
+    config = request.config
+    root = config.rootpath
+    testpaths = [root / p for p in config.getini("testpaths")]
+    excluded = config.getini("norecursedirs")
+    files = [p for top in testpaths for p in top.rglob("*.py")
+             if any(fnmatch.fnmatch(p.name, pattern) for pattern in config.getini("python_files"))]
+    assert any(p.parent.name == "build" for p in files)  # the case this guards
+    left_out = [str(p.relative_to(root)) for p in files
+                if any(fnmatch.fnmatch(folder, pattern) for folder in
+                       p.parent.relative_to(root).parts for pattern in excluded)]
+    assert not left_out, f"norecursedirs {excluded} leaves out {left_out}"
