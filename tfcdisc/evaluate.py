@@ -18,7 +18,7 @@ from tfcdisc.learn import settings
 
 def main(f: settings.EvaluateSettings) -> None:
     # Before TensorFlow starts: a wrong path is refused at once.
-    predict._check_paths(f, {"--output": f.output, "--plot": f.plot})
+    predict.check_paths(f, {"--output": f.output, "--plot": f.plot})
     from tfcdisc.catalogue import labels
     label_map = labels.read(f.labels) if f.labels else None
     from tfcdisc.catalogue import atomic

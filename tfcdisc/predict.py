@@ -29,7 +29,7 @@ from tfcdisc.learn import settings
 
 
 def main(f: settings.PredictSettings) -> None:
-    _check_paths(f)  # before TensorFlow starts: a wrong path is refused at once
+    check_paths(f)  # before TensorFlow starts: a wrong path is refused at once
     from tfcdisc.serve import inference
     if f.beam_pipeline_options:
         stats = _predict_on_beam(f)
@@ -46,7 +46,7 @@ def main(f: settings.PredictSettings) -> None:
               "(--allow_missing); see \"lost\" above", file=sys.stderr)
 
 
-def _check_paths(f: settings.InferenceSettings, outputs: dict | None = None) -> None:
+def check_paths(f: settings.InferenceSettings, outputs: dict | None = None) -> None:
     """What predict and evaluate can refuse before TensorFlow is imported."""
     from tfcdisc.catalogue import paths
     from tfcdisc.serve import export_layout
