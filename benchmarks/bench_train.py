@@ -120,7 +120,8 @@ def _stage_step(data_dir: str, backbone: str, image_size: int, batch: int, feed:
                                optimizer="adamw", learning_rate=1e-3, bn_momentum=0.9)
     model = training.build_and_compile(cfg, info, 1000, 100)
     options = ip.PipelineOptions(image_size=image_size, decode_size=180, shuffle_buffer=8192)
-    ds = ip.train_dataset(builder, batch, options).map(lambda x, y: (x, {"label": y["label"]}))
+    ds = ip.train_dataset(builder, batch, options).map(
+        lambda x, y, w: (x, {"label": y["label"]}, w))
     if feed == "memory":
         ds = tf.data.Dataset.from_tensors(next(iter(ds))).repeat()
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0)  # trace and warm up

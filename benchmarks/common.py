@@ -82,6 +82,11 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
+def rss_mb() -> float | None:
+    """This process's resident memory now (MB)."""
+    return _status_mb("VmRSS")
+
+
 _BASELINE_MB = [0.0]
 
 

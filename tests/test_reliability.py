@@ -31,19 +31,16 @@ def _digest(path) -> str:
 # --------------------------------------------------------------------------- images
 
 
-def test_what_passes_the_screen_decodes_in_full():
-    """Random damage to real JPEGs (byte flips, garbage spliced into the scan, cuts,
-    markers): whatever the screen passes, the pipelines' full decode accepts."""
+def _damaged_jpegs(count=300, seed=0) -> list[bytes]:
+    """Random damage to real JPEGs: byte flips, garbage spliced into the scan, cuts,
+    markers; the first has intact headers and a garbage scan."""
     import random
-    import tensorflow as tf
     from conftest import garbled_jpeg
-    from tfcdisc.learn import input_pipeline
-    from tfcdisc.catalogue import screen
-    rng = random.Random(0)
+    rng = random.Random(seed)
     sources = [jpeg_bytes(seed=1), jpeg_bytes("L", seed=2), jpeg_bytes("CMYK", seed=3),
                jpeg_bytes(progressive=True, seed=4)]
     damaged = [garbled_jpeg(5)]
-    for _ in range(300):
+    for _ in range(count):
         data = bytearray(rng.choice(sources))
         kind = rng.randrange(4)
         at = rng.randrange(2, len(data) - 2)
@@ -57,14 +54,94 @@ def test_what_passes_the_screen_decodes_in_full():
         else:
             data[at:at + 2] = bytes([0xFF, rng.randrange(256)])
         damaged.append(bytes(data))
-    verdicts = screen.screen(damaged)
-    passed = [d for d, v in zip(damaged, verdicts) if v is None]
-    assert verdicts[0] is not None and verdicts[0].kind == "undecodable"
-    assert 0 < len(passed) < len(damaged)  # the sample has both kinds
-    for data in passed:
+    return damaged
+
+
+def _decodes(data: bytes) -> bool:
+    import tensorflow as tf
+    try:
         tf.io.decode_jpeg(data, channels=3)
-        input_pipeline.decode_train(tf.constant(data), 180)
-    assert screen.screen(sources) == [None] * len(sources)
+        return True
+    except (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError):
+        return False
+
+
+def test_no_image_that_passes_the_header_check_stops_a_pipeline():
+    """What the build keeps by default (headers checked) goes through training's and the
+    product pipelines' fail-safe decode without an error, and exactly the images
+    TensorFlow's full decode rejects come out masked; the build's ``decode_images``
+    screen passes only images that decode."""
+    import numpy as np
+    import tensorflow as tf
+    from conftest import slots
+    from tfcdisc.learn import input_pipeline as ip
+    from tfcdisc.catalogue import screen
+    damaged = _damaged_jpegs()
+    passed = [d for d, v in zip(damaged, screen.screen(damaged, decode=False)) if v is None]
+    truth = [_decodes(d) for d in passed]
+    assert not truth[0] and 0 < sum(truth) < len(passed)  # the sample has both kinds
+    # Training's decode: groups of 32 (the static graph) and a short last group.
+    groups = tf.data.Dataset.from_tensor_slices(passed).batch(32).map(lambda j: {"images": j})
+    out = list(ip.decode_failsafe(groups, lambda j: ip.decode_train(j, 180),
+                                  tf.TensorSpec([180, 180, 3], tf.uint8)))
+    assert np.concatenate([g["decoded"].numpy() for g in out]).tolist() == truth
+    # Evaluation and prediction: products of 1-3 images, padded, in static batches.
+    products = [slots(passed[i:i + 1 + i % 3]) for i in range(0, len(passed), 3)]
+    expected = [[bool(j) and _decodes(j) for j in p] for p in products]
+    for batch_size in (16, 2):  # 64 slots a batch (a map), 8 (a static graph)
+        got = list(ip.batch_products(tf.data.Dataset.from_tensor_slices(
+            {"images": products, "product_id": np.arange(len(products))}), batch_size, 24,
+            len(products)))
+        mask = np.concatenate([b["mask"].numpy() for b in got])[:len(products)]
+        failed = np.concatenate([b["undecodable"].numpy() for b in got])[:len(products)]
+        assert (mask > 0).tolist() == expected
+        assert (failed > 0).tolist() == [[bool(j) and not e for j, e in zip(p, ex)]
+                                         for p, ex in zip(products, expected)]
+        pixels = np.concatenate([b["images"].numpy() for b in got])[:len(products)]
+        assert not pixels[~(mask > 0)].any()  # padding and failures are zeros
+    # The build's optional screen passes only what decodes.
+    verdicts = screen.screen(damaged)
+    assert verdicts[0] is not None and verdicts[0].kind == "undecodable"
+    assert all(_decodes(d) for d, v in zip(damaged, verdicts) if v is None)
+
+
+def test_garbled_images_in_a_built_dataset_are_masked_and_counted(tmp_path, monkeypatch):
+    """The default build keeps images whose scan data is garbage (headers checked only):
+    training counts them per epoch (``undecodable_images``, weight 0), validation
+    too, and predict from the built split counts and lists them; nothing stops."""
+    import math
+    from conftest import garbled_jpeg, read_split, train_config, write, write_taxonomy
+    monkeypatch.setenv("TFCDISC_BUILD_WORKERS", "1")
+    pics = lambda *b: [{"picture": x} for x in b]  # noqa: E731
+    cats = (1000000100, 1000000200)
+    bad = [garbled_jpeg(seed=i) for i in range(6)]
+    train = [doc(i, cid=cats[i % 2], imgs=pics(jpeg_bytes(seed=i), *bad[i:i + 1] if i < 3
+                                                else ())) for i in range(30)]
+    train.append(doc(30, cid=cats[0], imgs=pics(bad[3])))  # only a garbled image
+    test = [doc(100 + i, cid=None, imgs=pics(*(bad[4 + i:5 + i] if i < 2 else ()),
+                                              jpeg_bytes(seed=50 + i))) for i in range(6)]
+    write(tmp_path, *train, name="train.bson")
+    write(tmp_path, *test, name="test.bson")
+    write_taxonomy(tmp_path, cats)
+    builder = build_dataset(tmp_path, tmp_path / "data", validation_size=4)
+    garbled_in = {split: sum(j in bad for ex in read_split(builder, split).values()
+                             for j in ex["images"]) for split in ("train", "validation")}
+    assert sum(garbled_in.values()) == 4  # all kept by the headers-only build
+    images = builder.info.metadata["build_stats"]["splits"]["train"]["images"]
+    cfg = train_config(builder, tmp_path / "run", global_batch_size=8,
+                       steps_per_epoch=math.ceil(images / 8), shuffle_buffer=1024)
+    result = training.train(cfg)  # each image drawn once before any twice
+    assert result.history["undecodable_images"][0] >= garbled_in["train"] > 0
+    assert math.isfinite(result.history["loss"][0])
+    assert result.validation["undecodable_images"] == garbled_in["validation"]
+    row, = csv.DictReader(open(tmp_path / "run" / "history.csv"))
+    assert float(row["undecodable_images"]) >= garbled_in["train"]
+    exporting.export(str(tmp_path / "run"), str(tmp_path / "export"))
+    stats = inference.predict(str(tmp_path / "export"), str(tmp_path / "sub.csv"),
+                              data_dir=str(tmp_path / "data"), split="test", progress=False)
+    assert stats.products == 6 and stats.corrupt_images == 2
+    assert sorted(s[0] for s in stats.skipped_images) == [100, 101]
+    assert len(open(tmp_path / "sub.csv").read().splitlines()) == 7
 
 
 # --------------------------------------------------------------------------- resume

@@ -105,34 +105,46 @@ def test_legal_bson_variations_build(tmp_path, monkeypatch):
     assert read_split(builder, "test")[7]["images"] == [good]
 
 
-def test_bad_images_are_dropped_and_counted(tmp_path, monkeypatch):
+@pytest.mark.parametrize("decode_images", [False, True])
+def test_bad_images_are_dropped_and_counted(tmp_path, monkeypatch, decode_images):
+    """Headers only (the default): an image with intact headers and garbage scan data is
+    kept, for the pipelines' fail-safe decode to mask; ``decode_images`` drops it here."""
     monkeypatch.setenv("TFCDISC_BUILD_WORKERS", "1")
     good, gray, cmyk, prog = (jpeg_bytes(), jpeg_bytes("L"), jpeg_bytes("CMYK"),
                               jpeg_bytes(progressive=True))
     garbage = b"<html>not a jpeg</html>"
     truncated = good[: len(good) // 2]
     pics = lambda *b: [{"picture": x} for x in b]  # noqa: E731
+    garbled = garbled_jpeg(1), garbled_jpeg(2)
     train = [doc(1, imgs=pics(good, garbage)), doc(2, imgs=pics(garbage)),
              doc(3, imgs=pics(gray)), doc(4, imgs=pics(cmyk, prog)),
              doc(5, cid=1000000200, imgs=pics(good)), doc(6, cid=1000000200, imgs=pics(good)),
              doc(8, cid=1000000200, imgs=pics(truncated, jpeg_bytes(size=(100, 120)))),
-             doc(9, cid=1000000200, imgs=pics(garbled_jpeg(1), good))]
+             doc(9, cid=1000000200, imgs=pics(garbled[0], good))]
     test = [doc(10, cid=None, imgs=pics(garbage)), doc(11, cid=None, imgs=pics(good, gray)),
-            doc(12, cid=None, imgs=pics(garbled_jpeg(2)))]
+            doc(12, cid=None, imgs=pics(garbled[1]))]
     folder = _small_catalogue(tmp_path / "kaggle", train, test)
-    builder = build_dataset(folder, tmp_path / "data")
+    config = {"decode_images": True} if decode_images else {}
+    builder = build_dataset(folder, tmp_path / "data", **config)
     got = read_split(builder, "train") | read_split(builder, "validation")
     assert sorted(got) == [1, 3, 4, 5, 6, 9]  # 2 and 8 had no good image left
     assert got[1]["images"] == [good] and got[4]["images"] == [cmyk, prog]
-    assert got[9]["images"] == [good]  # headers intact, scan garbage: dropped, counted
     test_split = read_split(builder, "test")
     assert test_split[10]["num_images"] == 0 and test_split[11]["images"] == [good, gray]
-    assert test_split[12]["num_images"] == 0
     stats = builder.info.metadata["build_stats"]
-    assert stats["dropped_images"] == {"not_jpeg": 3, "truncated": 1, "wrong_size": 1,
-                                       "undecodable": 2}
-    assert stats["dropped_products"] == 2 and stats["products_without_images"] == 2
+    dropped = {"not_jpeg": 3, "truncated": 1, "wrong_size": 1}
+    if decode_images:  # headers intact, scan garbage: dropped, counted
+        assert got[9]["images"] == [good] and test_split[12]["num_images"] == 0
+        assert stats["dropped_images"] == {**dropped, "undecodable": 2}
+    else:  # kept as they are, for the pipelines to mask and count
+        assert got[9]["images"] == [garbled[0], good]
+        assert test_split[12]["images"] == [garbled[1]]
+        assert stats["dropped_images"] == dropped
+    assert stats["dropped_products"] == 2
+    assert stats["products_without_images"] == 1 + decode_images
     assert any("_id 2" in e and "not a JPEG" in e for e in stats["examples"])
+    if not decode_images:
+        return
     # Grayscale, CMYK and progressive images decode to three channels.
     decoded = builder.as_dataset(split="train").concatenate(
         builder.as_dataset(split="validation"))

@@ -20,15 +20,17 @@ def _ops(dataset) -> set:
 def test_train_batches_are_static_uint8_and_tensorflow_only(dataset):
     options = ip.PipelineOptions(image_size=48, decode_size=64, shuffle_buffer=64, seed=1)
     ds = ip.train_dataset(dataset, 16, options)
-    images, labels = ds.element_spec
+    images, labels, weights = ds.element_spec
     # uint8 at the decode size: the model crops and resizes on the device.
     assert images.shape == (16, 64, 64, 3) and images.dtype == tf.uint8
     assert all(spec.shape == (16,) and spec.dtype == tf.int32 for spec in labels.values())
+    assert weights.shape == (16,) and weights.dtype == tf.float32
     ops = _ops(ds)
     assert "DecodeJpeg" in ops
     assert not ops & {"PyFunc", "EagerPyFunc", "PyFuncStateless", "DecodeAndCropJpeg"}
-    x, y = next(iter(ds))
+    x, y, w = next(iter(ds))
     assert x.shape == (16, 64, 64, 3) and x.dtype == tf.uint8 and y["label"].dtype == tf.int32
+    assert w.numpy().tolist() == [1.0] * 16
 
 
 def test_a_resumed_pipeline_does_not_replay_epoch_0(dataset):

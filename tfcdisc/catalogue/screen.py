@@ -1,18 +1,18 @@
-"""The one image screen: what passes it decodes, in the build, in training and in predict.
+"""The image screen: what may enter the build and the pipelines, and why not.
 
 Two steps. The JPEG header (`tfcdisc.catalogue.jpeg.check`, microseconds) rejects bytes that are
 not a JPEG and frames of the wrong size, or larger than allowed, before any pixel is
-allocated. Then TensorFlow's own decoder, the one training, evaluation and prediction
-use, decodes the image at 1/8 scale: every byte of the entropy-coded scan is still read
-(that is where a garbled JPEG with intact headers fails), at about half the cost of a
-full decode. So an image that passes cannot stop a run later. The cost, about 80 us an
-image on one core here, is measured in `benchmarks/bench_tfds.py`.
+allocated: the build and predict's reader run it on every image. Then, only where asked
+(the build's ``decode_images``, and a product with more images than the model's slots),
+TensorFlow's own decoder decodes the image at 1/8 scale: every byte of the entropy-coded
+scan is still read (that is where a garbled JPEG with intact headers fails), at about half
+the cost of a full decode and more than the rest of the build. By default the pipelines'
+own decode catches such an image instead, at no extra cost
+(`tfcdisc.learn.input_pipeline.decode_failsafe`).
 
 Images are decoded `_GROUP` to a graph call, in a graph of that many independent decode
 ops (a `map_fn` loop costs half as much again); only a call that fails is redone one
-image at a time, to name the bad ones. The build (`tfcdisc.build.shards`) screens every
-image it keeps; predict and evaluate screen what they read from a BSON file
-(`tfcdisc.serve.inference`).
+image at a time, to name the bad ones.
 """
 
 from __future__ import annotations

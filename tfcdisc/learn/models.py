@@ -222,6 +222,29 @@ class SparseCrossentropy(keras.losses.Loss):
                 "label_smoothing": self.label_smoothing}
 
 
+@keras.saving.register_keras_serializable("tfcdisc")
+class UndecodableImages(keras.metrics.Metric):
+    """Training images TensorFlow could not decode in the epoch: the pipeline gives them
+    weight 0 (`input_pipeline.train_dataset`), so this counts the zero weights. The build
+    checks headers only, so this is where a garbled image is reported."""
+
+    def __init__(self, name: str = "undecodable_images", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count",
+                                       aggregation="sum")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            missed = ops.sum(ops.cast(ops.equal(sample_weight, 0), "float32"))
+            self.count.assign_add(missed)
+
+    def result(self):
+        return ops.convert_to_tensor(self.count)
+
+    def reset_state(self):
+        self.count.assign(0.0)
+
+
 def _small_cnn(input_shape, widths=(32, 64, 128, 256)) -> keras.Model:
     """A fast CNN for CPU demos and tests: conv-BN-ReLU blocks, then global pooling."""
     inputs = keras.Input(input_shape)

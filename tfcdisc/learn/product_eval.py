@@ -197,4 +197,5 @@ def accuracy_report(pred: dict[str, np.ndarray]) -> dict[str, float]:
         "top5_accuracy": float(np.mean((top[:, :5] == label[:, None]).any(axis=1)))
         if len(label) else 0.0,
         "products": int(len(label)),
+        "undecodable_images": int(pred["undecodable"].sum()) if "undecodable" in pred else 0,
     }

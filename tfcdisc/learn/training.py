@@ -64,7 +64,8 @@ class ProductEvaluation(keras.callbacks.Callback):
         report = product_eval.accuracy_report(self._predict(self.dataset, self.max_batches))
         self.last = report
         if logs is not None:
-            for key in ("product_accuracy", "image_accuracy", "top5_accuracy"):
+            for key in ("product_accuracy", "image_accuracy", "top5_accuracy",
+                        "undecodable_images"):
                 logs["val_" + key] = report[key]
         logging.info("epoch %d validation: %s", epoch, report)
 
@@ -215,9 +216,13 @@ def build_and_compile(cfg: TrainConfig, info: dict, total_steps: int, steps_per_
         optimizer=_optimizer(cfg, batch or cfg.global_batch_size, total_steps,
                              steps_per_epoch),
         loss=losses, loss_weights=weights,
-        metrics={"label": [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-                           keras.metrics.SparseTopKCategoricalAccuracy(
-                               k=min(5, info["num_classes"]), name="top5")]},
+        # Weighted: an image the pipeline could not decode (weight 0) is left out of the
+        # accuracies and counted by UndecodableImages.
+        weighted_metrics={"label": [
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, info["num_classes"]),
+                                                        name="top5"),
+            models.UndecodableImages()]},
         steps_per_execution=cfg.steps_per_execution, jit_compile=jit_compile)
     return model
 
@@ -369,7 +374,7 @@ def _train_data(cfg: TrainConfig, run: _Setup, label_keys: tuple):
         def fn(ctx):
             ds = input_pipeline.train_dataset(run.builder, run.batch, options,
                                               input_context=ctx, start_step=start_step)
-            return ds.map(lambda x, y: (x, {k: y[k] for k in label_keys}))
+            return ds.map(lambda x, y, w: (x, {k: y[k] for k in label_keys}, w))
         if isinstance(run.strategy, distribute.JaxDataParallel):  # Keras splits each batch
             return fn(run.strategy.input_context())  # over the devices; a process reads its share
         return run.strategy.distribute_datasets_from_function(fn)

@@ -6,7 +6,7 @@
 For a model or an ensemble too large for one machine's hours. The file's offset index
 is built as Beam work (`tfcdisc.catalogue.beam_index`) or reused; the products are cut into
 contiguous ranges of about ``range_bytes``; each Beam worker reads its range, screens
-the images as the local reader does (`tfcdisc.serve.inference.screened`), and Beam's
+the image headers as the local reader does (`tfcdisc.serve.inference.screened`), and Beam's
 RunInference scores batches of products exactly as a local predict does: the same
 loader, model and scoring (`ExportHandler`), one source of truth per export (the
 SavedModel's graph is for serving systems; workers install tfcdisc).
@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tfcdisc.catalogue import atomic, beam_index, bsonfile, paths, problems
 from tfcdisc.serve import inference, export_format
-from tfcdisc.learn import product_eval
+from tfcdisc.learn import input_pipeline, product_eval
 from tfcdisc.catalogue import index as index_lib
 
 RANGE_BYTES = 64 << 20  # one Beam element: about 8,000 real products
@@ -80,7 +80,7 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
                  | "Read" >> beam.FlatMap(_read_range, bson, index.labeled, max_pixels, work)
                  | "Predict" >> RunInference(handler)
                  | "ByRange" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[0][2],
-                                                                int(kv[1].inference))))
+                                                                *kv[1].inference)))
                  | "Group" >> beam.GroupByKey()
                  | "Write" >> beam.Map(_write_part, work))
         stats.seconds = time.perf_counter() - start
@@ -117,8 +117,13 @@ class ExportHandler(ModelHandler):
         rows = inference.run_predictions(
             export, lambda: tf.data.Dataset.from_tensor_slices(products), n, strategy,
             inference.PredictStats(), self._batch_size, progress=False, predictor=predictor)
-        ids = np.concatenate([r["category_id"] for r in rows])
-        return [PredictionResult(x, c) for x, c in zip(batch, ids.tolist())]
+        rows = list(rows)
+        ids = np.concatenate([r["category_id"] for r in rows]).tolist()
+        failed = np.concatenate([r["undecodable"] for r in rows])
+        decoded = np.concatenate([r["num_images"] for r in rows]).tolist()
+        # Each row keeps which of its slots failed to decode: `_write_part` counts them.
+        return [PredictionResult(x, (c, tuple(np.flatnonzero(f).tolist()), d))
+                for x, c, f, d in zip(batch, ids, failed, decoded)]
 
     def batch_elements_kwargs(self) -> dict:
         return {"max_batch_size": self._batch_size}
@@ -155,10 +160,20 @@ _COUNTED = ("images", "corrupt_images", "extra_images", "products_without_images
 
 
 def _write_part(group: tuple, work: str) -> None:
+    """A range's rows in file order, and what its decode failed on (counted as a local
+    predict counts it: `inference.count_undecodable`)."""
     k, rows = group
     rows = sorted(rows)
+    stats = inference.PredictStats()
+    undecodable = np.zeros((len(rows), input_pipeline.MAX_IMAGES))
+    for i, (_, _, _, failed, _) in enumerate(rows):
+        undecodable[i, list(failed)] = 1
+    inference.count_undecodable(np.array([r[1] for r in rows]), undecodable,
+                                np.array([r[4] for r in rows]), stats)
+    atomic.write(f"{work}/decode-{k:05d}.json", json.dumps(
+        {name: getattr(stats, name) for name in _COUNTED + ("skipped_images",)}))
     atomic.write(f"{work}/part-{k:05d}.csv",
-                 "".join(f"{pid},{cid}\n" for _, pid, cid in rows))
+                 "".join(f"{pid},{cid}\n" for _, pid, cid, *_ in rows))
 
 
 def _join(ranges: list, work: str, output: str, stats: inference.PredictStats) -> None:
@@ -172,10 +187,11 @@ def _join(ranges: list, work: str, output: str, stats: inference.PredictStats) -
                 raise RuntimeError(f"range {k} ({len(offsets)} products) came back with "
                                    f"{text.count(chr(10))} rows")
             f.write(text)
-            with tf.io.gfile.GFile(f"{work}/stats-{k:05d}.json") as s:
-                part_stats = json.load(s)
-            for name in _COUNTED:
-                setattr(stats, name, getattr(stats, name) + part_stats[name])
-            problems.extend(stats.skipped_images,
-                            (tuple(x) for x in part_stats["skipped_images"]))
+            for kind in ("stats", "decode"):  # the reader's screen, then the decode
+                with tf.io.gfile.GFile(f"{work}/{kind}-{k:05d}.json") as s:
+                    part_stats = json.load(s)
+                for name in _COUNTED:
+                    setattr(stats, name, getattr(stats, name) + part_stats[name])
+                problems.extend(stats.skipped_images,
+                                (tuple(x) for x in part_stats["skipped_images"]))
             stats.products += len(offsets)

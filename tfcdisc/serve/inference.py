@@ -1,7 +1,7 @@
 """Batch inference over products, under any strategy: every product gets exactly one row.
 
 Products stream from a BSON file (through its offset index) or a built TFDS split
-through tf.data: images are screened in the reader (`tfcdisc.catalogue.screen`), Python hands
+through tf.data: image headers are checked in the reader (`tfcdisc.catalogue.screen`), Python hands
 TensorFlow a whole batch of products at a time,
 decoding runs in parallel map calls into static uint8 batches (the last one filled with
 masked dummies), and the export's image model runs on them under the chosen strategy
@@ -70,14 +70,18 @@ class PredictStats:
 def screened(products: Iterator, stats: PredictStats, max_pixels: int | None = None,
              chunk: int = 256) -> Iterator[list[tuple[object, list[bytes]]]]:
     """Products ``chunk`` at a time, each with its images padded to the export's slots
-    (``b""``): an image that fails the screen (`tfcdisc.catalogue.screen`) is blanked, counted and
-    listed with its product's _id. Shared by the local and the Beam reader."""
+    (``b""``): an image whose header fails the screen (`tfcdisc.catalogue.screen`) is
+    blanked, counted and listed with its product's _id. Shared by the local and the Beam
+    reader. Headers only: an image with garbage scan data fails at the pipeline's own decode
+    (`input_pipeline.decode_failsafe`), masked there and counted by `run_predictions`."""
     n = input_pipeline.MAX_IMAGES
-    # Every image is screened, so that a product's first n usable ones fill its slots (not
-    # its first n, which may all be bad); usable ones past n are counted.
-    for batch in screen.screen_products(products, chunk, max_pixels=max_pixels):
+    for batch in screen.screen_products(products, chunk, max_pixels=max_pixels, decode=False):
         out = []
         for p, verdicts in batch:
+            if sum(v is None for v in verdicts) > n:
+                # More images than slots (never in the real catalogue, 1-4 a product): the
+                # first n that decode fill the slots, not the first n, which may all be bad.
+                verdicts = screen.screen(p.images, max_pixels=max_pixels)
             good = []
             for k, (data, problem) in enumerate(zip(p.images, verdicts)):
                 if problem is None:
@@ -205,13 +209,32 @@ def run_predictions(export: export_format.Export, products: Callable[[], tf.data
                                               -1),
                 "label_category_id": out["category_id"],
                 "num_images": out["mask"].sum(axis=1).astype(np.int32),
+                "undecodable": out["undecodable"],
                 "duplicate_hits": out.get("duplicate_hits",
                                           np.zeros(len(out["product_id"]), np.int32)),
             }
+            count_undecodable(out["product_id"], out["undecodable"],
+                              result["num_images"], stats)
             stats.products += len(result["product_id"])
             bar.update(len(result["product_id"]))
             yield result
     stats.seconds = time.perf_counter() - start
+
+
+def count_undecodable(product_ids: np.ndarray, undecodable: np.ndarray, decoded: np.ndarray,
+                      stats: PredictStats) -> None:
+    """Images TensorFlow could not decode (``undecodable`` [n, slots] > 0: masked by the
+    pipeline) counted and listed with their product's _id; a product left with none
+    (``decoded`` [n] images) still has its row, and is counted. Local and Beam alike."""
+    rows, slots = np.nonzero(undecodable)
+    for row, slot in zip(rows.tolist(), slots.tolist()):
+        problems.note(stats.skipped_images, (int(product_ids[row]), slot,
+                                             "JPEG that cannot be decoded (TensorFlow's "
+                                             f"decoder failed on the image in slot {slot})"))
+    stats.corrupt_images += len(rows)
+    stats.images -= len(rows)
+    stats.products_without_images += int(np.sum((decoded == 0)
+                                                & (undecodable.sum(axis=1) > 0)))
 
 
 def open_export(saved_model: str | export_format.Export, strategy: str | tf.distribute.Strategy,
