@@ -25,10 +25,10 @@ MODELS = {  # name: (flags over the demo flagfile, what it stands for, products 
     "effv2b0": (["--backbone=efficientnetv2_b0", "--image_size=180"],
                 "EfficientNetV2-B0, 180 px (untrained weights: speed only)", "2k"),
 }
-VARIANTS = {  # what predict did before this issue's changes, and each change added
-    "before": "autotuned pipeline, padded slots decoded (before)",
-    "no_padding_decode": "+ padded slots not decoded",
-    "now": "+ no autotuning (the iterator is freed at once): today's code",
+VARIANTS = {  # predict before this issue's last change, and with it
+    "screened": "the reader decodes every image at 1/8 first (the screen), then the pipeline "
+                "decodes it (before)",
+    "now": "headers checked in the reader, the pipeline's decode fail-safe (today's code)",
 }
 
 
@@ -61,31 +61,13 @@ def _test_files() -> dict[str, pathlib.Path]:
     return out
 
 
-def _padded_decode(images, image_size):
-    """`input_pipeline.decode_products` as it was: every slot decoded, padding included."""
-    import tensorflow as tf
-    from tfcdisc.learn import input_pipeline
-    flat = tf.map_fn(lambda j: input_pipeline.decode_eval(j, image_size),
-                     tf.reshape(images, [-1]), parallel_iterations=16,
-                     fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
-    pixels = tf.reshape(flat, tf.concat([tf.shape(images), [image_size, image_size, 3]], 0))
-    pixels.set_shape(images.shape.concatenate([image_size, image_size, 3]))
-    return pixels
-
-
 def _variant(name: str) -> None:
-    """Puts the product pipeline back as it was before the issue's changes, up to ``name``."""
-    from tfcdisc.learn import input_pipeline
-    if name == "before":
-        input_pipeline.decode_products = _padded_decode
-    if name in ("before", "no_padding_decode"):
-        plain = input_pipeline.product_options
-
-        def autotuned():
-            opts = plain()
-            opts.autotune.enabled = True
-            return opts
-        input_pipeline.product_options = autotuned
+    """Puts predict's reader back as it was before the fail-safe decode, for ``name``."""
+    if name == "screened":  # this stage's own process: patched for it alone
+        from tfcdisc.catalogue import screen
+        plain = screen.screen_products
+        screen.screen_products = lambda products, chunk, **options: plain(
+            products, chunk, **{**options, "decode": True})
 
 
 def _stage_predict(saved_model: str, bson: str, warmup: str, variant: str) -> dict:
@@ -122,7 +104,8 @@ def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
 
 def _stage_stages(saved_model: str, bson: str, n: int) -> dict:
     """Each part of predict alone on the same products, one core's worth each: the index,
-    the image screen, the pipeline's decode into static batches, the CSV rows."""
+    the reader's header check, the pipeline's fail-safe decode into static batches, the
+    CSV rows."""
     import numpy as np
     from tfcdisc.catalogue import index, screen
     from tfcdisc.learn import input_pipeline
@@ -134,7 +117,7 @@ def _stage_stages(saved_model: str, bson: str, n: int) -> dict:
     out["index"] = t.seconds * n / len(idx)
     products = list(idx.iter_products())[:n]
     with common.Timer() as t:
-        for batch in screen.screen_products(products, 256):
+        for batch in screen.screen_products(products, 256, decode=False):
             pass
     out["screen"] = t.seconds
     padded = [list(p.images[:4]) + [b""] * (4 - len(p.images[:4])) for p in products]
@@ -220,15 +203,17 @@ padded slots skipped off-TPU) on batches decoded beforehand and held in memory, 
 products each, after its first call.
 
 Headline, the whole command as a user runs it (start-up, model loading, the offset index
-already beside the file, reading, screening, decoding, the model, the CSV or the report,
+already beside the file, reading, header checks, decoding, the model, the CSV or the report,
 exit) against the forward pass:
 
 {common.table(["model", "command", "products", "wall s", "products/s", "forward pass only (products/s)",
                "command / forward (target >= 0.9x)", "real test set (1,768,182) at this rate"], rows)}
 
-What each change bought (derived: `inference.predict` in one process, timed from the call
-to its return, the iterator's teardown included, after a warm-up call). A run of 40.95 s
-or 81.91 s is tf.data's autotune wait (10 ms x (2^k - 1)); it comes in some runs only:
+What the last change bought (derived: `inference.predict` in one process, timed from the
+call to its return, the iterator's teardown included, after a warm-up call). Earlier in
+this issue, measured 2026-12-01 before it: runs of exactly 40.95 s or 81.91 s were tf.data's
+autotune wait at the iterator's teardown (3 of 4 autotuned runs); product pipelines now
+run without autotuning, and a test fails if freeing one takes a second:
 
 {common.table(["model", "predict as", "seconds", "products/s", "vs forward pass"],
                variant_rows)}
@@ -236,7 +221,7 @@ or 81.91 s is tf.data's autotune wait (10 ms x (2^k - 1)); it comes in some runs
 Where the time goes (derived: each part alone on the same products, one after the other;
 the model's share is the forward pass's time for them):
 
-{common.table(["model", "products", "index (first run's pass)", "screen (1/8 decode)",
+{common.table(["model", "products", "index (first run's pass)", "header check",
                "decode into batches", "model", "CSV"], stage_rows)}
 
 Peak memory of predict (demo model) above its post-import size, by products predicted:

@@ -183,17 +183,6 @@ def generate(folder: pathlib.Path) -> dict:
             "test_bytes": (folder / "test.bson").stat().st_size}
 
 
-def prefix(src: pathlib.Path, dst: pathlib.Path, products: int) -> pathlib.Path:
-    """The first ``products`` documents of a BSON file (a valid BSON file itself)."""
-    if dst.exists():
-        return dst
-    with open(src, "rb") as f, open(dst, "wb") as out:
-        for _ in range(products):
-            head = f.read(4)
-            out.write(head + f.read(int.from_bytes(head, "little") - 4))
-    return dst
-
-
 # --------------------------------------------------------------------------- watching
 
 
@@ -327,7 +316,7 @@ def _stage(name: str, data: pathlib.Path) -> dict:
     if name == "predict":
         r = {}
         for n in PREDICT_SHARES:
-            part = prefix(data / "test.bson", out / f"test-{n}.bson", n)
+            part = common.prefix_products(data / "test.bson", out / f"test-{n}.bson", n)
             for stale in out.glob(f"test-{n}.bson.idx.npz"):
                 stale.unlink()
             csv = out / f"submission-{n}.csv"

@@ -53,6 +53,17 @@ def prefix_copy(src: pathlib.Path, dst: pathlib.Path, max_bytes: int) -> pathlib
     return dst
 
 
+def prefix_products(src: pathlib.Path, dst: pathlib.Path, products: int) -> pathlib.Path:
+    """The first ``products`` documents of a BSON file (itself a valid BSON file); kept."""
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as f, open(dst, "wb") as out:
+            for _ in range(products):
+                head = f.read(4)
+                out.write(head + f.read(int.from_bytes(head, "little") - 4))
+    return dst
+
+
 def warm(path: pathlib.Path) -> None:
     """Reads a file once so that every contender sees it in the page cache."""
     with open(path, "rb") as f:
