@@ -3,7 +3,9 @@
 Only TensorFlow ops run per image (no py_function: TPUs cannot run it). Decoding JPEG
 bytes into pixels happens in `decode_train` / `decode_eval` only, which training,
 evaluation, export and prediction all use, so a colour-space fix is made once:
-grayscale and CMYK JPEGs come out as RGB.
+grayscale and CMYK JPEGs come out as RGB. The pipelines decode through `decode_failsafe`:
+an image TensorFlow cannot decode (the build checks headers only) is masked and counted,
+never an error that stops the run.
 
 * Training: one example per image, with its product's labels. Files are shuffled and
   interleaved, products parsed in vectorised batches, images shuffled in a buffer,
