@@ -159,7 +159,7 @@ def _stage_command(command: str, saved_model: str, bson: str, labels: str) -> di
 
 def run() -> None:
     files = _test_files()
-    rows, variant_rows, stage_rows = [], [], []
+    rows, variant_rows, stage_rows, summary = [], [], [], []
     for name, (_, label, size) in MODELS.items():
         saved = str(_export(name))
         bson = str(files[size])
@@ -185,6 +185,11 @@ def run() -> None:
         for v, r in variants.items():
             variant_rows.append([label, VARIANTS[v], f"{r['seconds']:.1f}",
                                  f"{r['products_per_s']:,.0f}", f"{r['products_per_s'] / f:.2f}x"])
+        whole = min(r["products_per_s"] for r in commands.values()) / f
+        loop = variants["now"]["products_per_s"] / f
+        startup = commands["predict"]["seconds"] - variants["now"]["seconds"]
+        summary.append((label.split(",")[0], whole, loop, startup,
+                        parts["decode"] / (parts["decode"] + min(n, 2000) / f)))
         m = min(n, 2000)
         times = [parts["index"], parts["screen"], parts["decode"], m / f, parts["csv"]]
         stage_rows.append([label, f"{m:,}"] + [
@@ -226,6 +231,17 @@ the model's share is the forward pass's time for them):
 
 Peak memory of predict (demo model) above its post-import size, by products predicted:
 {", ".join(f"{k}: {mem[k]['peak_growth_mb']:.0f} MB" for k in sizes)}.
+
+Target >= 0.9x: {"met" if all(w >= 0.9 for _, w, *_ in summary) else "**missed**"} by the whole
+commands ({", ".join(f"{name} {w:.2f}x" for name, w, *_ in summary)}). What bounds them, measured:
+the command's start-up (interpreter, TensorFlow and Keras imports, the export's checksums and
+graph check, model loading, the first compiled call: {", ".join(f"{name} {s:.1f} s" for name, _, _, s, _ in summary)},
+the command's wall time less the same predict in-process), which a longer file amortises;
+and in the loop ({", ".join(f"{name} {lp:.2f}x" for name, _, lp, *_ in summary)}, derived), the host's
+decode sharing the 2 cores with the model ({", ".join(f"{name} {d:.0%}" for name, *_, d in summary)} of
+their time, alone). The reader's screen is gone (its own 1/8 decode): it checks headers only,
+and the pipeline's decode masks what fails. On an accelerator the model leaves the host's
+cores to the decode.
 """
     common.write_section("predict", md)
     print(md)
