@@ -83,12 +83,12 @@ def test_no_image_that_passes_the_header_check_stops_a_pipeline():
     # Training's decode: groups of 32 (the static graph) and a short last group.
     groups = tf.data.Dataset.from_tensor_slices(passed).batch(32).map(lambda j: {"images": j})
     out = list(ip.decode_failsafe(groups, lambda j: ip.decode_train(j, 180),
-                                  tf.TensorSpec([180, 180, 3], tf.uint8)))
+                                  tf.TensorSpec([180, 180, 3], tf.uint8), padded=False))
     assert np.concatenate([g["decoded"].numpy() for g in out]).tolist() == truth
     # Evaluation and prediction: products of 1-3 images, padded, in static batches.
     products = [slots(passed[i:i + 1 + i % 3]) for i in range(0, len(passed), 3)]
     expected = [[bool(j) and _decodes(j) for j in p] for p in products]
-    for batch_size in (16, 2):  # 64 slots a batch (a map), 8 (a static graph)
+    for batch_size in (16, 2):  # 64 slots a batch, and 8
         got = list(ip.batch_products(tf.data.Dataset.from_tensor_slices(
             {"images": products, "product_id": np.arange(len(products))}), batch_size, 24,
             len(products)))
