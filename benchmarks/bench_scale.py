@@ -1,9 +1,10 @@
 """The real catalogue's counts, measured: every stage a user runs, at 7,069,896 train and
 1,768,182 test products.
 
-    python -m benchmarks.run scale        # about 1.5 hours on 2 cores; resumable
+    python -m benchmarks.run scale        # about 15 minutes on 2 cores; resumable
 
-Not in `make bench`'s default list (it takes over an hour and ~25 GB of disk). The
+Not in `make bench`'s default list (it writes about 12 GB: a 5.4 GB catalogue, a 6.3 GB
+build and the rest; `make bench-scale` runs it). The
 catalogue has the real counts: products, the real images-per-product mix (4,369,441
 products with 1 image, 1,128,588 with 2, 542,792 with 3, 1,029,075 with 4: 12,371,293
 images), the real 5,270 categories (`../shared/data/category_names.csv`, read where it

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 SUITES = ["bson", "tfds", "train", "backends", "predict", "gains"]
-LONG = ["scale"]  # over an hour: run by name only
+LONG = ["scale"]  # 12 GB of disk, the real counts: run by name only
 
 
 def main() -> None:
