@@ -157,7 +157,70 @@ def _stage_command(command: str, saved_model: str, bson: str, labels: str) -> di
     return {"products": products, "seconds": seconds, "products_per_s": products / seconds}
 
 
+def _stage_host(bson: str, which: str, n: int) -> dict:
+    """Predict's host side with the model replaced by a no-op (``pipeline``: the offset
+    index's products, header checks, padding, the fail-safe decode into static batches of
+    256 at 180 px), against a bare decode of the same products' JPEG bytes held in memory
+    (``bare``: one parallel map of decode and resize per image, batched)."""
+    import numpy as np
+    import tensorflow as tf
+    from tfcdisc.catalogue import index
+    from tfcdisc.learn import input_pipeline
+    from tfcdisc.serve import inference
+    idx = index.load_or_build(bson)
+    if which == "pipeline":
+        def batches():
+            products = inference.bson_products(idx, inference.PredictStats()).take(n)
+            return input_pipeline.batch_products(products, 256, 180, n)
+    else:
+        jpegs = [j for p in list(idx.iter_products())[:n] for j in p.images[:4]]
+
+        def batches():
+            return tf.data.Dataset.from_tensor_slices(np.array(jpegs, object)).map(
+                lambda j: input_pipeline.decode_eval(j, 180),
+                num_parallel_calls=tf.data.AUTOTUNE).batch(256 * 7 // 4).prefetch(2)
+    for _ in batches().take(2):  # warm-up: trace, fill the page cache
+        pass
+    with common.Timer() as t:
+        for _ in batches():
+            pass
+    return {"products": n, "seconds": t.seconds, "products_per_s": n / t.seconds}
+
+
+def run_host() -> None:
+    """The host side alone (issue 25), side by side, best of two interleaved rounds."""
+    bson, n = str(_test_files()["20k"]), 5000
+    r = {}
+    for which in ("bare", "pipeline") * 2:
+        r.setdefault(which, []).append(common.run_stage(
+            __name__, "--stage", "host", "--bson", bson, "--variant", which, "--n", str(n)))
+        common.log("host", which, r[which][-1])
+    best = {w: max(v, key=lambda x: x["products_per_s"]) for w, v in r.items()}
+    ratio = best["pipeline"]["products_per_s"] / best["bare"]["products_per_s"]
+    md = f"""## Predict's host side (issue 25)
+
+`python -m benchmarks.run predict` (its host part, also `bench_predict.run_host()`) on
+{common.machine()}: the first {n:,} products of the synthetic test.bson (1.75 images
+each, 180 px), each contender in its own process, interleaved, best of two. Predict's host
+pipeline with the model replaced by a no-op (reading through the offset index, header
+checks, padding to 4 slots, the fail-safe decode into static batches of 256 products)
+against a bare decode of the same JPEG bytes from memory (decode and resize, batched).
+
+{common.table(["contender", "products/s", "vs bare decode"], [
+    ["bare decode of the products' images, from memory",
+     f"{best['bare']['products_per_s']:,.0f}", "1.00x"],
+    ["**predict's host pipeline, model a no-op**",
+     f"**{best['pipeline']['products_per_s']:,.0f}**", f"**{ratio:.2f}x**"]])}
+
+Rounds: {", ".join(f"{p['products_per_s'] / b['products_per_s']:.2f}x" for b, p in zip(r['bare'], r['pipeline']))}.
+Target (the training pipeline's): >= 0.95x: **{'met' if ratio >= 0.95 else 'missed'}**.
+"""
+    common.write_section("predict-host", md)
+    print(md)
+
+
 def run() -> None:
+    run_host()
     files = _test_files()
     rows, variant_rows, stage_rows, summary = [], [], [], []
     for name, (_, label, size) in MODELS.items():
@@ -252,6 +315,7 @@ def main() -> None:
         "predict": lambda a: common.report(_stage_predict(a.model, a.bson, a.warmup,
                                                           a.variant)),
         "forward": lambda a: common.report(_stage_forward(a.model, a.bson, a.n)),
+        "host": lambda a: common.report(_stage_host(a.bson, a.variant, a.n)),
         "stages": lambda a: common.report(_stage_stages(a.model, a.bson, a.n)),
         "command": lambda a: common.report(_stage_command(a.warmup, a.model, a.bson,
                                                           a.labels))},

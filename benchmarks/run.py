@@ -8,7 +8,7 @@
 import importlib
 import sys
 
-SUITES = ["bson", "tfds", "train", "backends", "predict", "gains"]
+SUITES = ["bson", "tfds", "train", "backends", "predict", "gains", "preflight"]
 LONG = ["scale"]  # 12 GB of disk, the real counts: run by name only
 
 

@@ -8,7 +8,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfcdisc"
 WINGS = ("catalogue", "build", "learn", "serve")
 COMMANDS = {"cli", "synth", "inspect", "train", "train_fusion", "export", "ensemble",
-            "predict", "evaluate", "show", "demo_summary"}
+            "predict", "evaluate", "show", "demo_summary", "preflight"}
 
 
 def _modules() -> dict[str, pathlib.Path]:

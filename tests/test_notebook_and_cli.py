@@ -40,6 +40,9 @@ def test_notebook_runs_in_smoke_mode(backend, tmp_path, monkeypatch):
     assert "validation product accuracy:" in text and "60 rows in" in text
     assert f"replicas: {2 if backend == 'jax' else 1}" in text and "_id,category_id" in text
     assert "min per epoch of 3 steps" in text  # the epoch-time estimate
+    # The preflight cell compiled the run for a v5e-1 with the TPU compiler, whatever
+    # backend the notebook trains on.
+    assert "v5e-1 | train | 128 |" in text and "v5e-1 | validation |" in text
     assert "kaggle competitions submit -c cdiscount-image-classification-challenge" in text
     zipped = tmp_path / "submission.csv.zip"
     import zipfile
@@ -66,7 +69,7 @@ def test_the_disk_space_check_says_what_the_build_needs(tmp_path):
     ("synth", "--num_train_products"), ("inspect", "--errors"), ("train", "--strategy"),
     ("export", "--tta"), ("ensemble", "--weights"), ("predict", "--allow_missing"),
     ("evaluate", "--labels"), ("train-fusion", "--fusion_dir"),
-    ("show", "--saved_model")])
+    ("show", "--saved_model"), ("preflight", "--target")])
 def test_console_commands_explain_their_flags(command, flag):
     exe = pathlib.Path(sys.executable).parent / f"tfcdisc-{command}"
     assert exe.exists(), f"{exe}: install the project (make test does)"

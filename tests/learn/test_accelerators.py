@@ -202,7 +202,9 @@ def test_flagfiles_parse_and_make_sense(path):
     assert "python -m tfcdisc.train --flagfile=experiments/" + path.name in text  # its command
     if path.name.endswith("_tpu.cfg"):
         assert cfg.strategy == "tpu" and cfg.mixed_precision == "mixed_bfloat16"
-        assert cfg.per_replica_batch_size and cfg.backup_every_steps  # fits any TPU; preemptible
+        # Fits any TPU (per-replica batches); preemptible (backups on time, whatever the rate).
+        assert cfg.per_replica_batch_size and cfg.per_replica_eval_batch_size
+        assert cfg.backup_every_minutes and not cfg.backup_every_steps
         assert cfg.steps_per_execution >= 32
 
 

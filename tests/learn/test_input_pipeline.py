@@ -49,6 +49,26 @@ def test_one_training_example_per_image(dataset):
     assert sum(1 for _ in ds) == images
 
 
+@pytest.mark.parametrize("batch,group", [(128, 32), (100, 25), (24, 24), (7, 7), (127, 1)])
+def test_whole_decode_groups_make_a_batch(batch, group):
+    assert ip.decode_group(batch) == group and batch % group == 0
+
+
+def test_batches_of_whole_groups_keep_every_image_with_its_labels(dataset):
+    """A batch is made of whole decoded groups (no image-by-image rebatching): each image
+    keeps its own labels and weight, and one pass yields every image but the remainder."""
+    images = dataset.info.metadata["build_stats"]["splits"]["train"]["images"]
+    options = ip.PipelineOptions(decode_size=32, shuffle_buffer=16, seed=0, deterministic=True)
+    grouped = list(ip.train_dataset(dataset, 48, options, repeat=False))  # groups of 24
+    assert len(grouped) == images // 48
+    single = list(ip.train_dataset(dataset, 1, options, repeat=False))
+    pixels = {x.numpy().tobytes(): int(y["label"][0]) for x, y, _ in single}
+    for x, y, w in grouped:
+        assert x.shape == (48, 32, 32, 3) and w.shape == (48,)
+        for image, label in zip(x.numpy(), y["label"].numpy()):
+            assert pixels[image[None].tobytes()] == label  # the image's own label
+
+
 def test_deterministic_option_repeats_itself(dataset):
     options = ip.PipelineOptions(decode_size=32, shuffle_buffer=64, seed=3, deterministic=True)
     a, b = (next(iter(ip.train_dataset(dataset, 8, options))) for _ in range(2))

@@ -1,7 +1,9 @@
 """Training: strategies, precision, inference-mode parity, resume after a crash."""
 
 import csv
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -170,3 +172,85 @@ def test_the_keras_internals_the_multi_worker_build_relies_on_are_still_there():
         text = path.read_text()
         if path.name != "training.py":
             assert "_symbolic_build" not in text and "keras.src" not in text, path.name
+
+
+def test_time_based_backups_come_when_the_minutes_are_up(tmp_path):
+    """--backup_every_minutes: a backup once the time has passed, counted from the last
+    backup, whatever the step count; state.json records the batch its steps count in."""
+    import json
+
+    import keras
+
+    from tfcdisc.learn import training
+    now = [0.0]
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    backup = training.Backup(str(tmp_path / "backup"), None, None, every_minutes=1.0,
+                             global_batch_size=64, clock=lambda: now[0])
+    backup.set_model(model)
+    backup.set_params({"steps": 100})
+    backup.on_epoch_begin(0)
+    for step, t in enumerate([10, 50, 61, 70, 125]):
+        now[0] = t
+        backup.on_train_batch_end(step)
+        if step == 1:
+            assert not (tmp_path / "backup" / "state.json").exists()
+    state = json.loads((tmp_path / "backup" / "state.json").read_text())
+    assert (state["epoch"], state["step"], state["global_batch_size"]) == (0, 5, 64)
+    assert [p.name for p in (tmp_path / "backup").glob("*.h5")] == ["epoch0-step5.weights.h5"]
+    votes = []
+    agreed = training.Backup(str(tmp_path / "b2"), None, None, every_minutes=1.0,
+                             clock=lambda: now[0], agree=lambda due: votes.append(due) or False)
+    agreed.set_model(model)
+    agreed.set_params({"steps": 100})
+    now[0] = 1000
+    agreed.on_train_batch_end(0)  # this process's minutes are up, process 0's are not
+    assert votes == [True] and not (tmp_path / "b2").exists()
+
+
+@pytest.mark.parametrize("step,before,after,expected", [
+    (800, 128, 1024, 100), (0, 128, 1024, 0), (100, 1024, 128, 799), (5, 64, 64, 5)])
+def test_a_backup_position_is_rescaled_to_the_new_global_batch(step, before, after, expected):
+    from tfcdisc.learn import training
+    epoch, moved, said = training.rescaled_position(
+        {"epoch": 2, "step": step, "global_batch_size": before}, after, 800, None)
+    assert (epoch, moved) == (2, expected)
+    assert (said is None) == (before == after)
+
+
+def test_a_run_moved_to_twice_the_replicas_resumes_where_its_images_were(dataset, tmp_path):
+    """Killed on one replica (4 images a step), resumed on two logical CPUs (8 a step):
+    the position is counted in images, the step counter moves with it, and it says so."""
+    import csv
+    import json
+    cfg = train_config(dataset, tmp_path, epochs=2, steps_per_epoch=6, backup_every_steps=2,
+                       global_batch_size=16, per_replica_batch_size=4)
+    killed = run_training(cfg, kill_at_step=11)  # epoch 1 after 5 steps: backup at step 4
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert json.loads((tmp_path / "backup" / "state.json").read_text())["step"] == 4
+    moved = dataclasses.replace(cfg, strategy="mirrored")
+    resumed = run_training(moved, logical_cpus=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch 1 step 4 of 4 images is resumed as step 2 of 8" in resumed.stderr
+    assert "resuming" in resumed.stderr and "at epoch 1, step 2" in resumed.stderr
+    result = last_json(resumed.stdout)
+    assert result["global_batch_size"] == 8 and result["resumed"] == {"epoch": 1, "step": 4}
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def test_jit_compile_compiles_the_tensorflow_step_and_names_what_it_cannot(dataset,
+                                                                          tmp_path):
+    """--jit_compile: the TensorFlow training step under XLA (Keras's own "auto" leaves it
+    off on a CPU and under every strategy); under MirroredStrategy over logical CPUs,
+    which TensorFlow cannot compile, one line before anything is written."""
+    assert training.jit_compile_for(None) == "auto" and training.jit_compile_for(True) is True
+    cfg = train_config(dataset, tmp_path / "xla", jit_compile=True, steps_per_epoch=2)
+    done = run_training(cfg)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(map(math.isfinite, last_json(done.stdout)["loss"]))
+    mirrored = train_config(dataset, tmp_path / "mirrored", strategy="mirrored",
+                            jit_compile=True, global_batch_size=8)
+    refused = run_training(mirrored, logical_cpus=2)
+    assert refused.returncode != 0
+    assert "--jit_compile under a mirrored strategy needs GPUs" in refused.stderr
+    assert not (tmp_path / "mirrored").exists()

@@ -235,10 +235,9 @@ def is_tpu(strategy) -> bool:
                                  tf.distribute.experimental.TPUStrategy))
 
 
-def set_precision(setting: str, strategy) -> str:
-    """Sets Keras's global dtype policy and returns its name.
-
-    "auto": bfloat16 on TPU, float16 on GPU, float32 on CPU.
+def resolve_precision(setting: str, accelerator: str) -> str:
+    """The policy name ``setting`` means on an accelerator ("tpu", "gpu" or "cpu"):
+    "auto" is bfloat16 on TPU, float16 on GPU, float32 on CPU.
 
     Raises:
       ValueError: an unknown setting, or float16 on a TPU (TPUs compute in bfloat16).
@@ -246,17 +245,24 @@ def set_precision(setting: str, strategy) -> str:
     if setting not in PRECISIONS:
         raise ValueError(f"unknown mixed precision {setting!r}; choose from "
                          f"{', '.join(PRECISIONS)}")
-    tpu = is_tpu(strategy)
     if setting == "auto":
-        if tpu:
-            setting = "mixed_bfloat16"
-        elif (strategy.platform == "gpu" if isinstance(strategy, JaxDataParallel)
-              else tf.config.list_logical_devices("GPU")):
-            setting = "mixed_float16"
-        else:
-            setting = "float32"
-    if setting == "mixed_float16" and tpu:
+        return {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(accelerator, "float32")
+    if setting == "mixed_float16" and accelerator == "tpu":
         raise ValueError("mixed_float16 on a TPU: TPUs compute in bfloat16; use "
                          "--mixed_precision=mixed_bfloat16 (or auto)")
+    return setting
+
+
+def set_precision(setting: str, strategy) -> str:
+    """Sets Keras's global dtype policy for the strategy's devices (`resolve_precision`)
+    and returns its name."""
+    if is_tpu(strategy):
+        accelerator = "tpu"
+    elif (strategy.platform == "gpu" if isinstance(strategy, JaxDataParallel)
+          else tf.config.list_logical_devices("GPU")):
+        accelerator = "gpu"
+    else:
+        accelerator = "cpu"
+    setting = resolve_precision(setting, accelerator)
     keras.mixed_precision.set_global_policy(setting)
     return setting

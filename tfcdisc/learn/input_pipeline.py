@@ -303,19 +303,36 @@ def train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
     ds = ds.shuffle(options.shuffle_buffer, seed=options.seed)
     if repeat:
         ds = ds.repeat()
-    size = options.decode_size
-    ds = ds.batch(_DECODE_GROUP, drop_remainder=repeat).map(
+    size, group = options.decode_size, decode_group(batch_size)
+    # Static groups (drop_remainder even without repeat: what they leave out, fewer than a
+    # group, a whole batch would have left out too, as the group divides the batch).
+    ds = ds.batch(group, drop_remainder=True).map(
         lambda jpeg, labels: {"images": jpeg, "labels": labels})
     ds = decode_failsafe(ds, lambda j: decode_train(j, size),
                          tf.TensorSpec([size, size, 3], tf.uint8), deterministic=None,
                          padded=False)
-    ds = ds.map(lambda x: (x["images"], x["labels"], tf.cast(x["decoded"], tf.float32))
-                ).unbatch()
-    ds = ds.batch(batch_size, drop_remainder=True).with_options(_tf_options(options))
+    # Whole decoded groups make a batch: one copy per group and a free reshape (an
+    # unbatch and rebatch copied image by image on one thread, about 16k images/s).
+    ds = ds.batch(batch_size // group, drop_remainder=True).map(
+        lambda x: (_merge_groups(x["images"]), tf.nest.map_structure(_merge_groups,
+                                                                      x["labels"]),
+                   tf.cast(_merge_groups(x["decoded"]), tf.float32)),
+        num_parallel_calls=tf.data.AUTOTUNE).with_options(_tf_options(options))
     if options.data_service:
         ds = ds.apply(tf.data.experimental.service.distribute(
             processing_mode="parallel_epochs", service=options.data_service))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def decode_group(batch_size: int) -> int:
+    """Training images decoded together: the largest divisor of the batch up to 32, so
+    that whole groups make a batch."""
+    return max(d for d in range(1, min(_DECODE_GROUP, batch_size) + 1) if batch_size % d == 0)
+
+
+def _merge_groups(x: tf.Tensor) -> tf.Tensor:
+    """[groups, group, ...] -> [groups * group, ...] (static: both are)."""
+    return tf.reshape(x, [-1, *x.shape[2:]])
 
 
 def split_products(builder: tfds.core.DatasetBuilder, split: str,

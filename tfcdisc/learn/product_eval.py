@@ -37,16 +37,9 @@ class ProductPredictor:
         self.strategy = strategy or default_strategy()
         self.k = k
         static = static_shapes(self.strategy) or bool(jit_compile)
-
-        def scores(batch):
-            mask = batch["mask"]
-            return models.product_scores(
-                models.image_outputs(image_model, batch["images"], None if static else mask),
-                mask, k, fallback_class=fallback_class, fusion=fusion,
-                duplicate_class=batch.get("duplicate_class"),
-                duplicate_share=batch.get("duplicate_share"),
-                duplicate_weight=duplicate_weight, weight_grid=weight_grid)
-
+        scores = scores_fn(image_model, k, static, fallback_class=fallback_class,
+                           fusion=fusion, duplicate_weight=duplicate_weight,
+                           weight_grid=weight_grid)
         self.step, self._run = compile_step(scores, [image_model, fusion], self.strategy,
                                             jit_compile)
 
@@ -75,6 +68,33 @@ class ProductPredictor:
 
 
 _DEVICE_KEYS = ("images", "mask", "duplicate_class", "duplicate_share")
+
+
+def scores_fn(image_model: keras.Model, k: int, static: bool, *, fallback_class: int = 0,
+              fusion: keras.Model | None = None, duplicate_weight: float = 0.0,
+              weight_grid: Sequence[float] = ()) -> Callable:
+    """``batch -> product scores`` (`models.product_scores`) of a product batch's device
+    fields; ``static``: every slot goes through the model (XLA), else only real images."""
+    def scores(batch):
+        mask = batch["mask"]
+        return models.product_scores(
+            models.image_outputs(image_model, batch["images"], None if static else mask),
+            mask, k, fallback_class=fallback_class, fusion=fusion,
+            duplicate_class=batch.get("duplicate_class"),
+            duplicate_share=batch.get("duplicate_share"),
+            duplicate_weight=duplicate_weight, weight_grid=weight_grid)
+    return scores
+
+
+def stateless(fn: Callable, keras_models: Sequence) -> tuple[Callable, list]:
+    """``fn(batch)`` as ``pure(values, batch)`` over the models' variables, for `jax.jit`
+    (the values passed in, not baked into the program), and those variables."""
+    variables = [v for m in keras_models if m is not None for v in m.variables]
+
+    def pure(values, batch):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn(batch)
+    return pure, variables
 
 
 def static_shapes(strategy) -> bool:
@@ -128,12 +148,7 @@ def _jax_runner(scores, keras_models, strategy, jit_compile):
     labels) stay on the host, gathered across processes like the results."""
     import jax
     from jax.experimental import multihost_utils
-    variables = [v for m in keras_models if m is not None for v in m.variables]
-
-    def pure(values, batch):
-        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-            return scores(batch)
-
+    pure, variables = stateless(scores, keras_models)
     del jit_compile  # JAX always compiles
     compiled = jax.jit(pure)
 

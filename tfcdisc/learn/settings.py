@@ -97,13 +97,26 @@ class TrainConfig:
                                lower_bound=16)
     deterministic: bool = setting(False, "Reproducible input order (slower).")
     data_service: str | None = setting(None, "tf.data service dispatcher address.")
-    eval_batch_size: int = setting(256, "Products per validation batch (global).",
-                                   lower_bound=1)
+    eval_batch_size: int = setting(256, "Products per validation batch (global; ignored when "
+                                   "--per_replica_eval_batch_size is set).", lower_bound=1)
+    per_replica_eval_batch_size: int | None = setting(
+        None, "Products per validation batch on each replica (4 image slots each, all of "
+        "them computed on a TPU); the global batch is this times the replicas, so one "
+        "flagfile fits a v5e-1 and a v5e-8 alike (`tfcdisc.preflight` checks the HBM).",
+        lower_bound=1)
     eval_max_batches: int | None = setting(None, "Validate on at most this many batches.",
                                            lower_bound=1)
     backup_every_steps: int | None = setting(
         None, "Also back up every N steps, not only at the end of an epoch: a preemption "
         "then loses at most N steps.", lower_bound=1)
+    backup_every_minutes: float | None = setting(
+        None, "Also back up when this many minutes have passed since the last backup (checked "
+        "after each step; with --backup_every_steps, whichever comes first): a preemption "
+        "then loses at most this much time, whatever the step rate.", lower_bound=0.1)
+    jit_compile: bool | None = setting(
+        None, "TensorFlow backend: compile the training step with XLA. Default: Keras's "
+        "choice, which turns XLA off under any tf.distribute strategy (GPUs: not measured "
+        "here, see README). The JAX backend always compiles.")
     log_every_steps: int = setting(100, "Write TensorBoard scalars every N steps.",
                                    lower_bound=1)
     seed: int | None = setting(None, "Random seed (weights, shuffling, crops).")
@@ -118,9 +131,12 @@ class TrainConfig:
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["model"])
 # Settings that change where or how visibly a run trains, not what it trains: a model dir
 # may be resumed with other values of these; any other difference is another run.
+# A run moved to another number of chips keeps its per-replica batch: `training` rescales
+# its schedule and position to the new global batch and says so.
 OPERATIONAL_FIELDS = ("model_dir", "data_dir", "backend", "strategy", "tpu", "data_service",
-                      "steps_per_execution", "eval_batch_size", "eval_max_batches",
-                      "backup_every_steps", "log_every_steps", "verbose", "deterministic",
+                      "steps_per_execution", "eval_batch_size", "per_replica_eval_batch_size",
+                      "eval_max_batches", "backup_every_steps", "backup_every_minutes",
+                      "jit_compile", "log_every_steps", "verbose", "deterministic",
                       "shuffle_buffer", "overwrite")
 
 
@@ -293,3 +309,22 @@ class SynthSettings:
         "products and between train and test, half of them unlike their category (about "
         "38% of training images are copies, as in the real file), 5% wrong training labels.",
         choices=("easy", "hard"))
+
+
+@dataclasses.dataclass
+class PreflightSettings(TrainConfig):
+    """A train command line (its --flagfile and overrides) plus where to compile it."""
+
+    data_dir: str = setting("", "A built dataset whose class counts the model gets (default: "
+                            "the real catalogue's 5,270 categories, 49 and 483 upper levels).")
+    model_dir: str = setting("", "Not used: accepted so that a train command line runs as it is.")
+    target: list[str] | None = setting(
+        None, "Where the run would train (repeat the flag): v5e-1 (Colab), v5e-4, v5e-8 "
+        "(Kaggle), v6e-1, v6e-8, v5p-8, v4-8, gpu-16g, gpu-40g, gpu-80g (GPU memory; an "
+        "estimate), or local (this TPU VM's chips). Default: this TPU VM's type, else local.",
+        repeated=True)
+    output: str | None = setting(None, "Also write every figure as JSON (local or gs://).")
+    fit_eval_batch: bool = setting(False, "Find the largest --per_replica_eval_batch_size "
+                                   "that fits each target (a few more compiles).")
+    tta: str = setting("none", "The export's test-time augmentation, for the predict step "
+                       "(flip: each image twice).", choices=TTA_MODES)

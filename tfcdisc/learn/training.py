@@ -4,7 +4,7 @@ The model dir (`rundir`: its layout) receives flags.txt, config.json, checkpoint
 and checkpoints/last.keras, history.csv (one row per finished epoch, ``epoch`` from 0,
 with the learning rate), TensorBoard logs in logs/ (scalars every ``log_every_steps``),
 and backup/: rerunning the same command after a crash or a preemption resumes at the
-last backup, mid-epoch if ``backup_every_steps`` is set.
+last backup, mid-epoch if ``backup_every_steps`` or ``backup_every_minutes`` is set.
 
 Only the chief (JAX: process 0) writes there, holding the folder's lock
 (`tfcdisc.catalogue.folder_lock`); the other workers of a multi-worker run write to their own
@@ -40,7 +40,7 @@ from tfcdisc.learn import settings
 from tfcdisc.learn.settings import TrainConfig
 
 __all__ = ["TrainConfig", "TrainResult", "train", "image_model", "build_and_compile",
-           "dataset_info", "EpochTimeEstimate"]
+           "dataset_info", "EpochTimeEstimate", "eval_batch_size", "jit_compile_for"]
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -122,28 +122,42 @@ class EpochTimeEstimate(keras.callbacks.Callback):
 
 
 class Backup(keras.callbacks.Callback):
-    """Backs up weights, optimizer state and position every N steps and after each epoch.
+    """Backs up weights, optimizer state and position after each epoch, and mid-epoch
+    every N steps or M minutes (whichever comes first).
 
-    backup/state.json names the epoch, the steps done in it, the weights file and the
-    best validation value so far; it is replaced atomically after its weights file is
-    complete, so a kill at any moment leaves a consistent pair.
+    backup/state.json names the epoch, the steps done in it, the weights file, the best
+    validation value so far and the global batch the steps are counted in; it is
+    replaced atomically after its weights file is complete, so a kill at any moment
+    leaves a consistent pair. ``agree`` turns this process's "the minutes are up" into
+    the decision every process takes (saving may be collective), e.g. process 0's.
     """
 
-    def __init__(self, directory: str, every_steps: int | None, best: keras.callbacks.Callback):
+    def __init__(self, directory: str, every_steps: int | None, best: keras.callbacks.Callback,
+                 every_minutes: float | None = None, global_batch_size: int | None = None,
+                 clock=time.monotonic, agree=None):
         super().__init__()
         self.directory = directory.rstrip("/")
-        self.every_steps = every_steps
-        self.best = best
+        self.every_steps, self.every_minutes = every_steps, every_minutes
+        self.best, self.global_batch_size = best, global_batch_size
+        self.clock, self.agree = clock, agree
         self.epoch, self.offset, self._last_saved = 0, 0, 0
+        self._last_time = clock()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self._last_saved = epoch, self.offset
+
+    def _minutes_up(self) -> bool:
+        if not self.every_minutes:
+            return False
+        due = self.clock() - self._last_time >= self.every_minutes * 60
+        return bool(self.agree(due)) if self.agree is not None else due
 
     def on_train_batch_end(self, batch, logs=None):
         done = self.offset + batch + 1  # steps finished in this epoch
         if batch + 1 >= self.params.get("steps", float("inf")):
             return  # the epoch's own backup follows its validation and history row
-        if self.every_steps and done - self._last_saved >= self.every_steps:
+        by_steps = self.every_steps and done - self._last_saved >= self.every_steps
+        if by_steps or self._minutes_up():
             sync = getattr(self.model, "jax_state_sync", None)
             if sync is not None:  # JAX holds the state outside the variables mid-epoch
                 sync()
@@ -164,11 +178,32 @@ class Backup(keras.callbacks.Callback):
             self.model.save_weights(local, overwrite=True)
         best = getattr(self.best, "best", None)
         state = {"epoch": epoch, "step": step, "weights": name,
-                 "best": None if best is None or abs(best) == float("inf") else float(best)}
+                 "best": None if best is None or abs(best) == float("inf") else float(best),
+                 "global_batch_size": self.global_batch_size}
         atomic.write(f"{self.directory}/state.json", json.dumps(state))
+        self._last_time = self.clock()
         for old in tf.io.gfile.glob(f"{self.directory}/epoch*.weights.h5"):
             if not old.endswith("/" + name):
                 tf.io.gfile.remove(old)
+
+
+def rescaled_position(backup: dict, batch: int, steps_per_epoch: int,
+                      previous_batch: int | None) -> tuple[int, int, str | None]:
+    """(epoch, step) of a backup counted in steps of ``batch`` images, and what to say
+    when the run trained with another global batch (moved to another number of chips with
+    the same per-replica batch): the images done in the epoch are kept, so a backup at
+    step 800 of 128 images resumes at step 100 of 1,024; the optimizer's step counter,
+    which positions the learning-rate schedule, is set to match by the caller."""
+    epoch, step = backup["epoch"], backup["step"]
+    previous = backup.get("global_batch_size") or previous_batch
+    if not previous or previous == batch:
+        return epoch, step, None
+    moved = min(step * previous // batch, steps_per_epoch - 1) if step else 0
+    return epoch, moved, (
+        f"the run trained with a global batch of {previous} and now has {batch} (another "
+        f"number of replicas): epoch {epoch} step {step} of {previous} images is resumed as "
+        f"step {moved} of {batch}, and the learning-rate schedule (peak scaled with the "
+        f"batch) is continued at the same fraction of the run")
 
 
 # --------------------------------------------------------------------------- model
@@ -243,6 +278,41 @@ def dataset_info(builder) -> dict:
 
 
 # --------------------------------------------------------------------------- training
+
+
+def jit_compile_for(setting: bool | None) -> bool | str:
+    """Keras's ``jit_compile`` for ``--jit_compile``: unset is Keras's own choice (XLA on
+    JAX always; on TensorFlow only on an accelerator outside tf.distribute strategies),
+    since XLA on GPUs was not measured here."""
+    return "auto" if setting is None else setting
+
+
+def _check_jit_compile(cfg: TrainConfig, strategy) -> None:
+    """XLA under a mirrored strategy needs real devices: TensorFlow's logical CPUs cannot
+    run it (a replica's variable read from another device)."""
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if cfg.jit_compile and isinstance(strategy, mirrored) and \
+            strategy.num_replicas_in_sync > 1 and not tf.config.list_physical_devices("GPU"):
+        raise ValueError("--jit_compile under a mirrored strategy needs GPUs: TensorFlow "
+                         "cannot compile its replicas on logical CPUs; drop --jit_compile or "
+                         "use --strategy=default")
+
+
+def eval_batch_size(cfg: TrainConfig, replicas: int) -> int:
+    """Products per global validation batch: per replica times the replicas when
+    ``--per_replica_eval_batch_size`` is set, else ``--eval_batch_size``."""
+    if cfg.per_replica_eval_batch_size:
+        return cfg.per_replica_eval_batch_size * replicas
+    return cfg.eval_batch_size
+
+
+def _agreement(strategy):
+    """How every process takes process 0's time-based decisions (None: one process)."""
+    if isinstance(strategy, distribute.JaxDataParallel) and strategy.process_count > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        return lambda due: bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+    return None
 
 
 def _check_dataset(builder, data_dir: str) -> None:
@@ -333,6 +403,12 @@ def _set_up(cfg: TrainConfig) -> _Setup:
     _check_dataset(builder, cfg.data_dir)
     batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
                                          strategy)
+    _check_jit_compile(cfg, strategy)
+    if cfg.backup_every_minutes and isinstance(strategy,
+                                               tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError("--backup_every_minutes under multi_worker_mirrored: the workers' "
+                         "clocks would disagree on when to save, and saving is collective; "
+                         "use --backup_every_steps")
     return _Setup(strategy, distribution, used_backend, policy, builder, info, batch,
                   cfg.steps_per_epoch or max(1, info["train_images"] // batch))
 
@@ -342,7 +418,8 @@ def _model(cfg: TrainConfig, run: _Setup) -> keras.Model:
     strategy = run.strategy
     with strategy.scope():
         model = build_and_compile(cfg, run.info, run.steps_per_epoch * cfg.epochs,
-                                  run.steps_per_epoch, run.batch)
+                                  run.steps_per_epoch, run.batch,
+                                  jit_compile_for(cfg.jit_compile))
         model.optimizer.build(model.trainable_variables)
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _build_for_multi_worker(model, strategy, run.batch, cfg.decode_size,
@@ -399,6 +476,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                                                 "tfcdisc.train", model_dir))
         resume = rundir.prepare(model_dir, cfg, delete=chief)
         backup = rundir.read_backup(model_dir) if resume else None
+        # Read before config.json is rewritten: the global batch the backup counted in.
+        previous_batch = (rundir.load_config(model_dir).get("global_batch_size")
+                          if backup and tf.io.gfile.exists(rundir.config_path(model_dir))
+                          else None)
         out_dir = model_dir if chief else tempfile.mkdtemp(prefix="tfcdisc-worker-")
         tf.io.gfile.makedirs(out_dir + "/checkpoints")
         if chief:
@@ -413,6 +494,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                                save_best_only=True)
         if backup is not None:
             model.load_weights(f"{model_dir}/backup/{backup['weights']}")
+            epoch, step, moved = rescaled_position(backup, run.batch, steps_per_epoch,
+                                                   previous_batch)
+            if moved:
+                model.optimizer.iterations.assign(epoch * steps_per_epoch + step)
+                print(f"train: {moved}", file=sys.stderr)
             if backup.get("best") is not None:
                 best.best = backup["best"]
             if chief:
@@ -422,11 +508,12 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         train_data = _train_data(cfg, run, tuple(model.output))
         val_ds = product_eval.distribute_products(
             strategy, lambda: input_pipeline.split_products(run.builder, "validation"),
-            cfg.eval_batch_size, cfg.image_size,
+            eval_batch_size(cfg, strategy.num_replicas_in_sync), cfg.image_size,
             run.builder.info.splits["validation"].num_examples)
         evaluation = ProductEvaluation(val_ds, strategy, cfg.eval_max_batches,
                                        run.info["fallback_class"])
-        saver = Backup(out_dir + "/backup", cfg.backup_every_steps, best)
+        saver = Backup(out_dir + "/backup", cfg.backup_every_steps, best,
+                       cfg.backup_every_minutes, run.batch, agree=_agreement(strategy))
         all_callbacks = [
             evaluation,  # before the callbacks that read its val_* logs
             LearningRateLogger(),
