@@ -48,9 +48,9 @@ def test_training_and_validation_steps_compile_for_v5e_1_and_v5e_8(dataset, tmp_
     assert run.stderr == ""  # libtpu's notices about a missing TPU VM are held back
 
 
-def test_an_eval_batch_that_does_not_fit_is_refused_with_the_flag_that_fixes_it():
+def test_an_eval_batch_that_does_not_fit_is_refused_with_the_flag_that_fixes_it(dataset):
     run = _preflight("--target=v5e-1", "--per_replica_eval_batch_size=131072",
-                     "--image_size=64", "--decode_size=64")
+                     "--image_size=64", "--decode_size=64", data_dir=dataset.data_dir)
     assert run.returncode == 2
     line = run.stderr.strip().splitlines()[-1]
     assert line.startswith("preflight: v5e-1: the validation step needs ") and \
