@@ -82,3 +82,45 @@ def test_targets_are_named_as_runtimes_name_them():
                "HLO temporaries (18.31G) exceeds available HBM (15.75G)")
     assert targets.out_of_memory(message) == (18.31, 15.75)
     assert targets.out_of_memory("INVALID_ARGUMENT: something else") is None
+
+
+@pytest.mark.parametrize("start,largest,expected", [
+    (1000, False, 272), (1000, True, 304), (128, True, 304), (64, False, 64)])
+def test_the_eval_batch_fit_searches_with_compiles(start, largest, expected, monkeypatch):
+    """`Preflight.fit` over a stand-in for the compiler where 4 MiB a product fits 1.2 GiB
+    (307 products): from a failure, the estimate from the bytes with a 10% margin (1000 x
+    1.2 / 3.9 x 0.9, to a multiple of 8: 272), checked by a compile; with
+    ``largest`` (--fit_eval_batch), the largest multiple of 8 that fits, from either side."""
+    from tfcdisc.learn import preflight
+    from tfcdisc.learn.settings import TrainConfig
+    pre = preflight.Preflight(TrainConfig(data_dir="-", model_dir="-"))
+    compiled = []
+
+    def step(target, step, batch):
+        compiled.append(batch)
+        needed = batch * 4 / 1024
+        return preflight.StepReport("v5e-1", step, batch, needed <= 1.2, 1.2, needed)
+
+    monkeypatch.setattr(pre, "step", step)
+    size, report = pre.fit(None, "validation", start, largest=largest)
+    assert size == expected and report.fits and report.batch_per_chip == expected
+    assert all(b % 8 == 0 for b in compiled) and len(compiled) < 16
+
+
+def test_without_a_target_a_tpu_vm_compiles_for_its_own_type(monkeypatch):
+    from tfcdisc import preflight as command
+    from tfcdisc.learn import targets
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+    assert command._targets(None) == [targets.TARGETS["v5e-8"]]
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v2-8")  # not in the table: its own chips
+    assert command._targets(None) == [None]
+    monkeypatch.delenv("TPU_ACCELERATOR_TYPE")
+    for name in ("TPU_NAME", "COLAB_TPU_ADDR", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("os.path.exists", lambda p: False)
+    with pytest.raises(ValueError, match="not on a TPU VM: name where the run would train"):
+        command._targets(None)
+    assert command._targets(["local", "v6e-8"]) == [None, targets.TARGETS["v6e-8"]]
+    assert targets.for_runtime("tpu", "colab") == "v5e-1"
+    assert targets.for_runtime("tpu", "kaggle", "v5litepod-8") == "v5e-8"
+    assert targets.for_runtime("gpu", "colab") is None

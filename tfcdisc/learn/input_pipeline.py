@@ -100,12 +100,14 @@ def decode_products(images: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def _decode_all(images: tf.Tensor, decode_one, spec: tf.TensorSpec, one_by_one: bool = False,
-                padded: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+                padded: bool = True, in_pipeline: bool = False
+                ) -> tuple[tf.Tensor, tf.Tensor]:
     """JPEG strings of any shape ("" = padding, left as zeros) -> (pixels, decoded bool).
 
     At once, a failing image fails the call; ``one_by_one``, each image is decoded in its
     own dataset element and a failing one is left out (zeros, decoded False). Without
     ``padded`` every string is taken for an image (an empty one fails the call).
+    ``in_pipeline``: the call runs inside tf.data (a nested dataset may decode).
     """
     flat = tf.reshape(images, [-1])
     if not one_by_one and not padded and flat.shape[0] is not None and \
@@ -115,6 +117,19 @@ def _decode_all(images: tf.Tensor, decode_one, spec: tf.TensorSpec, one_by_one: 
         # element; `map_fn` 0.65x). Zeroing padding here would cost 2.4x the whole decode.
         decoded = tf.stack([decode_one(j) for j in tf.unstack(flat)])
         return _reshaped(decoded, images, spec), tf.ones_like(images, tf.bool)
+    if not one_by_one and in_pipeline:
+        # Any other batch (products' slots) in a tf.data pipeline: a parallel map over the
+        # slots, padding left as zeros without a decode, batched whole: 1.4x a `map_fn`
+        # over the real images and their scatter (benchmarks, "Predict's host side").
+        # Not in a served graph, whose check admits no dataset op.
+        slots = tf.data.Dataset.from_tensor_slices(flat).map(
+            lambda j: _decode_slot(j, decode_one, spec, padded),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        none = tf.data.Dataset.from_tensors((tf.zeros([0, *spec.shape], spec.dtype),
+                                             tf.zeros([0], tf.bool)))
+        pixels, ok = slots.batch(tf.maximum(tf.shape(flat, tf.int64)[0], 1)).concatenate(
+            none).take(1).get_single_element()
+        return _reshaped(pixels, images, spec), _reshaped(ok, images)
     real = tf.where(tf.strings.length(flat) > 0)
     if one_by_one:
         each = tf.data.Dataset.from_tensor_slices((real, tf.gather_nd(flat, real))).map(
@@ -130,6 +145,16 @@ def _decode_all(images: tf.Tensor, decode_one, spec: tf.TensorSpec, one_by_one: 
     pixels = tf.scatter_nd(real, decoded, tf.concat([count, spec.shape], 0))
     ok = tf.scatter_nd(real, tf.ones(tf.shape(real)[:1], tf.int32), count) > 0
     return _reshaped(pixels, images, spec), _reshaped(ok, images)
+
+
+def _decode_slot(jpeg: tf.Tensor, decode_one, spec: tf.TensorSpec, padded: bool):
+    """One image slot ("" = padding when ``padded``) -> (pixels, decoded): a padded slot
+    is zeros, its decode skipped (a cond)."""
+    if not padded:
+        return decode_one(jpeg), tf.constant(True)
+    real = tf.strings.length(jpeg) > 0
+    return tf.cond(real, lambda: decode_one(jpeg), lambda: tf.zeros(spec.shape, spec.dtype)), \
+        real
 
 
 def _reshaped(flat: tf.Tensor, like: tf.Tensor, spec: tf.TensorSpec | None = None):
@@ -155,7 +180,8 @@ def decode_failsafe(ds: tf.data.Dataset, decode_one, spec: tf.TensorSpec,
     """
     def attempt(one_by_one):
         def fn(element):
-            pixels, ok = _decode_all(element[key], decode_one, spec, one_by_one, padded)
+            pixels, ok = _decode_all(element[key], decode_one, spec, one_by_one, padded,
+                                     in_pipeline=True)
             return {**element, key: pixels, "decoded": ok}
         return fn
 

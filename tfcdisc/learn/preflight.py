@@ -153,9 +153,12 @@ def _mesh(devices):
 
 
 def train_program(cfg: TrainConfig, info: dict, batch_per_chip: int, devices: Sequence):
-    """``train_step`` of the run's compiled model, lowered for ``devices`` (not compiled)."""
+    """``train_step`` of the run's compiled model, lowered for ``devices`` (not compiled).
+
+    Loss and metric state are built from the batch's shapes by Keras's own
+    ``_symbolic_build``, as fit does (the Keras internal `training` also relies on: Keras
+    is pinned to the tested range)."""
     import jax
-    import keras
     from tfcdisc.learn import training
     chips = len(devices)
     batch = batch_per_chip * chips
@@ -177,7 +180,6 @@ def train_program(cfg: TrainConfig, info: dict, batch_per_chip: int, devices: Se
             jax.ShapeDtypeStruct((batch,), "float32", sharding=split))
     shardings = tuple([replicated] * len(s) for s in state)
     step = jax.jit(model.train_step, donate_argnums=0, out_shardings=(None, shardings))
-    del keras
     return step.lower(state, data)
 
 
