@@ -208,11 +208,11 @@ def run() -> None:
     rate = {w: best[w]["images_per_s"] for w in contenders}
     mem, fed = r[("demo", "memory")], r[("demo", "pipeline")]
     step_mb = {w: best[w]["bytes_per_image"] * 1024 / 1e6 for w in ("pipeline", "host_crop")}
-    md = f"""## Training input and steps (issues 4 and 9)
+    md = f"""## Training input and steps (issues 4, 9 and 25)
 
 `python -m benchmarks.run train` on {common.machine()}, CPU only, on the 100 MB synthetic
 catalogue built with `tfds build` (its train.bson for the 2017 kernel). Batches of 128 images
-at 180 px; each contender in its own process, the four interleaved, best of two runs each.
+at 180 px; each contender in its own process, all interleaved, best of two runs each.
 
 {common.table(["contender (what the host does)", "images/s", "vs bare decode",
                "vs 2017 kernel", "out", "bytes per step of 1,024"], [
