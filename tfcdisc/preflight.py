@@ -39,17 +39,13 @@ def _targets(names: list[str] | None) -> list:
 
 
 def _per_chip(cfg: settings.TrainConfig, chips: int) -> tuple[int, int]:
-    """(images per chip per training step, products per chip per validation batch), as
-    `training` splits them."""
-    if cfg.per_replica_batch_size:
-        train = cfg.per_replica_batch_size
-    elif cfg.global_batch_size % chips:
-        raise ValueError(f"--global_batch_size={cfg.global_batch_size} does not split over "
-                         f"{chips} chips; use --per_replica_batch_size")
-    else:
-        train = cfg.global_batch_size // chips
-    evaluate = cfg.per_replica_eval_batch_size or -(-cfg.eval_batch_size // chips)
-    return train, evaluate
+    """(images per chip per training step, products per chip per validation batch), by
+    `training`'s own rules (a global eval batch is rounded up to a multiple of the chips,
+    as `product_eval.distribute_products` does)."""
+    from tfcdisc.learn import distribute, training
+    train = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
+                                         chips) // chips
+    return train, -(-training.eval_batch_size(cfg, chips) // chips)
 
 
 def _row(r, target, epochs: int) -> dict:

@@ -177,9 +177,9 @@ def test_tpu_nodes_need_cloud_storage_and_batches_follow_replicas():
     assert distribute.remote_tpu(Resolver("grpc://10.1.2.3:8470"))
     assert not distribute.remote_tpu(Resolver("local")) and not distribute.remote_tpu(None)
     import tensorflow as tf
-    default = tf.distribute.get_strategy()
-    assert distribute.global_batch_size(1024, 128, default) == 128  # one replica: v5e-1
-    assert distribute.global_batch_size(96, None, default) == 96
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    assert distribute.global_batch_size(1024, 128, replicas) == 128  # one replica: v5e-1
+    assert distribute.global_batch_size(96, None, replicas) == 96
     with pytest.raises(ValueError, match="connect|TPU|tpu"):
         distribute.get_strategy("tpu")
 

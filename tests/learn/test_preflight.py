@@ -124,3 +124,12 @@ def test_without_a_target_a_tpu_vm_compiles_for_its_own_type(monkeypatch):
     assert targets.for_runtime("tpu", "colab") == "v5e-1"
     assert targets.for_runtime("tpu", "kaggle", "v5litepod-8") == "v5e-8"
     assert targets.for_runtime("gpu", "colab") is None
+
+
+def test_a_local_chip_is_known_by_its_device_kind():
+    from tfcdisc.learn import targets
+    assert targets.peak_of_device_kind("TPU v5 lite") == 197
+    assert targets.peak_of_device_kind("TPU v5") == 459  # a v5p, not a v5e
+    assert targets.peak_of_device_kind("TPU v6 lite") == 918
+    assert targets.peak_of_device_kind("TPU v4") == 275
+    assert targets.peak_of_device_kind("TPU v9") == 197

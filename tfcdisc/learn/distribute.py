@@ -74,14 +74,13 @@ def is_chief(strategy) -> bool:
     return bool(strategy.extended.should_checkpoint)
 
 
-def global_batch_size(global_size: int, per_replica: int | None, strategy) -> int:
+def global_batch_size(global_size: int, per_replica: int | None, replicas: int) -> int:
     """The global batch: ``per_replica`` times the replicas when given, so one flagfile
     fits a v5e-1 and a v3-8 alike; else ``global_size``, which must split evenly.
 
     Raises:
       ValueError: a global batch the replicas cannot share evenly.
     """
-    replicas = strategy.num_replicas_in_sync
     if per_replica:
         return per_replica * replicas
     if global_size % replicas:

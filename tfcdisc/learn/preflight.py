@@ -203,9 +203,10 @@ def _gib(n) -> float:
 
 
 def compile_report(lower: Callable, target_name: str, step: str, batch_per_chip: int,
-                   hbm_gib: float, images_per_step: int) -> StepReport:
-    """Compiles ``lower()`` and reads its bytes and FLOPs; an out-of-memory compile is a
-    report that does not fit (other compile errors propagate)."""
+                   hbm_gib: float, images_per_step: int, peak_tflops: float) -> StepReport:
+    """Compiles ``lower()`` and reads its bytes and FLOPs (images/s at ``peak_tflops``);
+    an out-of-memory compile is a report that does not fit (other compile errors
+    propagate)."""
     start = time.perf_counter()
     try:
         compiled = lower().compile()
@@ -229,11 +230,12 @@ def compile_report(lower: Callable, target_name: str, step: str, batch_per_chip:
         target_name, step, batch_per_chip, _gib(needed) <= hbm_gib, hbm_gib, _gib(needed),
         _gib(mem.argument_size_in_bytes), _gib(mem.temp_size_in_bytes),
         _gib(mem.output_size_in_bytes), flops / 1e9, seconds,
-        None if not flops else images_per_step / flops)
+        None if not flops else images_per_step * peak_tflops * 1e12 / flops)
 
 
 class Preflight:
-    """Builds a run's models once per precision and compiles its steps for targets."""
+    """Compiles a run's steps for targets, its model built anew for each compile (each
+    step has its own precision policy, and a fitting search compiles several batches)."""
 
     def __init__(self, cfg: TrainConfig, info: dict | None = None, tta: str = "none"):
         from tfcdisc.learn import settings
@@ -275,10 +277,8 @@ class Preflight:
             images = batch_per_chip * _PRODUCT_SLOTS  # products' image slots, per chip
         else:
             raise ValueError(f"unknown step {step!r}; choose from {', '.join(STEPS)}")
-        report = compile_report(lower, name, step, batch_per_chip, hbm, images)
-        if report.images_per_s_peak is not None:
-            peak = (target.peak_tflops if target is not None else _local_peak(devices[0])) * 1e12
-            report.images_per_s_peak *= peak
+        peak = target.peak_tflops if target is not None else _local_peak(devices[0])
+        report = compile_report(lower, name, step, batch_per_chip, hbm, images, peak)
         notes = [report.note] if report.note else []
         if step == "predict" and self.tta == "flip":
             notes.append("flip TTA: each image twice")
@@ -331,12 +331,8 @@ def _local_hbm_gib(device) -> float:
 
 
 def _local_peak(device) -> float:
-    kind = device.device_kind.lower()
-    for name, t in targets_lib.TARGETS.items():
-        if t.kind == "tpu" and name.split("-")[0] in kind.replace(" lite", "e").replace(
-                "tpu ", ""):
-            return t.peak_tflops
-    return 197.0
+    """A local chip's bf16 peak, from its JAX device kind (a v5e's when unknown)."""
+    return targets_lib.peak_of_device_kind(device.device_kind)
 
 
 # --------------------------------------------------------------------------- figures

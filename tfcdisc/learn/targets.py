@@ -88,11 +88,20 @@ def get(name: str) -> Target:
     Raises:
       ValueError: an unknown name, listing the known ones.
     """
-    name = {"v5litepod": "v5e"}.get(name.split("-")[0], name.split("-")[0]) + (
-        "-" + name.split("-", 1)[1] if "-" in name else "")
+    name = re.sub(r"^v5litepod-", "v5e-", name)
     if name not in TARGETS:
         raise ValueError(f"--target={name}: choose from {', '.join(names())}")
     return TARGETS[name]
+
+
+# JAX's ``device_kind`` of each TPU generation in the table.
+_DEVICE_KINDS = {"TPU v5 lite": "v5e-1", "TPU v6 lite": "v6e-1", "TPU v5": "v5p-8",
+                 "TPU v4": "v4-8"}
+
+
+def peak_of_device_kind(kind: str) -> float:
+    """A chip's bf16 peak TFLOP/s from JAX's ``device_kind`` (a v5e's when unknown)."""
+    return TARGETS[_DEVICE_KINDS.get(kind, "v5e-1")].peak_tflops
 
 
 def for_accelerator_type(accelerator_type: str) -> str | None:

@@ -402,7 +402,7 @@ def _set_up(cfg: TrainConfig) -> _Setup:
     info = dataset_info(builder)
     _check_dataset(builder, cfg.data_dir)
     batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
-                                         strategy)
+                                         strategy.num_replicas_in_sync)
     _check_jit_compile(cfg, strategy)
     if cfg.backup_every_minutes and isinstance(strategy,
                                                tf.distribute.MultiWorkerMirroredStrategy):
