@@ -33,7 +33,7 @@ EXPORT := $(DEMO_DIR)/export
 $(K)/train.bson: | $(STAMP)
 	@echo "== [1/8] generating the synthetic catalogue in $(K)"
 	$(PY) -m tfcdisc.synth --output_dir $(K) --num_train_products $(DEMO_TRAIN) \
-	  --num_test_products $(DEMO_TEST) --num_categories $(DEMO_CATEGORIES) --seed 0
+	  --num_test_products $(DEMO_TEST) --num_categories $(DEMO_CATEGORIES) --seed 0 --overwrite
 
 $(DEMO_DIR)/inspect_train.json: $(K)/train.bson
 	@echo "== [2/8] inspecting train.bson (builds its offset index)"

@@ -39,7 +39,7 @@ def _prepare(work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict]:
              f"--num_train_products={_HARD['num_train']}",
              f"--num_test_products={_HARD['num_test']}",
              f"--num_categories={_HARD['categories']}", f"--seed={_HARD['seed']}",
-             "--difficulty=hard")
+             "--difficulty=hard", "--overwrite")  # its own cache: a killed run left a part
         (work / "synth.json").write_text(json.dumps(_summary(kaggle)))
     if not list(data.glob("cdiscount/*/*/dataset_info.json")):
         # 400 validation products (not the default 2%, 80 here): the duplicate table's

@@ -35,7 +35,8 @@ def catalogue(name: str, num_train: int, num_test: int, seed: int = 1) -> pathli
     if not (folder / "test_labels.csv").exists():
         from tfcdisc.catalogue import synth
         log(f"generating {folder} ({num_train} train products) once; later runs reuse it")
-        synth.generate(str(folder), num_train, num_test, seed=seed, verbose=True)
+        synth.generate(str(folder), num_train, num_test, seed=seed, verbose=True,
+                       overwrite=True)  # its own cache: what a killed run left is replaced
     return folder
 
 

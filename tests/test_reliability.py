@@ -889,11 +889,12 @@ def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, cata
             "prints": lambda path: tf.print("x", output_stream=f"file://{path}")}.items():
         crafted = tmp_path / name
         _crafted(export, crafted, io_op)
-        op = {"writes": "WriteFile", "reads": "ReadFile", "prints": "PrintV2"}[name]
-        message = f"{crafted}: saved_model.pb is not an inference graph: its graph runs {op}"
-        with pytest.raises(ValueError, match=re.escape(message)):
+        op = {"writes": "WriteFile", "reads": "ReadFile", "prints": "(StringFormat|PrintV2)"}[name]
+        message = (re.escape(f"{crafted}: saved_model.pb is not an inference graph: its graph "
+                             "runs ") + op)
+        with pytest.raises(ValueError, match=message):
             export_format.load(str(crafted))
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises(ValueError, match=message):
             beam_predict.predict(str(crafted), str(tmp_path / "beam.csv"),
                                  bson=str(catalogue[0] / "test.bson"),
                                  beam_options=beam_predict.pipeline_options(
@@ -902,7 +903,7 @@ def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, cata
     done = subprocess.run([sys.executable, "-m", "tfcdisc.predict", f"--saved_model={crafted}",
                            f"--bson={catalogue[0] / 'test.bson'}",
                            f"--output={tmp_path / 'sub.csv'}"], capture_output=True, text=True)
-    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr[-2000:]
     export_format.verify(str(export))  # the real export's graph passes
 
 

@@ -102,27 +102,52 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
 
 
 def command(name: str, cls: type, main: Callable[[Any], None], doc: str | None, *,
-            backend: str | None = None, after_os_error: str | None = None
-            ) -> Callable[[], None]:
+            backend: str | None = None, after_os_error: str = "") -> Callable[[], None]:
     """The ``run`` of a command whose flags are the fields of ``cls`` (`define_settings`);
     ``main`` gets them as one ``cls``. An ordinary mistake (ValueError,
-    FileNotFoundError: their messages name the fix) is one line and exit 2; so is an
-    OSError (a full disk, a read-only folder) where ``after_os_error`` is given: what to
-    say after it, formatted with the settings."""
+    FileNotFoundError: their messages name the fix) is one line and exit 2; so is an I/O
+    error (`io_error`: a full disk, a read-only folder, an unreachable bucket), followed
+    by ``after_os_error`` formatted with the settings (what was kept). Outputs that would
+    overwrite inputs are refused first (`paths.check_apart`)."""
     def main_argv(argv: Sequence[str]) -> None:
         del argv
+        settings = None
         try:
             settings = settings_from_flags(cls)  # a dataclass may check itself
+            from tfcdisc.catalogue import paths
+            from tfcdisc.learn.settings import paths_by_role
+            paths.check_apart(paths_by_role(settings, "output", "replaced"),
+                              paths_by_role(settings, "input"),
+                              replaced=paths_by_role(settings, "replaced"))
             main(settings)
         except (ValueError, FileNotFoundError) as e:
             fail(name, str(e))
-        except OSError as e:
-            if after_os_error is None:
+        except Exception as e:  # noqa: BLE001 - only I/O errors are caught here
+            reason = io_error(e)
+            if reason is None:
                 raise
-            said = after_os_error.format(**dataclasses.asdict(settings))
-            fail(name, f"{e}; {said}" if said else str(e))
+            said = after_os_error.format(**dataclasses.asdict(settings)) if settings else ""
+            fail(name, f"{reason}; {said}" if said else reason)
 
     return lambda: run(lambda: define_settings(cls), main_argv, doc, backend)
+
+
+# TensorFlow's own errors for what an OSError says in Python: a full disk
+# (ResourceExhausted), a read-only or forbidden path, an unreachable bucket.
+_TF_IO_ERRORS = ("ResourceExhaustedError", "PermissionDeniedError", "UnavailableError",
+                 "NotFoundError",
+                 "DeadlineExceededError", "DataLossError", "UnauthenticatedError")
+
+
+def io_error(error: BaseException) -> str | None:
+    """One line for an I/O error (Python's OSError or TensorFlow's equivalents, which are
+    not OSErrors), or None for any other error."""
+    if isinstance(error, OSError):
+        return str(error)
+    if type(error).__name__ in _TF_IO_ERRORS and type(error).__module__.startswith(
+            "tensorflow"):
+        return f"{type(error).__name__}: {getattr(error, 'message', None) or error}"
+    return None
 
 
 def _no_library_deprecations(record) -> bool:
@@ -170,10 +195,24 @@ def define_settings(cls: type, flag_values=None) -> None:
             flags.DEFINE_integer(f.name, default, m["help"], lower_bound=m["lower_bound"],
                                  **kwargs)
         elif kind == "float":
-            flags.DEFINE_float(f.name, default, m["help"], lower_bound=m["lower_bound"],
-                               **kwargs)
+            flags.DEFINE_float(f.name, default, m["help"], **kwargs)
+            _check_bounds(fv, f.name, m)
         else:
             flags.DEFINE_string(f.name, default, m["help"], **kwargs)
+
+
+def _check_bounds(fv, name: str, metadata: dict) -> None:
+    """Finite and within the setting's bounds (`settings.bound_problem`): absl's own
+    lower bound lets ``nan`` through."""
+    from absl import flags
+    from tfcdisc.learn.settings import bound_problem
+
+    def valid(value) -> bool:
+        problem = bound_problem(name, value, metadata)
+        if problem:
+            raise flags.ValidationError(problem.split(": ", 1)[1])
+        return True
+    flags.register_validator(name, valid, flag_values=fv)
 
 
 def settings_from_flags(cls: type, flag_values=None) -> Any:

@@ -19,7 +19,8 @@ from tfcdisc.learn import settings
 def main(f: settings.EnsembleSettings) -> None:
     from tfcdisc.serve import exporting
     weights = [float(w) for w in f.weights] if f.weights else None
-    summary = exporting.ensemble(f.saved_model, f.export_dir, weights, f.duplicates_from)
+    summary = exporting.ensemble(f.saved_model, f.export_dir, weights, f.duplicates_from,
+                                 f.lock_lease_minutes)
     print(json.dumps(summary, indent=2))
 
 

@@ -19,7 +19,8 @@ def main(f: settings.ExportSettings) -> None:
     from tfcdisc.serve import exporting
     summary = exporting.export(f.model_dir, f.export_dir, top_k=f.top_k,
                                checkpoint=f.checkpoint, tta=f.tta,
-                               duplicates_from=f.duplicates_from, fusion_dir=f.fusion_dir)
+                               duplicates_from=f.duplicates_from, fusion_dir=f.fusion_dir,
+                               lock_lease_minutes=f.lock_lease_minutes)
     print(json.dumps(summary, indent=2))
 
 

@@ -18,7 +18,8 @@ def main(f: settings.SynthSettings) -> None:
     summary = synth.generate(f.output_dir, f.num_train_products, f.num_test_products,
                              num_categories=f.num_categories,
                              category_names=f.category_names, seed=f.seed,
-                             workers=f.workers, verbose=True, difficulty=f.difficulty)
+                             workers=f.workers, verbose=True, difficulty=f.difficulty,
+                             overwrite=f.overwrite)
     print(json.dumps(summary, indent=2))
 
 

@@ -22,7 +22,8 @@ def main(f: settings.FusionSettings) -> None:
     from tfcdisc.learn import fusion
     summary = fusion.train(f.model_dir, f.fusion_dir, data_dir=f.data_dir,
                            checkpoint=f.checkpoint, epochs=f.epochs, batch_size=f.batch_size,
-                           learning_rate=f.learning_rate, seed=f.seed)
+                           learning_rate=f.learning_rate, seed=f.seed,
+                           lock_lease_minutes=f.lock_lease_minutes)
     summary.pop("validation_product_accuracy_by_epoch", None)
     print(json.dumps(summary, indent=2))
 

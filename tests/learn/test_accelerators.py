@@ -24,18 +24,34 @@ GPU = runtime.Runtime("gpu", "kaggle", "nvidia")
 CPU = runtime.Runtime("cpu", "other")
 
 
-@pytest.mark.parametrize("env,devices,which,expected", [
-    ({"COLAB_RELEASE_TAG": "x"}, {"/dev/vfio/0"}, None, ("tpu", "colab")),  # Colab v5e-1
+@pytest.mark.parametrize("env,devices,which,pci,expected", [
+    ({"COLAB_RELEASE_TAG": "x"}, {"/dev/vfio/0", "/dev/vfio/vfio"}, None, {"0x1ae0"},
+     ("tpu", "colab")),  # Colab v5e-1
     ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive", "TPU_ACCELERATOR_TYPE": "v3-8"}, set(), None,
-     ("tpu", "kaggle")),
-    ({}, {"/dev/accel0"}, None, ("tpu", "other")),  # a Cloud TPU VM, v2-v4
-    ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, {"/dev/nvidia0"}, None, ("gpu", "kaggle")),
-    ({"COLAB_GPU": "1"}, set(), "/usr/bin/nvidia-smi", ("gpu", "colab")),
-    ({}, set(), None, ("cpu", "other")),
+     set(), ("tpu", "kaggle")),
+    ({}, {"/dev/accel0"}, None, set(), ("tpu", "other")),  # a Cloud TPU VM, v2-v4
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, {"/dev/nvidia0"}, None, {"0x10de"}, ("gpu", "kaggle")),
+    ({"COLAB_GPU": "1"}, set(), "/usr/bin/nvidia-smi", set(), ("gpu", "colab")),
+    ({}, set(), None, set(), ("cpu", "other")),
+    # Round 3: a GPU VM with VFIO (passthrough) is not a TPU; nor is a stray TPU_NAME.
+    ({}, {"/dev/vfio/vfio", "/dev/vfio/0", "/dev/nvidia0"}, None, {"0x10de"}, ("gpu", "other")),
+    ({"TPU_NAME": "my-old-tpu"}, set(), None, set(), ("cpu", "other")),
+    ({}, {"/dev/kfd"}, None, {"0x1002"}, ("gpu", "other")),  # AMD, tensorflow-rocm
 ])
-def test_runtime_detection(env, devices, which, expected):
-    found = runtime.detect(env, devices.__contains__, lambda name: which)
+def test_runtime_detection(env, devices, which, pci, expected):
+    found = runtime.detect(env, devices.__contains__, lambda name: which, lambda: pci,
+                           lambda: False)
     assert (found.accelerator, found.host) == expected
+
+
+def test_every_tensorflow_distribution_is_recognised():
+    """tensorflow-rocm and tf-nightly were not taken for TensorFlow: the project's own
+    was installed beside them (two distributions writing one module)."""
+    nightly = runtime.install_commands(CPU, "/repo", python="py", present={"tf-nightly": "2.21"})
+    assert nightly[0] == ["py", "-m", "pip", "uninstall", "--yes", "tf-nightly"]
+    rocm = runtime.install_commands(GPU, "/repo", python="py",
+                                    present={"tensorflow-rocm": "2.20.0"})
+    assert rocm == [["py", "-m", "pip", "install", "--quiet", "-e", "/repo[beam]"]]  # kept
 
 
 KAGGLE_TPU = runtime.Runtime("tpu", "kaggle", "v5litepod-8")

@@ -10,6 +10,7 @@ are then `copy`-ed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -20,10 +21,14 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
+from tfcdisc.catalogue import paths
+
 
 @contextlib.contextmanager
 def writing(path: str, mode: str = "wb") -> Iterator:
-    """A file object whose content replaces ``path`` when the block ends without error."""
+    """A file object whose content replaces ``path`` when the block ends without error
+    (through a symbolic link: its target is replaced, the link stays)."""
+    path = paths.resolved(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with tf.io.gfile.GFile(tmp, mode) as f:
@@ -99,6 +104,22 @@ def read_arrays(path: str) -> dict:
 
 
 @contextlib.contextmanager
+def _in_temporary_folder(path: str) -> Iterator[None]:
+    """A full temporary folder named as such: a small $TMPDIR was reported as the
+    destination's fault (or as a traceback)."""
+    try:
+        yield
+    except (OSError, tf.errors.ResourceExhaustedError) as e:
+        full = isinstance(e, tf.errors.ResourceExhaustedError) or e.errno in (
+            errno.ENOSPC, errno.EDQUOT)
+        if not full:
+            raise
+        raise OSError(errno.ENOSPC, f"no space left in the temporary folder "
+                      f"{tempfile.gettempdir()}, which {path} passes through; free space there "
+                      "or set TMPDIR to a folder on a bigger disk") from None
+
+
+@contextlib.contextmanager
 def via_local(path: str) -> Iterator[str]:
     """A local temporary path of the same name for a writer that needs a real file (Keras,
     HDF5, TFRecord, pandas): what it leaves there replaces ``path`` (local or gs://) whole
@@ -106,7 +127,8 @@ def via_local(path: str) -> Iterator[str]:
     A full disk inside a library's own write cannot leave ``path`` half-written."""
     with tempfile.TemporaryDirectory(prefix="tfcdisc-") as tmp:
         local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
-        yield local
+        with _in_temporary_folder(path):
+            yield local
         if os.path.exists(local):
             copy(local, path)
 
@@ -117,7 +139,8 @@ def local_copy(path: str) -> Iterator[str]:
     (Keras, zipfile), removed after the block."""
     with tempfile.TemporaryDirectory(prefix="tfcdisc-") as tmp:
         local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
-        tf.io.gfile.copy(path, local)
+        with _in_temporary_folder(path):
+            tf.io.gfile.copy(path, local)
         yield local
 
 

@@ -9,6 +9,14 @@ import pandas as pd
 from tfcdisc.catalogue import paths
 
 
+def _fits_int64(text: str) -> bool:
+    """False for an integer past int64 (it raised a raw OverflowError); True otherwise."""
+    try:
+        return -2 ** 63 <= int(text) < 2 ** 63
+    except ValueError:
+        return True  # not an integer: named as such
+
+
 def read(path: str) -> dict[int, int]:
     """``_id,category_id`` CSV (test_labels.csv) -> {product id: category id}.
 
@@ -36,10 +44,11 @@ def read(path: str) -> dict[int, int]:
     for column in ("_id", "category_id"):
         text = frame[column].str.strip()
         bad = ~text.str.fullmatch(r"[+-]?\d+")
+        bad |= ~text.map(_fits_int64).astype(bool)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise ValueError(f"{path}: line {i + 2}: {column} {frame[column].iloc[i]!r} is not "
-                             "an integer")
+                             "an integer of 64 bits")
         values[column] = text.astype(np.int64)
     ids = values["_id"]
     if ids.duplicated().any():

@@ -43,6 +43,9 @@ def check_input_file(path: str) -> None:
     """Refuses what cannot be indexed: a missing path, a folder, a pipe or a device
     (indexing needs a file it can read twice and seek in)."""
     if not exists(path):
+        if not _remote(path) and os.path.islink(path):
+            raise FileNotFoundError(f"{path}: a symbolic link that leads nowhere (a loop, or "
+                                    "its target is gone); link it to the real file")
         raise FileNotFoundError(f"{path}: no such file; check the path (local or gs://)")
     if isdir(path):
         raise ValueError(f"{path} is a folder; give the BSON file in it (e.g. "
@@ -69,3 +72,39 @@ def check_output(path: str, flag: str = "--output") -> None:
         except OSError as e:
             raise ValueError(f"{flag}={path}: cannot write in {parent or '.'} "
                              f"({e.strerror}); choose a writable folder") from None
+
+
+def resolved(path: str) -> str:
+    """A path as the file system sees it: links followed, ``..`` gone (remote: as given).
+    Writers replace what a link points to, never the link (a Drive folder linked in)."""
+    return path.rstrip("/") if _remote(path) else os.path.realpath(path)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_apart(outputs: dict[str, str], inputs: dict[str, str],
+                replaced: dict[str, str] | None = None) -> None:
+    """Refuses an output that would overwrite an input: the same file after links are
+    resolved, a file already inside an input folder (an export's own file), or, for an
+    output folder ``replaced`` whole (an export dir), one holding an input; and two
+    outputs that are one file. ``predict --output=test.bson`` replaced the test set, exit 0.
+
+    Raises:
+      ValueError: naming both flags and the fix.
+    """
+    seen: dict[str, str] = {}
+    for out_flag, out in outputs.items():
+        target = resolved(out)
+        if target in seen:
+            raise ValueError(f"{out_flag}={out} is also {seen[target]}: one would overwrite "
+                             "the other; give each output its own file")
+        seen[target] = f"{out_flag}"
+        for in_flag, source in inputs.items():
+            src = resolved(source)
+            if target == src or (out_flag in (replaced or {}) and _within(src, target)) or (
+                    _within(target, src) and exists(out) and not isdir(out)):
+                raise ValueError(
+                    f"{out_flag}={out} would overwrite the input {in_flag}={source}; "
+                    "write the output somewhere else")

@@ -113,11 +113,13 @@ def from_frame(frame: pd.DataFrame, source: str = "<frame>") -> Taxonomy:
     if frame.empty:
         raise TaxonomyError(f"{source}: no categories")
     ids = pd.to_numeric(frame["category_id"], errors="coerce")
-    bad = ids.isna() | (ids != ids.round())
+    # Past int64 (99999999999999999999 was stored as -9223372036854775808) or negative.
+    bad = ids.isna() | (ids != ids.round()) | (ids < 0) | (ids >= 2.0 ** 63)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise TaxonomyError(f"{source}: line {row + 2}: category_id "
-                            f"{frame['category_id'].iloc[row]!r} is not an integer")
+                            f"{frame['category_id'].iloc[row]!r} is not an integer from 0 "
+                            "to 2^63-1")
     ids = ids.astype(np.int64)
     dup = ids.duplicated(keep=False)
     if dup.any():

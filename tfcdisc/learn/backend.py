@@ -45,8 +45,10 @@ def jax_installed() -> bool:
 def select(name: str = "auto", env: Mapping[str, str] | None = None) -> str:
     """Makes Keras use the backend ``name`` means here (`choose`); returns it.
 
-    Sets ``KERAS_BACKEND`` when Keras is not imported yet. Where it is, ``auto`` keeps
-    the backend it runs on, and another named backend is refused: Keras cannot switch.
+    Sets ``KERAS_BACKEND`` when Keras is not imported yet; ``auto`` keeps a
+    ``KERAS_BACKEND`` the environment names (and says so where it differs from auto's
+    choice). Where Keras is imported, ``auto`` keeps the backend it runs on, and another
+    named backend is refused: Keras cannot switch.
 
     Raises:
       ValueError: as `choose`, or Keras already imported with another backend (the
@@ -65,7 +67,20 @@ def select(name: str = "auto", env: Mapping[str, str] | None = None) -> str:
                 f"restart the runtime) or set KERAS_BACKEND={chosen} before anything imports "
                 "Keras")
         return chosen
-    chosen = choose(name, runtime.detect(env), jax_installed())
+    where = runtime.detect(env)
+    explicit = env.get("KERAS_BACKEND")
+    if name == "auto" and explicit:  # the user's own choice, kept (it was overridden)
+        if explicit not in BACKENDS[1:]:
+            raise ValueError(f"KERAS_BACKEND={explicit} in the environment: tfcdisc runs on "
+                             "jax or tensorflow; unset it or set one of them")
+        chosen = choose(explicit, where, jax_installed())
+        automatic = choose("auto", where, jax_installed())
+        if chosen != automatic:
+            print(f"backend: {chosen}, from KERAS_BACKEND in the environment (--backend=auto "
+                  f"would choose {automatic} here)", file=sys.stderr)
+        os.environ["KERAS_BACKEND"] = chosen
+        return chosen
+    chosen = choose(name, where, jax_installed())
     os.environ["KERAS_BACKEND"] = chosen
     return chosen
 

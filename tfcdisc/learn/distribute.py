@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import sys
+import threading
 
 import keras
 import tensorflow as tf
 
 from tfcdisc.learn import runtime
-from tfcdisc.learn.settings import PRECISIONS, STRATEGIES
+from tfcdisc.learn.settings import PRECISIONS, STRATEGIES, TrainConfig
 
 
 def connect_tpu(tpu: str | None) -> tf.distribute.cluster_resolver.TPUClusterResolver:
@@ -169,22 +172,88 @@ def describe(strategy) -> str:
     return f"backend {keras.backend.backend()}, {what}"
 
 
-def _jax_strategy(name: str, where: runtime.Runtime) -> JaxDataParallel:
+_DISTRIBUTION_ENV = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                     "KERAS_DISTRIBUTION_PROCESS_ID")
+
+
+def distribution_env(env=None) -> tuple[str, int, int]:
+    """The coordinator address, process count and this process's id that the
+    ``KERAS_DISTRIBUTION_*`` variables give (`keras.distribution.initialize` reads the
+    same ones).
+
+    Raises:
+      ValueError: naming each variable that is missing or wrong (JAX's own words named
+        none of them).
+    """
+    env = os.environ if env is None else env
+    problems = [f"{name} is not set" for name in _DISTRIBUTION_ENV if not env.get(name)]
+    addresses = env.get(_DISTRIBUTION_ENV[0], "")
+    count = env.get(_DISTRIBUTION_ENV[1], "")
+    pid = env.get(_DISTRIBUTION_ENV[2], "")
+    hosts = [a.strip() for a in addresses.split(",") if a.strip()]
+    if addresses and not all(re.fullmatch(r"[^:\s]+:\d+", h) for h in hosts):
+        problems.append(f"{_DISTRIBUTION_ENV[0]}={addresses} is not host:port[,host:port...]")
+    if count and not (count.isdigit() and int(count) >= 1):
+        problems.append(f"{_DISTRIBUTION_ENV[1]}={count} is not a count of processes")
+    elif count and len(hosts) > 1 and len(hosts) != int(count):
+        problems.append(f"{_DISTRIBUTION_ENV[0]} names {len(hosts)} processes, "
+                        f"{_DISTRIBUTION_ENV[1]}={count}")
+    if pid and not (pid.isdigit() and (not count.isdigit() or int(pid) < int(count))):
+        problems.append(f"{_DISTRIBUTION_ENV[2]}={pid} is not a process id from 0 to "
+                        f"{_DISTRIBUTION_ENV[1]} - 1")
+    if problems:
+        raise ValueError("a multi-host JAX run needs KERAS_DISTRIBUTION_JOB_ADDRESSES "
+                         "(the coordinator's host:port first), _NUM_PROCESSES and "
+                         f"_PROCESS_ID on every process (a TPU pod sets them itself): "
+                         f"{'; '.join(problems)}")
+    return hosts[0], int(count), int(pid)
+
+
+def join_processes(timeout_s: float, pod: bool = False, env=None) -> None:
+    """Joins this process to the other processes of a multi-host JAX run, as
+    `keras.distribution.initialize` does, within ``timeout_s``: a peer that never starts
+    is one line and exit status 2 after that wait (JAX aborted the process after 300 s)."""
+    import jax
+    if pod:
+        what, kwargs = "the TPU pod's hosts", {}
+    else:
+        coordinator, count, pid = distribution_env(env)
+        what = (f"the {count} processes of KERAS_DISTRIBUTION_NUM_PROCESSES at the coordinator "
+                f"{coordinator} (this is process {pid})")
+        kwargs = dict(coordinator_address=coordinator, num_processes=count, process_id=pid)
+    program = os.path.basename(sys.argv[0]) or "tfcdisc"
+
+    def give_up() -> None:
+        print(f"{program}: waited {timeout_s:g} s for {what} to join; start every process "
+              "(each with its own KERAS_DISTRIBUTION_PROCESS_ID), check the coordinator's "
+              "address and port, or raise --multihost_timeout", file=sys.stderr, flush=True)
+        os._exit(2)  # JAX's wait cannot be interrupted; nothing was written yet
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(initialization_timeout=int(timeout_s) + 60, **kwargs)
+    finally:
+        watchdog.cancel()
+    # What keras.distribution.initialize does after joining: one random seed for all
+    # processes (Keras is pinned in pyproject.toml; tests/learn/test_jax.py runs it).
+    from keras.src.backend.jax import distribution_lib as jax_distribution
+    jax_distribution.initialize_rng()
+
+
+def _jax_strategy(name: str, where: runtime.Runtime,
+                  multihost_timeout: float = TrainConfig.multihost_timeout) -> JaxDataParallel:
     """``name`` on the JAX backend: every strategy but multi_worker_mirrored is data
     parallel over this process's devices; multi_worker_mirrored (or a multi-host TPU
-    slice) first joins the other processes (`keras.distribution.initialize`: on a TPU
-    pod it finds them itself, elsewhere KERAS_DISTRIBUTION_JOB_ADDRESSES,
-    _NUM_PROCESSES and _PROCESS_ID name them)."""
+    slice) first joins the other processes (`join_processes`: on a TPU pod JAX finds them
+    itself, elsewhere KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES and _PROCESS_ID
+    name them)."""
     import jax
     pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if name == "multi_worker_mirrored" or pod:
-        if not pod and "KERAS_DISTRIBUTION_NUM_PROCESSES" not in os.environ:
-            raise ValueError("strategy 'multi_worker_mirrored' on the JAX backend needs "
-                             "KERAS_DISTRIBUTION_JOB_ADDRESSES (coordinator host:port first), "
-                             "KERAS_DISTRIBUTION_NUM_PROCESSES and "
-                             "KERAS_DISTRIBUTION_PROCESS_ID (a TPU pod sets them itself)")
         if not jax.distributed.is_initialized():
-            keras.distribution.initialize()
+            join_processes(multihost_timeout, pod=pod)
     if name == "tpu" and jax.default_backend() != "tpu":
         raise ValueError(f"strategy 'tpu': JAX sees no TPU ({jax.default_backend()} devices "
                          f"only) on this {where.accelerator} runtime; "
@@ -192,7 +261,8 @@ def _jax_strategy(name: str, where: runtime.Runtime) -> JaxDataParallel:
     return JaxDataParallel()
 
 
-def get_strategy(name: str = "auto", tpu: str | None = None):
+def get_strategy(name: str = "auto", tpu: str | None = None,
+                 multihost_timeout: float = TrainConfig.multihost_timeout):
     """Returns the strategy named by ``name`` (see `STRATEGIES` and `choose`): a
     `tf.distribute.Strategy`, or on the JAX backend a `JaxDataParallel`.
 
@@ -206,7 +276,7 @@ def get_strategy(name: str = "auto", tpu: str | None = None):
         if tpu and tpu != "local":
             raise ValueError(f"--tpu={tpu}: the JAX backend drives the TPU of this VM only "
                              "(a TPU node at an address needs --backend=tensorflow)")
-        return _jax_strategy(name, runtime.detect())
+        return _jax_strategy(name, runtime.detect(), multihost_timeout)
     # Physical, not logical: listing logical devices starts the runtime, after which a
     # multi-worker strategy can no longer configure its collectives.
     gpus = tf.config.list_physical_devices("GPU")

@@ -146,14 +146,15 @@ _DEFAULT = settings.FusionSettings  # one default per setting (its flag's)
 def train(model_dir: str, fusion_dir: str, *, data_dir: str | None = None,
           checkpoint: str = _DEFAULT.checkpoint, epochs: int = _DEFAULT.epochs,
           batch_size: int = _DEFAULT.batch_size, learning_rate: float = _DEFAULT.learning_rate,
-          seed: int = _DEFAULT.seed) -> dict:
+          seed: int = _DEFAULT.seed,
+          lock_lease_minutes: float = _DEFAULT.lock_lease_minutes) -> dict:
     """Caches the run's embeddings (once) and trains the fusion head on them; writes
     ``fusion_dir/fusion.keras`` (the epoch with the best validation product accuracy)
     and ``fusion_dir/config.json``; returns the latter. One writer per fusion dir
     (`folder_lock`)."""
     run = rundir.load_config(model_dir)  # not a run: refused before anything is written
     with folder_lock.hold(f"{fusion_dir.rstrip('/')}/{rundir.LOCK_FILE}",
-                          "tfcdisc.train_fusion", fusion_dir):
+                          "tfcdisc.train_fusion", fusion_dir, lock_lease_minutes):
         return _train(model_dir, run, fusion_dir, data_dir=data_dir, checkpoint=checkpoint,
                       epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                       seed=seed)
@@ -166,6 +167,8 @@ def _train(model_dir: str, run: dict, fusion_dir: str, *, data_dir: str | None,
     data_dir = data_dir or run["train"]["data_dir"]
     builder = input_pipeline.load_builder(
         data_dir, run["train"].get("dataset_config") if own else None)
+    rundir.check_dataset(model_dir, data_dir, input_pipeline.fingerprint(builder),
+                         taxonomy_only=not own)
     image_model = rundir.float32_model(rundir.checkpoint_path(model_dir, checkpoint))
     dim = int(image_model.get_layer("label").input.shape[-1])
     classes = builder.info.features["label"].num_classes

@@ -247,6 +247,20 @@ def load_builder(data_dir: str, config: str | None = None) -> tfds.core.DatasetB
     return tfds.builder_from_directory(versions[-1])
 
 
+def fingerprint(builder) -> dict:
+    """What makes a built dataset the one a run learned: its taxonomy (as a digest) and
+    split sizes. A data dir rebuilt from another catalogue with the same class count
+    would otherwise give an export the new taxonomy's names, without a word."""
+    import hashlib
+    import json
+    taxonomy = (builder.info.metadata or {}).get("taxonomy")
+    digest = hashlib.sha256(json.dumps(taxonomy, sort_keys=True).encode()).hexdigest()
+    return {"taxonomy_sha256": digest[:16],
+            "classes": builder.info.features["label"].num_classes,
+            "splits": {name: split.num_examples
+                       for name, split in sorted(builder.info.splits.items())}}
+
+
 def _read(builder, split: str, shuffle: bool, options: PipelineOptions,
           input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
     read_config = tfds.ReadConfig(input_context=input_context, shuffle_seed=options.seed,

@@ -339,9 +339,24 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     if bn_momentum is not None:
         _set_bn_momentum(model, bn_momentum)
     if weights not in ("none", "imagenet"):
-        model.load_weights(weights) if weights.endswith(".weights.h5") else \
-            model.set_weights(keras.saving.load_model(weights, compile=False).get_weights())
+        _load_weights(model, weights)
     return model
+
+
+def _load_weights(model: keras.Model, path: str) -> None:
+    """``--weights=PATH`` of a previous run into ``model``; a file of another shape (other
+    class counts, backbone or heads) is one line naming the file, not Keras's words."""
+    try:
+        if path.endswith(".weights.h5"):
+            model.load_weights(path)
+        else:
+            model.set_weights(keras.saving.load_model(path, compile=False).get_weights())
+    except (ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--weights={path}: its weights do not fit this model "
+                         f"({model.name}, {model.count_params():,} parameters): {first}; give "
+                         "weights of a run with the same --backbone, heads and dataset "
+                         "categories") from None
 
 
 # --------------------------------------------------------------------------- products

@@ -181,9 +181,13 @@ def distribute_products(strategy, products: Callable[[], tf.data.Dataset], batch
     """``products()`` batched for ``strategy``: static per-replica batches, every product
     once, dummies masked (`input_pipeline.batch_products`).
 
-    ``batch_size`` is global and rounded up to a multiple of the replicas (devices).
+    ``batch_size`` is global, at most the products there are (a batch of 200,000 for 40
+    products padded them all and was OOM-killed), rounded up to a multiple of the
+    replicas (devices).
     """
     replicas = strategy.num_replicas_in_sync
+    if num_products:
+        batch_size = min(batch_size, num_products)
     batch_size = -(-batch_size // replicas) * replicas
     if isinstance(strategy, distribute.JaxDataParallel):  # one batch per process, split
         return input_pipeline.batch_products(  # over its devices by the predictor

@@ -85,6 +85,31 @@ def train_settings(model_dir: str) -> TrainConfig:
     return TrainConfig(**load_config(model_dir)["train"])
 
 
+def check_dataset(model_dir: str, data_dir: str, found: dict, *,
+                  taxonomy_only: bool = False) -> None:
+    """Refuses a data dir whose dataset is not the one the run trained on
+    (`input_pipeline.fingerprint`; ``taxonomy_only``: another build of the same taxonomy
+    will do). A run older than fingerprints is not checked.
+
+    Raises:
+      ValueError: naming the run's dataset and the data dir's.
+    """
+    saved = load_config(model_dir).get("dataset_fingerprint")
+    if not saved:
+        return
+    keys = ("taxonomy_sha256", "classes") if taxonomy_only else tuple(saved)
+    if all(saved.get(k) == found.get(k) for k in keys):
+        return
+
+    def said(f: dict) -> str:
+        splits = ", ".join(f"{k} {v}" for k, v in (f.get("splits") or {}).items())
+        return f"{f.get('classes')} categories, taxonomy {f.get('taxonomy_sha256')}, {splits}"
+    raise ValueError(
+        f"{data_dir} holds another dataset than the one {model_dir} trained on (the run: "
+        f"{said(saved)}; {data_dir} now: {said(found)}), rebuilt since?; give the run's own "
+        "dataset (rebuild it from its catalogue), or train a new run on this one")
+
+
 def read_backup(model_dir: str) -> dict | None:
     """The backup state of a run (see `Backup`), or None for a fresh run."""
     return atomic.load_json(model_dir.rstrip("/") + "/backup/state.json", None,
@@ -115,6 +140,15 @@ def checkpoint_path(model_dir: str, which: str = "best") -> str:
         raise FileNotFoundError(f"{path}: no {which} checkpoint; has `python -m tfcdisc.train "
                                 f"--model_dir={model_dir}` finished an epoch?")
     return path
+
+
+def non_finite_weight(model: keras.Model) -> str | None:
+    """The path of the model's first weight holding a NaN or an infinity, or None."""
+    import numpy as np
+    for variable in model.weights:
+        if not np.isfinite(keras.ops.convert_to_numpy(variable.value)).all():
+            return variable.path
+    return None
 
 
 def _in_float32(config):

@@ -35,16 +35,20 @@ from typing import Callable, Mapping
 TF_VERSION = "2.20"
 # Where Google publishes the libtpu builds that match each tensorflow-tpu release.
 LIBTPU_INDEX = "https://storage.googleapis.com/libtpu-tf-releases/index.html"
-_TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "COLAB_TPU_ADDR", "TPU_WORKER_ID",
-            "TPU_WORKER_HOSTNAMES")
-_TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-tpu")
+# Every name TensorFlow is published under (they all write the ``tensorflow`` module).
+_TF_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-tpu",
+                     "tensorflow-gpu", "tensorflow-rocm", "tensorflow-macos",
+                     "tensorflow-aarch64", "tensorflow-cpu-aws", "intel-tensorflow",
+                     "tf-nightly", "tf-nightly-cpu", "tf-nightly-gpu", "tf-nightly-tpu")
 _JAX_DISTRIBUTIONS = ("jax", "jaxlib", "libtpu", "libtpu-nightly")
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips on the PCI bus (v4 and later); GPUs are 0x10de, 0x1002
 # Which TensorFlow distribution each route wants, and which present ones serve it.
 _TF_FOR = {"tpu": "tensorflow-cpu", "tpu-tf": "tensorflow-tpu", "gpu": "tensorflow",
            "cpu": "tensorflow"}
 _SERVES = {"tpu": ("tensorflow-cpu", "tensorflow", "tensorflow-intel"),
-           "tpu-tf": ("tensorflow-tpu",), "gpu": ("tensorflow",),
-           "cpu": ("tensorflow", "tensorflow-cpu", "tensorflow-intel")}
+           "tpu-tf": ("tensorflow-tpu",), "gpu": ("tensorflow", "tensorflow-rocm"),
+           "cpu": ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos",
+                   "tensorflow-aarch64", "tensorflow-cpu-aws", "intel-tensorflow")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,26 +60,51 @@ class Runtime:
     detail: str = ""  # e.g. the TPU type (v5litepod-1, v3-8) or how it was recognised
 
 
+def _pci_vendors() -> set[str]:
+    import glob
+    vendors = set()
+    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(path) as f:
+                vendors.add(f.read().strip().lower())
+        except OSError:
+            pass
+    return vendors
+
+
+def _libtpu_installed() -> bool:
+    return any(importlib.util.find_spec(m) is not None for m in ("libtpu", "libtpu_nightly"))
+
+
 def detect(env: Mapping[str, str] | None = None,
            exists: Callable[[str], bool] = os.path.exists,
-           which: Callable[[str], str | None] = shutil.which) -> Runtime:
-    """Recognises the runtime from its environment and device files (no TensorFlow).
+           which: Callable[[str], str | None] = shutil.which,
+           pci_vendors: Callable[[], set[str]] = _pci_vendors,
+           libtpu: Callable[[], bool] = _libtpu_installed) -> Runtime:
+    """Recognises the runtime from the device's own evidence (no TensorFlow).
 
-    A TPU VM shows /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later) or sets a TPU_*
-    variable; a GPU shows /dev/nvidia0 or nvidia-smi.
+    A TPU: its driver's /dev/accel0 (v2-v4), or a VFIO device group /dev/vfio/0 (v5e and
+    later) backed by a Google PCI device or a libtpu, or the runtime's
+    TPU_ACCELERATOR_TYPE. Not /dev/vfio/vfio (any VM with VFIO has it) nor a stray
+    TPU_NAME alone. A GPU: /dev/nvidia0 or nvidia-smi (NVIDIA), /dev/kfd (AMD ROCm).
     """
     env = os.environ if env is None else env
     host = ("colab" if "COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env else
             "kaggle" if "KAGGLE_KERNEL_RUN_TYPE" in env or "KAGGLE_URL_BASE" in env else
             "other")
-    tpu_env = [k for k in _TPU_ENV if env.get(k)]
-    if tpu_env:
-        return Runtime("tpu", host, env.get("TPU_ACCELERATOR_TYPE") or tpu_env[0])
-    for dev in ("/dev/accel0", "/dev/vfio/0", "/dev/vfio/vfio"):
-        if exists(dev):
-            return Runtime("tpu", host, dev)
+    if env.get("TPU_ACCELERATOR_TYPE"):
+        return Runtime("tpu", host, env["TPU_ACCELERATOR_TYPE"])
+    if exists("/dev/accel0"):
+        return Runtime("tpu", host, "/dev/accel0")
+    if exists("/dev/vfio/0"):
+        if GOOGLE_PCI_VENDOR in pci_vendors():
+            return Runtime("tpu", host, "/dev/vfio/0, Google PCI device")
+        if libtpu():
+            return Runtime("tpu", host, "/dev/vfio/0, libtpu")
     if exists("/dev/nvidia0") or which("nvidia-smi"):
         return Runtime("gpu", host, "nvidia")
+    if exists("/dev/kfd"):
+        return Runtime("gpu", host, "rocm")
     return Runtime("cpu", host)
 
 

@@ -32,13 +32,53 @@ TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None,
-            lower_bound: float | None = None, required: bool = False,
-            model: bool = False, repeated: bool = False) -> Any:
+            lower_bound: float | None = None, upper_bound: float | None = None,
+            below: float | None = None, required: bool = False,
+            model: bool = False, repeated: bool = False, role: str | None = None) -> Any:
     """A dataclass field that also describes its flag (``repeated``: the flag may be
-    given several times, a list)."""
+    given several times, a list). A float must be finite (``nan`` passes a lower bound),
+    at most ``upper_bound`` and less than ``below``: past them a value means nothing
+    (a label smoothing of 5 trained a diverging run to the end). ``role``: "input",
+    "output" or "replaced" (an output folder replaced whole), a path the command reads or
+    writes (`paths.check_apart` keeps them apart)."""
     return dataclasses.field(default=default, metadata=dict(
-        help=help, choices=choices, lower_bound=lower_bound, required=required, model=model,
-        repeated=repeated))
+        help=help, choices=choices, lower_bound=lower_bound, upper_bound=upper_bound,
+        below=below, required=required, model=model, repeated=repeated, role=role))
+
+
+def lease_setting() -> Any:
+    """``--lock_lease_minutes`` of every command that holds a folder's lock."""
+    from tfcdisc.catalogue.folder_lock import DEFAULT_LEASE_MINUTES
+    return setting(DEFAULT_LEASE_MINUTES, "Minutes after which a lock of another host whose "
+                   "holder stopped refreshing it (a recycled VM, a preempted TPU) is taken "
+                   "over; its holder refreshes it every quarter of this.", lower_bound=0.1)
+
+
+def paths_by_role(settings: Any, *roles: str) -> dict[str, str]:
+    """``{"--flag": path}`` of the settings' paths of the given roles (`setting`)."""
+    out = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if f.metadata.get("role") in roles and value:
+            for i, path in enumerate(value if isinstance(value, list) else [value]):
+                out[f"--{f.name}" + (f"[{i}]" if isinstance(value, list) else "")] = path
+    return out
+
+
+def bound_problem(name: str, value: Any, metadata: dict) -> str | None:
+    """Why ``value`` is out of a setting's bounds (one line naming the flag), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        return f"--{name}={value}: must be a finite number"
+    low, high, below = (metadata.get(k) for k in ("lower_bound", "upper_bound", "below"))
+    if low is not None and value < low:
+        return f"--{name}={value}: must be at least {low}"
+    if high is not None and value > high:
+        return f"--{name}={value}: must be at most {high}"
+    if below is not None and value >= below:
+        return f"--{name}={value}: must be less than {below}"
+    return None
 
 
 @dataclasses.dataclass
@@ -46,10 +86,11 @@ class TrainConfig:
     """Everything a training run needs; the train command fills it from its flags."""
 
     data_dir: str = setting("", "Where `tfds build` wrote the cdiscount dataset (local or "
-                            "gs://).", required=True)
+                            "gs://).", required=True, role="input")
     dataset_config: str | None = setting(None, DATASET_CONFIG_HELP)
     model_dir: str = setting("", "Run folder: checkpoints, history.csv, TensorBoard logs, "
-                             "backup (local or gs://).", required=True)
+                             "backup (local or gs://).", required=True,
+                             role="output")
     backbone: str = setting("efficientnetv2_b0", "Image backbone.", choices=BACKBONE_NAMES,
                             model=True)
     image_size: int = setting(180, "Side of the square model input (images are 180x180; "
@@ -71,17 +112,19 @@ class TrainConfig:
                                    "global batch / 256.", lower_bound=0.0)
     warmup_epochs: float = setting(1.0, "Linear warm-up, then cosine decay.", lower_bound=0.0)
     weight_decay: float = setting(5e-5, "Decoupled weight decay.", lower_bound=0.0)
-    label_smoothing: float = setting(0.1, "Label smoothing of every head.", lower_bound=0.0)
-    dropout: float = setting(0.2, "Dropout before the heads.", lower_bound=0.0)
+    label_smoothing: float = setting(0.1, "Label smoothing of every head.", lower_bound=0.0,
+                                     below=1.0)
+    dropout: float = setting(0.2, "Dropout before the heads.", lower_bound=0.0, below=1.0)
     level1_loss_weight: float = setting(0.0, "Loss weight of an auxiliary level-1 head "
                                         "(0: no head).", lower_bound=0.0, model=True)
     level2_loss_weight: float = setting(0.0, "Loss weight of an auxiliary level-2 head "
                                         "(0: no head).", lower_bound=0.0, model=True)
     bn_momentum: float | None = setting(None, "BatchNormalization momentum override; 0.9 "
                                         "for short runs, so inference-mode statistics keep "
-                                        "up with the weights.")
+                                        "up with the weights.", lower_bound=0.0, below=1.0)
     crop_area: float = setting(0.5, "Smallest fraction of an image a training crop covers "
-                               "(random resized crop on the accelerator).", lower_bound=0.05)
+                               "(random resized crop on the accelerator).", lower_bound=0.05,
+                               upper_bound=1.0)
     backend: str = setting("auto", BACKEND_HELP, choices=BACKENDS)
     mixed_precision: str = setting("auto", "auto: bfloat16 on TPU, float16 on GPU, float32 "
                                    "on CPU.", choices=PRECISIONS)
@@ -126,6 +169,10 @@ class TrainConfig:
     overwrite: bool = setting(False, "Replace another run in --model_dir (its checkpoints, "
                               "backup, history and logs are deleted); without it such a dir "
                               "is refused. The same run always resumes.")
+    lock_lease_minutes: float = lease_setting()
+    multihost_timeout: float = setting(
+        300.0, "Seconds a multi-host JAX run (KERAS_DISTRIBUTION_* variables, a TPU pod) "
+        "waits for all its processes to join before it stops with one line.", lower_bound=1.0)
 
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["model"])
@@ -137,7 +184,8 @@ OPERATIONAL_FIELDS = ("model_dir", "data_dir", "backend", "strategy", "tpu", "da
                       "steps_per_execution", "eval_batch_size", "per_replica_eval_batch_size",
                       "eval_max_batches", "backup_every_steps", "backup_every_minutes",
                       "jit_compile", "log_every_steps", "verbose", "deterministic",
-                      "shuffle_buffer", "overwrite")
+                      "shuffle_buffer", "overwrite", "lock_lease_minutes",
+                      "multihost_timeout")
 
 
 def check(settings: Any) -> None:
@@ -150,8 +198,9 @@ def check(settings: Any) -> None:
             continue
         if m.get("choices") and value not in m["choices"]:
             raise ValueError(f"--{f.name}={value}: choose from {', '.join(m['choices'])}")
-        if m.get("lower_bound") is not None and value < m["lower_bound"]:
-            raise ValueError(f"--{f.name}={value}: must be at least {m['lower_bound']}")
+        problem = bound_problem(f.name, value, m)
+        if problem:
+            raise ValueError(problem)
 
 
 def differences(saved: dict, settings: Any, fields: Sequence[str]) -> list[str]:
@@ -170,9 +219,12 @@ ERROR_MODES = ("strict", "skip")
 class InferenceSettings:
     """What predict and evaluate share: the export, the products, where the model runs."""
 
-    saved_model: str = setting(None, "Folder written by tfcdisc.export.", required=True)
-    bson: str | None = setting(None, "A Kaggle-style BSON file (local or gs://).")
-    data_dir: str | None = setting(None, "A built TFDS cdiscount dataset (instead of --bson).")
+    saved_model: str = setting(None, "Folder written by tfcdisc.export.", required=True,
+                                role="input")
+    bson: str | None = setting(None, "A Kaggle-style BSON file (local or gs://).",
+                               role="input")
+    data_dir: str | None = setting(None, "A built TFDS cdiscount dataset (instead of --bson).",
+                                   role="input")
     split: str = setting("test", "The TFDS split, with --data_dir.")
     dataset_config: str | None = setting(None, DATASET_CONFIG_HELP)
     batch_size: int = setting(256, "Products per step across all replicas (rounded up to a "
@@ -188,9 +240,11 @@ class InferenceSettings:
 
 @dataclasses.dataclass
 class PredictSettings(InferenceSettings):
-    output: str = setting("submission.csv", "The submission CSV (_id,category_id).")
+    output: str = setting("submission.csv", "The submission CSV (_id,category_id).",
+                          role="output")
     top_k_output: str | None = setting(None, "Also write top-k ids and probabilities per "
-                                       "product (.parquet or .csv), for ensembling.")
+                                       "product (.parquet or .csv), for ensembling.",
+                                       role="output")
     allow_missing: bool = setting(False, "With --errors=skip, write the submission even if "
                                   "unreadable documents leave products without a row (listed "
                                   "in the report as lost).")
@@ -204,18 +258,22 @@ class PredictSettings(InferenceSettings):
 class EvaluateSettings(InferenceSettings):
     split: str = setting("validation", "The TFDS split, with --data_dir.")
     labels: str | None = setting(None, "_id,category_id CSV for an unlabelled --bson "
-                                 "(test_labels.csv of a synthetic catalogue).")
-    output: str | None = setting(None, "Also write the report to this JSON file.")
-    plot: str | None = setting(None, "Save a PNG: accuracy by category size and by level.")
+                                 "(test_labels.csv of a synthetic catalogue).",
+                                 role="input")
+    output: str | None = setting(None, "Also write the report to this JSON file.",
+                                 role="output")
+    plot: str | None = setting(None, "Save a PNG: accuracy by category size and by level.",
+                               role="output")
     strict: bool = setting(False, "Fail (exit 2) when labels name categories the export "
                            "does not know, instead of warning.")
 
 
 @dataclasses.dataclass
 class ExportSettings:
-    model_dir: str = setting(None, "A finished (or running) train run.", required=True)
+    model_dir: str = setting(None, "A finished (or running) train run.", required=True,
+                             role="input")
     export_dir: str = setting(None, "Where to write the SavedModel (local or gs://).",
-                              required=True)
+                              required=True, role="replaced")
     top_k: int = setting(5, "Categories per product in top_k_* outputs.", lower_bound=1)
     checkpoint: str = setting("best", "best: highest validation product accuracy; last: "
                               "the last finished epoch.", choices=CHECKPOINTS)
@@ -224,24 +282,26 @@ class ExportSettings:
                        "signatures.", choices=TTA_MODES)
     fusion_dir: str | None = setting(None, "A fusion head of this run "
                                      "(`tfcdisc.train_fusion`): products are scored from "
-                                     "their images' embeddings together.")
+                                     "their images' embeddings together.", role="input")
     duplicates_from: str | None = setting(
         None, "A built dataset (usually the run's --data_dir): embed a table of its "
         "training images' exact bytes, blended with the model where a product's image "
-        "recurs, with a weight chosen on its validation split.")
+        "recurs, with a weight chosen on its validation split.", role="input")
+    lock_lease_minutes: float = lease_setting()
 
 
 @dataclasses.dataclass
 class EnsembleSettings:
     saved_model: list[str] = setting(None, "A member export (repeat the flag).",
-                                     required=True, repeated=True)
+                                     required=True, repeated=True, role="input")
     weights: list[str] | None = setting(None, "One weight per --saved_model, in order "
                                         "(default: equal).")
     export_dir: str = setting(None, "Where to write the ensemble (local or gs://).",
-                              required=True)
+                              required=True, role="replaced")
     duplicates_from: str | None = setting(
         None, "A built dataset: give the ensemble a duplicate-image table, weighed on its "
-        "validation split (as `tfcdisc.export --duplicates_from`).")
+        "validation split (as `tfcdisc.export --duplicates_from`).", role="input")
+    lock_lease_minutes: float = lease_setting()
 
     def __post_init__(self):
         check_ensemble_members(self.saved_model or [])
@@ -255,25 +315,31 @@ def check_ensemble_members(members) -> None:
 
 @dataclasses.dataclass
 class FusionSettings:
-    model_dir: str = setting(None, "A finished train run.", required=True)
-    fusion_dir: str = setting(None, "Where the feature cache and the head go.", required=True)
-    data_dir: str | None = setting(None, "The built dataset (default: the run's).")
+    model_dir: str = setting(None, "A finished train run.", required=True, role="input")
+    fusion_dir: str = setting(None, "Where the feature cache and the head go.", required=True,
+                              role="output")
+    data_dir: str | None = setting(None, "The built dataset (default: the run's).",
+                                   role="input")
     checkpoint: str = setting("best", "The run's checkpoint whose embeddings the head learns "
                               "from (export uses the same).", choices=CHECKPOINTS)
     epochs: int = setting(10, "Epochs over the cached embeddings.", lower_bound=1)
     batch_size: int = setting(256, "Products per step.", lower_bound=1)
     learning_rate: float = setting(1e-3, "AdamW learning rate.", lower_bound=0.0)
     seed: int = setting(0, "Random seed.")
+    lock_lease_minutes: float = lease_setting()
 
 
 @dataclasses.dataclass
 class ShowSettings:
-    output: str = setting(None, "The PNG to write (local or gs://).", required=True)
-    data_dir: str | None = setting(None, "A built TFDS cdiscount dataset.")
+    output: str = setting(None, "The PNG to write (local or gs://).", required=True,
+                          role="output")
+    data_dir: str | None = setting(None, "A built TFDS cdiscount dataset.", role="input")
     split: str = setting("train", "The split, with --data_dir.")
     dataset_config: str | None = setting(None, DATASET_CONFIG_HELP)
-    bson: str | None = setting(None, "A Kaggle-style BSON file, with --saved_model.")
-    saved_model: str | None = setting(None, "An export: show its predictions.")
+    bson: str | None = setting(None, "A Kaggle-style BSON file, with --saved_model.",
+                               role="input")
+    saved_model: str | None = setting(None, "An export: show its predictions.",
+                                      role="input")
     num_products: int = setting(16, "Products in the picture.", lower_bound=1)
     columns: int = setting(4, "Products per row.", lower_bound=1)
     seed: int = setting(0, "Which products a split shows (random draw).")
@@ -293,14 +359,15 @@ class InspectSettings:
 @dataclasses.dataclass
 class SynthSettings:
     output_dir: str = setting(None, "Folder (local or gs://) to write the catalogue to.",
-                              required=True)
+                              required=True, role="output")
     num_train_products: int = setting(2000, "Products in train.bson.", lower_bound=1)
     num_test_products: int = setting(500, "Products in test.bson.", lower_bound=0)
     num_categories: int | None = setting(None, "Categories used (default 40, fewer if the "
                                          "taxonomy is smaller).", lower_bound=1)
     category_names: str | None = setting(None, "A category_names.csv to sample real "
                                          "categories from (copied whole into the output). "
-                                         "Default: a built-in invented taxonomy.")
+                                         "Default: a built-in invented taxonomy.",
+                                         role="input")
     seed: int = setting(0, "Random seed; the catalogue is deterministic for a seed.")
     workers: int | None = setting(None, "Rendering processes (default: every core).")
     difficulty: str = setting(
@@ -309,6 +376,9 @@ class SynthSettings:
         "products and between train and test, half of them unlike their category (about "
         "38% of training images are copies, as in the real file), 5% wrong training labels.",
         choices=("easy", "hard"))
+    overwrite: bool = setting(False, "Replace a catalogue already in --output_dir (its "
+                              "train.bson, test.bson, category_names.csv); without it such a "
+                              "folder is refused.")
 
 
 @dataclasses.dataclass

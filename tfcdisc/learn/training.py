@@ -79,6 +79,49 @@ class LearningRateLogger(keras.callbacks.Callback):
                 self.model.optimizer.learning_rate))
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite: nothing more of the run is kept."""
+
+
+_DIVERGED_FIX = ("lower --learning_rate (or --weight_decay, --label_smoothing) and rerun "
+                 "with --overwrite")
+
+
+def check_finite_weights(model: keras.Model, what: str) -> None:
+    """Refuses to keep (``what``: a checkpoint, a backup) weights that are not finite:
+    a diverging run must never replace its best checkpoint or its backup with them.
+
+    Raises:
+      TrainingDiverged: naming the first non-finite weight.
+    """
+    bad = rundir.non_finite_weight(model)
+    if bad:
+        raise TrainingDiverged(f"weight {bad} is not finite: the run diverged and {what} was "
+                               f"not written (the previous one is kept); {_DIVERGED_FIX}")
+
+
+class StopOnNonFiniteLoss(keras.callbacks.TerminateOnNaN):
+    """Keras's TerminateOnNaN, raising at once (no epoch end, so no checkpoint, history
+    row or backup of the diverged state), as one line naming the epoch and step."""
+
+    def __init__(self):
+        super().__init__(raise_error=True)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            raise TrainingDiverged(
+                f"the training loss became {float(logs['loss'])} at epoch {self.epoch}, "
+                f"step {batch + 1}: the run diverged; training stopped there, and the "
+                f"checkpoints and backup keep the last finite epoch; {_DIVERGED_FIX}"
+            ) from None
+
+
 class WholeCheckpoint(keras.callbacks.ModelCheckpoint):
     """Keras's ModelCheckpoint (its monitor, mode and best-only rule), written whole or
     not at all: Keras saves to a local temporary file, which replaces the checkpoint only
@@ -90,6 +133,7 @@ class WholeCheckpoint(keras.callbacks.ModelCheckpoint):
         self.target = filepath
 
     def on_epoch_end(self, epoch, logs=None):
+        check_finite_weights(self.model, self.target)
         with atomic.via_local(self.target) as local:  # copied if Keras saved this epoch
             self.filepath = local
             super().on_epoch_end(epoch, logs)
@@ -169,6 +213,7 @@ class Backup(keras.callbacks.Callback):
         self.save(epoch + 1, 0)
 
     def save(self, epoch: int, step: int) -> None:
+        check_finite_weights(self.model, f"the backup of epoch {epoch}, step {step}")
         tf.io.gfile.makedirs(self.directory)
         name = f"epoch{epoch}-step{step}.weights.h5"
         # HDF5 writes into a local temporary folder (a full disk inside its write crashed
@@ -391,7 +436,7 @@ class _Setup:
 def _set_up(cfg: TrainConfig) -> _Setup:
     settings.check(cfg)
     used_backend = backend_lib.select(cfg.backend)
-    strategy = distribute.get_strategy(cfg.strategy, cfg.tpu)
+    strategy = distribute.get_strategy(cfg.strategy, cfg.tpu, cfg.multihost_timeout)
     distribution = distribute.describe(strategy)  # e.g. backend jax, DataParallel over 8 ...
     logging.info("train: %s", distribution)  # the run's first log line
     distribute.check_paths_for(strategy, data_dir=cfg.data_dir, model_dir=cfg.model_dir)
@@ -403,6 +448,11 @@ def _set_up(cfg: TrainConfig) -> _Setup:
     _check_dataset(builder, cfg.data_dir)
     batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
                                          strategy.num_replicas_in_sync)
+    if batch > info["train_images"]:
+        raise ValueError(
+            f"a step of {batch} images is more than the {info['train_images']} training "
+            f"images in {cfg.data_dir}: no whole batch exists; lower --global_batch_size "
+            "(or --per_replica_batch_size)")
     _check_jit_compile(cfg, strategy)
     if cfg.backup_every_minutes and isinstance(strategy,
                                                tf.distribute.MultiWorkerMirroredStrategy):
@@ -431,7 +481,8 @@ def _model(cfg: TrainConfig, run: _Setup) -> keras.Model:
 def _write_run_files(cfg: TrainConfig, run: _Setup, flags_text: str | None) -> None:
     model_dir = cfg.model_dir.rstrip("/")
     atomic.write(rundir.config_path(model_dir), json.dumps(
-        {"train": dataclasses.asdict(cfg), "dataset": run.info, "policy": run.policy,
+        {"train": dataclasses.asdict(cfg), "dataset": run.info,
+         "dataset_fingerprint": input_pipeline.fingerprint(run.builder), "policy": run.policy,
          "backend": run.backend, "distribution": run.distribution,
          "strategy": type(run.strategy).__name__,
          "replicas": run.strategy.num_replicas_in_sync, "global_batch_size": run.batch,
@@ -473,8 +524,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
     with contextlib.ExitStack() as lock:
         if chief:  # the lock makes the folder: a read-only one is refused here
             lock.enter_context(folder_lock.hold(f"{model_dir}/{rundir.LOCK_FILE}",
-                                                "tfcdisc.train", model_dir))
+                                                "tfcdisc.train", model_dir,
+                                                cfg.lock_lease_minutes))
         resume = rundir.prepare(model_dir, cfg, delete=chief)
+        if resume and tf.io.gfile.exists(rundir.config_path(model_dir)):
+            rundir.check_dataset(model_dir, cfg.data_dir, input_pipeline.fingerprint(run.builder))
         backup = rundir.read_backup(model_dir) if resume else None
         # Read before config.json is rewritten: the global batch the backup counted in.
         previous_batch = (rundir.load_config(model_dir).get("global_batch_size")
@@ -501,10 +555,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
                 print(f"train: {moved}", file=sys.stderr)
             if backup.get("best") is not None:
                 best.best = backup["best"]
-            if chief:
-                rundir.keep_history_before(model_dir + "/history.csv", epoch)
             print(f"train: resuming {model_dir} at epoch {epoch}, step {step}", file=sys.stderr)
 
+        if chief:  # rows of epochs past the backup (or of a first epoch whose backup
+            # failed, when there is none) are redone: one row per epoch
+            rundir.keep_history_before(model_dir + "/history.csv", epoch)
         train_data = _train_data(cfg, run, tuple(model.output))
         val_ds = product_eval.distribute_products(
             strategy, lambda: input_pipeline.split_products(run.builder, "validation"),
@@ -515,6 +570,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         saver = Backup(out_dir + "/backup", cfg.backup_every_steps, best,
                        cfg.backup_every_minutes, run.batch, agree=_agreement(strategy))
         all_callbacks = [
+            StopOnNonFiniteLoss(),  # first: nothing after it sees a diverged step
             evaluation,  # before the callbacks that read its val_* logs
             LearningRateLogger(),
             best,

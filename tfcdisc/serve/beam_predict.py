@@ -65,6 +65,7 @@ def predict(saved_model: str, output: str, *, bson: str, beam_options,
                 [bson], [f"{work}/index.idx.npz"], errors=errors, beam_options=beam_options,
                 range_bytes=beam_index.RANGE_BYTES)[bson]
         inference.lost_from(index, stats)
+        inference.refuse_empty(bson, len(index), stats)
         inference.refuse_missing(stats, bson, allow_missing)
         size = int(index.offsets[-1] + index.lengths[-1] - index.offsets[0]) if len(index) else 0
         n = max(1, min(len(index), math.ceil(size / range_bytes)))

@@ -44,7 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcdisc.catalogue import atomic, folder_lock
+from tfcdisc.catalogue import atomic, folder_lock, paths
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 from tfcdisc.learn import duplicates, input_pipeline, models, product_eval
 from tfcdisc.serve import export_layout, graph_check
@@ -173,15 +173,18 @@ def _whole_or_not_at_all(export_dir: str):
         yield target
 
 
-def writer(export_dir: str):
+def writer(export_dir: str, lease_minutes: float = folder_lock.DEFAULT_LEASE_MINUTES):
     """The export dir's lock (`folder_lock`): one writer at a time, taken before the work
-    and held (re-entered) while the files are written."""
-    final = export_dir.rstrip("/")
-    return folder_lock.hold(final + ".tfcdisc-writer.lock", "tfcdisc.export", final)
+    and held (re-entered) while the files are written. A linked export dir is its
+    target's: both names take one lock."""
+    final = paths.resolved(export_dir)
+    return folder_lock.hold(final + ".tfcdisc-writer.lock", "tfcdisc.export", final,
+                            lease_minutes)
 
 
 @contextlib.contextmanager
 def _into_place(final: str):
+    final = paths.resolved(final)  # a link to the export dir stays a link to the new one
     if tf.io.gfile.isdir(final) and tf.io.gfile.listdir(final) and \
             not tf.io.gfile.exists(f"{final}/{METADATA}") and \
             not tf.io.gfile.exists(f"{final}/saved_model.pb"):
@@ -255,27 +258,28 @@ def verify(export_dir: str, meta: dict | None = None) -> None:
     """
     meta = read_metadata(export_dir) if meta is None else meta
     recorded = meta.get("files")
-    if recorded is None:  # exports of earlier versions recorded none
-        logging.warning("%s records no checksums (an earlier version's export); its files "
-                        "cannot be checked: export it again", export_dir)
-    else:
-        found = checksums(export_dir)
-        for rel in sorted(set(recorded) | set(found)):
-            if recorded.get(rel) != found.get(rel):
-                what = ("is missing" if rel not in found else
-                        "is not part of it" if rel not in recorded else
-                        "differs from what the export recorded (truncated, damaged or "
-                        "replaced)")
-                raise ValueError(f"{export_dir}: {rel} {what}; export it again")
+    if not isinstance(recorded, dict):  # an earlier version's export, or one edited to hide
+        raise ValueError(                # a swapped file: never trusted unchecked
+            f"{export_dir}: {METADATA} records no checksums of its files (an earlier "
+            "version's export, or an edited one), so they cannot be checked; export it again "
+            "from its run with this version")
+    found = checksums(export_dir)
+    for rel in sorted(set(recorded) | set(found)):
+        if recorded.get(rel) != found.get(rel):
+            what = ("is missing" if rel not in found else
+                    "is not part of it" if rel not in recorded else
+                    "differs from what the export recorded (truncated, damaged or "
+                    "replaced)")
+            raise ValueError(f"{export_dir}: {rel} {what}; export it again")
     graph = f"{export_dir.rstrip('/')}/saved_model.pb"
     if not tf.io.gfile.exists(graph):
         raise ValueError(f"{export_dir}: saved_model.pb is missing; export it again")
     with tf.io.gfile.GFile(graph, "rb") as f:
         problem = graph_check.problem(f.read())
     if problem:
-        raise ValueError(f"{export_dir}: saved_model.pb is not an inference graph: {problem}, "
-                         "file, process or network I/O that tfcdisc.export never writes; do "
-                         "not use this export, export again from its run")
+        raise ValueError(f"{export_dir}: saved_model.pb is not an inference graph: {problem} "
+                         "(tfcdisc.export never writes it); do not use this export, export "
+                         "again from its run")
 
 
 def read_metadata(export_dir: str) -> dict:
@@ -303,7 +307,12 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
     table = None
     if meta.get("duplicates"):
         with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{DUPLICATES}", "rb") as f:
-            table = duplicates.Table.from_bytes(f.read())
+            data = f.read()
+        try:
+            table = duplicates.Table.from_bytes(data)
+        except (ValueError, KeyError, OSError) as e:  # pickled objects are never loaded
+            raise ValueError(f"{export_dir}: {DUPLICATES} is not the table tfcdisc.export "
+                             f"writes ({e}); export it again") from None
     return Export(export_dir, model, meta["image_size"], meta["top_k"], meta["fallback_class"],
                   taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"]),
                   meta.get("max_image_pixels"), table, fusion_model)

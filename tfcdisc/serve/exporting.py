@@ -30,7 +30,8 @@ _EXPORT = settings.ExportSettings  # one default per setting (its flag's)
 def export(model_dir: str, export_dir: str, *, top_k: int = _EXPORT.top_k,
            checkpoint: str = _EXPORT.checkpoint, tta: str = _EXPORT.tta,
            duplicates_from: str | None = None,
-           fusion_dir: str | None = None) -> dict:
+           fusion_dir: str | None = None,
+           lock_lease_minutes: float = _EXPORT.lock_lease_minutes) -> dict:
     """Writes the SavedModel; returns a summary (paths, classes, fallback category).
 
     ``tta="flip"`` averages each image's original and mirrored views in log-probability
@@ -46,8 +47,10 @@ def export(model_dir: str, export_dir: str, *, top_k: int = _EXPORT.top_k,
     if keras.backend.backend() != "tensorflow":
         return _in_tensorflow_process("export", model_dir=model_dir, export_dir=export_dir,
                                       top_k=top_k, checkpoint=checkpoint, tta=tta,
-                                      duplicates_from=duplicates_from, fusion_dir=fusion_dir)
-    with export_format.writer(export_dir):  # a busy or read-only export dir is refused before the work
+                                      duplicates_from=duplicates_from, fusion_dir=fusion_dir,
+                                      lock_lease_minutes=lock_lease_minutes)
+    # A busy or read-only export dir is refused before the work.
+    with export_format.writer(export_dir, lock_lease_minutes):
         return _export(model_dir, export_dir, top_k=top_k, checkpoint=checkpoint, tta=tta,
                        duplicates_from=duplicates_from, fusion_dir=fusion_dir)
 
@@ -56,6 +59,7 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
             duplicates_from: str | None, fusion_dir: str | None) -> dict:
     cfg = rundir.train_settings(model_dir)
     builder = input_pipeline.load_builder(cfg.data_dir, cfg.dataset_config)
+    rundir.check_dataset(model_dir, cfg.data_dir, input_pipeline.fingerprint(builder))
     meta = builder.info.metadata or {}
     if "taxonomy" not in meta:
         raise ValueError(f"{cfg.data_dir}: the dataset's metadata has no taxonomy; rebuild "
@@ -75,7 +79,13 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
                              "combine with --tta yet")
         checkpoint = fusion.load_config(fusion_dir)["checkpoint"]
         fusion_head = rundir.float32_model(f"{fusion_dir.rstrip('/')}/{fusion.FUSION_MODEL}")
-    image_model = models.with_tta(rundir.float32_model(rundir.checkpoint_path(model_dir, checkpoint)), tta)
+    path = rundir.checkpoint_path(model_dir, checkpoint)
+    image_model = rundir.float32_model(path)
+    bad = rundir.non_finite_weight(image_model)
+    if bad:  # a diverged run's: it would put every product in one category
+        raise ValueError(f"{path}: weight {bad} is not finite (the run diverged); export "
+                         "another checkpoint, or retrain with a lower --learning_rate")
+    image_model = models.with_tta(image_model, tta)
     if fusion_head is not None:
         image_model = fusion.with_embedding(image_model)
     table = None
@@ -136,8 +146,8 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
 
 
 def ensemble(members: Sequence[str], export_dir: str,
-             weights: Sequence[float] | None = None, duplicates_from: str | None = None
-             ) -> dict:
+             weights: Sequence[float] | None = None, duplicates_from: str | None = None,
+             lock_lease_minutes: float = _EXPORT.lock_lease_minutes) -> dict:
     """One self-contained export that averages its members' probabilities (with
     ``weights``, equal by default). Members are exports of the same taxonomy; they may
     differ in backbone and image size and carry their own test-time augmentation. A
@@ -149,7 +159,7 @@ def ensemble(members: Sequence[str], export_dir: str,
             or not math.isfinite(sum(weights)):
         raise ValueError(f"--weights: {len(members)} finite positive numbers with a finite "
                          f"sum, one per --saved_model (got {list(weights)})")
-    with export_format.writer(export_dir):
+    with export_format.writer(export_dir, lock_lease_minutes):
         return _ensemble(members, export_dir, weights, duplicates_from)
 
 

@@ -145,12 +145,15 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
             from tfcdisc.catalogue import index as index_lib
             index = index_lib.load_or_build(bson, errors=errors)
         lost_from(index, stats)
+        refuse_empty(bson, len(index), stats)
         return lambda: bson_products(index, stats, max_pixels), len(index)
     builder = input_pipeline.load_builder(data_dir, dataset_config)
     if split not in builder.info.splits:
         raise ValueError(f"{data_dir}: no split {split!r}; it has "
                          f"{', '.join(sorted(builder.info.splits))} (--split)")
     total = builder.info.splits[split].num_examples
+    refuse_empty(f"{data_dir} (split {split})", total, stats)
+
     def products():
         return input_pipeline.split_products(builder, split, category_ids=True)
 
@@ -314,6 +317,15 @@ def refuse_missing(stats: PredictStats, bson: str | None, allow_missing: bool) -
             f"cannot be read (first at byte offset {offset}: {problem}), so their products "
             "would have no row; fix the file, or rerun with --allow_missing to write the "
             "submission without them")
+
+
+def refuse_empty(source: str, products: int, stats: PredictStats) -> None:
+    """A source without a single product (a 0-byte file, a failed copy) gave a
+    header-only submission, exit 0; refused unless documents were lost reading it (then
+    `refuse_missing` says so)."""
+    if not products and not stats.products_lost:
+        raise ValueError(f"{source} holds no products; check the file (a failed or "
+                         "unfinished copy?) or the path")
 
 
 def lost_from(index, stats: PredictStats) -> None:

@@ -42,6 +42,16 @@ class CdiscountConfig(shards.BuildOptions, tfds.core.BuilderConfig):
         return self.plain()
 
 
+def _fail_under_tfds(message: str, error: Exception) -> None:
+    """Bad input, a busy or unwritable folder, a full disk are ordinary: under the `tfds`
+    command (its entry module is loaded), one line naming the file and the fix, exit
+    status 2 (TFDS would print a traceback); called from Python, the error is raised."""
+    if "tensorflow_datasets.scripts.cli.main" in sys.modules:
+        print(f"tfds build cdiscount: {message}", file=sys.stderr)
+        sys.exit(2)
+    raise error
+
+
 class Builder(tfds.core.ShardBasedBuilder):
     """DatasetBuilder for the Cdiscount image classification catalogue."""
 
@@ -71,11 +81,19 @@ class Builder(tfds.core.ShardBasedBuilder):
         builds into one folder mixed their splits); under the lock, the ``incomplete.*``
         folder a killed build left (a dataset-sized copy on the real data) goes first."""
         config_dir = os.path.dirname(str(self.data_dir).rstrip("/"))
-        with folder_lock.hold(f"{config_dir}/.tfcdisc-build.lock", "tfds build", config_dir):
-            for stale in tf.io.gfile.glob(f"{config_dir}/incomplete.*"):
-                logging.warning("removing %s, left by a build that did not finish", stale)
-                tf.io.gfile.rmtree(stale)
-            return super().download_and_prepare(*args, **kwargs)
+        try:
+            with folder_lock.hold(f"{config_dir}/.tfcdisc-build.lock", "tfds build",
+                                  config_dir):
+                for stale in tf.io.gfile.glob(f"{config_dir}/incomplete.*"):
+                    logging.warning("removing %s, left by a build that did not finish", stale)
+                    tf.io.gfile.rmtree(stale)
+                return super().download_and_prepare(*args, **kwargs)
+        except (ValueError, FileNotFoundError, shards.ShardWriteError) as e:
+            _fail_under_tfds(str(e), e)
+        except (OSError, tf.errors.OpError) as e:  # a full disk, a read-only folder or HOME
+            reason = getattr(e, "message", None) or str(e)
+            _fail_under_tfds(f"{reason}; nothing of this build is kept: fix it and run the "
+                             "build again", e)
 
     def _info(self) -> tfds.core.DatasetInfo:
         options = self.builder_config.options()
@@ -115,16 +133,7 @@ class Builder(tfds.core.ShardBasedBuilder):
     def _download_and_prepare(self, dl_manager: tfds.download.DownloadManager,
                               download_config: tfds.download.DownloadConfig | None = None
                               ) -> None:
-        try:
-            self._prepare(dl_manager, download_config)
-        except (ValueError, FileNotFoundError) as e:
-            # Bad input is an ordinary mistake: under the `tfds` command (its entry
-            # module is loaded), one line naming the file and the fix, exit status 2
-            # (TFDS would print a traceback); called from Python, the error is raised.
-            if "tensorflow_datasets.scripts.cli.main" in sys.modules:
-                print(f"tfds build cdiscount: {e}", file=sys.stderr)
-                sys.exit(2)
-            raise
+        self._prepare(dl_manager, download_config)
 
     def _prepare(self, dl_manager, download_config) -> None:
         download_config = download_config or tfds.download.DownloadConfig()

@@ -103,10 +103,14 @@ def _write_atomic(path: str, chunks, progress=None) -> int:
     return total
 
 
+# What a catalogue folder holds: synth replaces none of them unless told to.
+CATALOGUE_FILES = ("train.bson", "test.bson", "category_names.csv", "test_labels.csv")
+
+
 def generate(output_dir: str, num_train_products: int, num_test_products: int, *,
              num_categories: int | None = None, category_names: str | None = None,
              seed: int = 0, workers: int | None = None, verbose: bool = False,
-             difficulty: str = "easy") -> dict:
+             difficulty: str = "easy", overwrite: bool = False) -> dict:
     """Writes a synthetic catalogue in the Kaggle layout; returns a summary dict.
 
     Args:
@@ -120,10 +124,16 @@ def generate(output_dir: str, num_train_products: int, num_test_products: int, *
       difficulty: "easy" (clean, distinct looks) or "hard" (`DIFFICULTIES`: shared looks
         within a level-1 branch, noise images, stock photos reused across products and
         between train and test, wrong training labels).
+      overwrite: replace a catalogue already in ``output_dir``; without it such a folder is
+        refused (a user's real train.bson can no longer be downloaded).
     """
     import tensorflow as tf
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"--difficulty={difficulty}: choose from {', '.join(DIFFICULTIES)}")
+    present = [n for n in CATALOGUE_FILES if tf.io.gfile.exists(f"{output_dir.rstrip('/')}/{n}")]
+    if present and not overwrite:
+        raise ValueError(f"{output_dir} holds a catalogue ({', '.join(present)}); give another "
+                         "--output_dir, or --overwrite to replace it")
     hard = DIFFICULTIES[difficulty]
     rng = np.random.default_rng(seed)
     tf.io.gfile.makedirs(output_dir)
