@@ -151,6 +151,9 @@ set, by images per product on the test set, and `evaluate`'s time per test produ
 {common.table(["technique", "validation", "test", "test gain (points)",
                *[f"test, {n} image(s)" for n in counts], "ms / product", "cost"], rows)}
 
+The duplicate table knows the validation split's images too (its weight is chosen with a
+table of the training split alone), so the validation column of the rows with duplicates
+is not held out; their test column is.
 The duplicate table's weight, chosen on the validation split (400 products):
 {dup.get('weight', float('nan')):.1f} (0 leaves it off); it touched {dup.get('products_touched', 'n/a')}
 test products, {dup.get('accuracy_on_touched') or 0:.3f} of them right. Best: {best['test']:.3f}, that is

@@ -24,6 +24,11 @@ RECIPES = {
     "xception_tpu.cfg": ("v5e-1", "v5e-8", "v6e-8"),
     "efficientnetv2_s_tpu.cfg": ("v5e-1", "v5e-8", "v6e-8"),
     "efficientnetv2_b0_gpu.cfg": ("gpu-16g", "gpu-40g", "gpu-80g"),
+    "convnext_small_tpu.cfg": ("v5e-1", "v5e-8", "v6e-8"),
+    # The full-frame fine-tune phases (224 px).
+    "xception_tpu_ft224.cfg": ("v5e-1", "v5e-8", "v6e-8"),
+    "efficientnetv2_s_tpu_ft224.cfg": ("v5e-1", "v5e-8", "v6e-8"),
+    "efficientnetv2_b0_gpu_ft224.cfg": ("gpu-16g", "gpu-40g", "gpu-80g"),
 }
 _START = """
 import sys, time, importlib.abc

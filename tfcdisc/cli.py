@@ -91,7 +91,7 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
                  "as tfcdisc/learn/runtime.py says)")
 
     try:  # a bad flag is an ordinary mistake: one line, exit 2 (absl exits 1, with a banner)
-        check_flagfiles(sys.argv[1:])
+        sys.argv[1:] = expand_flagfiles(sys.argv[1:])  # app.run parses sys.argv again
         fv(sys.argv)
     except ValueError as e:
         fail(program, str(e))
@@ -222,30 +222,44 @@ def settings_from_flags(cls: type, flag_values=None) -> Any:
     return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
 
 
-def check_flagfiles(argv: Sequence[str]) -> None:
-    """Refuses a flagfile line that is not a flag: absl ignores ``image_size=48``
-    (no dashes) without a word, and the run silently uses the default.
+def expand_flagfiles(argv: Sequence[str], _within: str | None = None,
+                     _seen: tuple[str, ...] = ()) -> list[str]:
+    """``argv`` with every ``--flagfile`` replaced by the flags in it, in place (so later
+    flags still override earlier ones, as absl's own flagfiles do).
+
+    A flagfile inside a flagfile is found beside the file that names it (then from the
+    working folder): ``experiments/xception_tpu_ft224.cfg`` names ``xception_tpu.cfg``
+    and works from any folder, a notebook's included. A line that is not a flag is
+    refused: absl ignored ``image_size=48`` (no dashes) without a word, and the run
+    silently used the default.
 
     Raises:
-      ValueError: naming the file, the line number and the fix.
+      ValueError: a missing flagfile, a loop, or a line that is not a flag (naming the
+        file and the line number, with the fix).
     """
-    paths, args = [], list(argv)
-    for i, arg in enumerate(args):
+    out, args, i = [], list(argv), 0
+    while i < len(args):
+        arg = args[i]
+        path = None
         if arg.startswith("--flagfile="):
-            paths.append(arg.split("=", 1)[1])
+            path = arg.split("=", 1)[1]
         elif arg == "--flagfile" and i + 1 < len(args):
-            paths.append(args[i + 1])
-    seen: set[str] = set()
-    while paths:
-        path = paths.pop()
-        if path in seen:
+            path, i = args[i + 1], i + 1
+        i += 1
+        if path is None:
+            out.append(arg)
             continue
-        seen.add(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue  # absl's own parse names a missing flagfile
+        if _within and not os.path.isabs(path) and os.path.exists(os.path.join(_within, path)):
+            path = os.path.join(_within, path)
+        if not os.path.isfile(path):
+            raise ValueError(f"--flagfile={path}: no such file"
+                             + (f" (named in a flagfile in {_within})" if _within else ""))
+        real = os.path.realpath(path)
+        if real in _seen:
+            raise ValueError(f"--flagfile={path} includes itself")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        flags_in_file = []
         for number, raw in enumerate(lines, 1):
             line = raw.strip()
             if not line or line.startswith(("#", "//")):
@@ -253,15 +267,17 @@ def check_flagfiles(argv: Sequence[str]) -> None:
             if not line.startswith("-"):
                 raise ValueError(f"{path}:{number}: {line!r} is not a flag (flags start "
                                  f"with --, e.g. --{line}); fix or comment out the line")
-            if line.startswith("--flagfile="):
-                paths.append(line.split("=", 1)[1])
+            flags_in_file.append(line)
+        out.extend(expand_flagfiles(flags_in_file, os.path.dirname(path) or ".",
+                                    (*_seen, real)))
+    return out
 
 
 def parse(cls: type, argv: list[str]) -> Any:
     """An instance of ``cls`` from command-line style flags (``--flagfile=...`` works),
     without touching the process's global flags: for notebooks and tests."""
     from absl import flags
-    check_flagfiles(argv)
+    argv = expand_flagfiles(argv)
     fv = flags.FlagValues()
     define_settings(cls, fv)
     fv(["tfcdisc", *argv])

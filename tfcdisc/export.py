@@ -20,7 +20,7 @@ def main(f: settings.ExportSettings) -> None:
     summary = exporting.export(f.model_dir, f.export_dir, top_k=f.top_k,
                                checkpoint=f.checkpoint, tta=f.tta,
                                duplicates_from=f.duplicates_from, fusion_dir=f.fusion_dir,
-                               lock_lease_minutes=f.lock_lease_minutes)
+                               lock_lease_minutes=f.lock_lease_minutes, phase=f.phase)
     print(json.dumps(summary, indent=2))
 
 

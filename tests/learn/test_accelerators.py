@@ -216,7 +216,11 @@ def test_flagfiles_parse_and_make_sense(path):
     assert cfg.image_size >= models.BACKBONES[cfg.backbone].min_size
     text = path.read_text()
     assert "python -m tfcdisc.train --flagfile=experiments/" + path.name in text  # its command
-    if path.name.endswith("_tpu.cfg"):
+    if path.name.endswith("_ft224.cfg"):  # a phase of the recipe it names, at 224 px
+        assert cfg.phase == "ft224" and cfg.image_size == 224 and cfg.crop_area == 1.0
+        assert cfg.warmup_epochs == 0 and cfg.backbone == _parse_flagfile(
+            path.with_name(path.name.replace("_ft224", ""))).backbone
+    if "_tpu" in path.name:
         assert cfg.strategy == "tpu" and cfg.mixed_precision == "mixed_bfloat16"
         # Fits any TPU (per-replica batches); preemptible (backups on time, whatever the rate).
         assert cfg.per_replica_batch_size and cfg.per_replica_eval_batch_size
@@ -232,13 +236,15 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
     backbones at a small image size. Dynamic shapes or ops XLA lacks fail here. On this
     route (TensorFlow's TPUStrategy, the second one) an EfficientNetV2 flagfile compiles
     its family's smallest member: the same layers (MBConv, Fused-MBConv, squeeze-excite),
-    a fraction of the compile time; the JAX test compiles the flagfile's own backbone."""
+    a fraction of the compile time (ConvNeXt: its tiny member); the JAX test compiles the
+    flagfile's own backbone."""
     import keras
     import tensorflow as tf
     from tfcdisc.learn import input_pipeline, product_eval, training
     cfg = _parse_flagfile(path)
     size = {"xception": 71}.get(cfg.backbone, 32)
-    backbone = "efficientnetv2_b0" if cfg.backbone.startswith("efficientnetv2") else cfg.backbone
+    backbone = {"efficientnetv2": "efficientnetv2_b0", "convnext": "convnext_tiny"}.get(
+        cfg.backbone.split("_")[0], cfg.backbone)
     small = dict(cfg.__dict__, backbone=backbone, image_size=size, weights="none",
                  steps_per_execution=1)
     cfg = settings.TrainConfig(**small)

@@ -21,8 +21,11 @@ def test_the_table_keeps_each_image_top_category_and_its_share():
     keys = duplicates.fingerprints(tf.constant([a, b, c])).numpy().tolist()
     assert by_key[keys[0]] == (1, 0.75) and by_key[keys[1]] == (0, 1.0)
     assert by_key[keys[2]] == (3, 1.0)
+    seen = dict(zip(table.keys.tolist(), table.seen.tolist()))  # sightings, all categories
+    assert [seen[k] for k in keys] == [4, 1, 2]
     restored = duplicates.Table.from_bytes(table.to_bytes())
     assert restored.keys.tolist() == table.keys.tolist() and restored.images == 7
+    assert restored.seen.tolist() == table.seen.tolist()
 
 
 def test_the_blend_matches_a_hand_computation():
@@ -107,6 +110,10 @@ def test_an_export_with_duplicates_blends_where_images_recur(tmp_path):
     summary = exporting.export(str(run), str(with_table), duplicates_from=builder.data_dir)
     info = summary["duplicates"]
     assert info["unique_images"] == 12 and info["weight"] > 0  # chosen: it helped
+    # The submission's table knows the validation split's images too (its weight was
+    # chosen with the train split's table, on validation).
+    stats = builder.info.metadata["build_stats"]["splits"]
+    assert info["labelled_images"] == stats["train"]["images"] + stats["validation"]["images"]
     accuracy = info["validation_accuracy_by_weight"]
     assert accuracy[str(info["weight"])] > accuracy["0.0"]
     labels = str(folder / "labels.csv")

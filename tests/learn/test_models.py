@@ -17,7 +17,8 @@ def test_every_backbone_is_a_train_flag_choice_and_a_keras_application():
 # One backbone of each family (a family's members are built by one Keras constructor
 # each; building all 19 took minutes of the suite).
 @pytest.mark.parametrize("backbone", ["xception", "efficientnet_b0", "efficientnetv2_b0",
-                                      "resnet50", "mobilenetv3_small", "small_cnn"])
+                                      "convnext_tiny", "resnet50", "mobilenetv3_small",
+                                      "small_cnn"])
 def test_each_backbone_family_builds_at_180(backbone):
     model = models.build_image_model(backbone, 7, image_size=180, num_level1=3, num_level2=5)
     assert model.input_shape == (None, None, None, 3) and model.input.dtype == "uint8"
@@ -25,6 +26,62 @@ def test_each_backbone_family_builds_at_180(backbone):
         "label": (None, 7), "label_level1": (None, 3), "label_level2": (None, 5)}
     assert all(model.get_layer(k).dtype_policy.compute_dtype == "float32"
                for k in model.output)
+
+
+# The family's own preprocessing, as keras.applications documents it for its weights.
+_PREPROCESS = {"xception": keras.applications.xception.preprocess_input,
+               "efficientnet": keras.applications.efficientnet.preprocess_input,
+               "efficientnetv2": keras.applications.efficientnet_v2.preprocess_input,
+               "convnext": keras.applications.convnext.preprocess_input,
+               "resnet50": keras.applications.resnet50.preprocess_input,
+               "mobilenetv3": keras.applications.mobilenet_v3.preprocess_input}
+
+
+@pytest.mark.parametrize("family", sorted(_PREPROCESS))
+def test_each_family_scales_its_input_as_its_library_does(family):
+    """What the backbone sees of a [0, 255] image equals its library's preprocess_input
+    (the scaling layer, or the backbone's own preprocessing layers, which keras.applications
+    then documents as a pass-through)."""
+    name = next(b for b in models.BACKBONES if b.startswith(family))
+    spec = models.BACKBONES[name]
+    image = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    scaling = models._scaling(spec.scaling)
+    ours = np.asarray(scaling(image)) if scaling is not None else image
+    np.testing.assert_allclose(ours, np.asarray(_PREPROCESS[family](image.copy())), atol=1e-4)
+
+
+def _keras_weights_file(model: keras.Model, path) -> None:
+    """``model``'s weights in the legacy HDF5 layout of Keras's downloaded ImageNet files."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+
+def test_imagenet_weights_from_a_file_need_no_network(dataset, tmp_path, monkeypatch):
+    import socket
+    from conftest import train_config
+    from tfcdisc.learn import training
+    source = keras.applications.MobileNetV3Small(include_top=False, weights=None,
+                                                 input_shape=(32, 32, 3), pooling="avg")
+    first = next(v for v in source.weights if len(v.shape) == 4)
+    first.assign(np.random.default_rng(1).normal(size=first.shape).astype("float32"))
+    path = tmp_path / models.BACKBONES["mobilenetv3_small"].imagenet_file
+    _keras_weights_file(source, path)
+
+    def offline(*args, **kwargs):
+        raise OSError("no network in this test")
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    model = models.build_image_model("mobilenetv3_small", 5, image_size=32, weights=str(path))
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    loaded = next(v for v in backbone.weights if len(v.shape) == 4)
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(first))
+    training.train(train_config(dataset, tmp_path / "run", backbone="mobilenetv3_small",
+                                weights=str(path), steps_per_epoch=1))
+    # Another backbone's file is named as such, in one line.
+    with pytest.raises(ValueError, match="not the ImageNet weights of efficientnetv2_b0 .*"
+                                         "Keras's file for --backbone=mobilenetv3_small"):
+        models.build_image_model("efficientnetv2_b0", 5, image_size=32, weights=str(path))
 
 
 def test_heads_stay_float32_under_mixed_precision():
@@ -120,7 +177,9 @@ def test_the_view_in_inference_is_a_plain_resize():
 
 def test_the_training_view_crops_flips_and_varies():
     images = _smooth_images()
-    view = models.ResizedCrop(32, min_area=1.0, max_aspect=1.0, seed=4)  # only flips vary
+    # --crop_area=1 (a full-frame fine-tune): the whole frame whatever the aspect range;
+    # only flips vary.
+    view = models.ResizedCrop(32, min_area=1.0, seed=4)
     out = view(tf.concat([images] * 4, 0), training=True).numpy()
     plain = tf.image.resize(tf.cast(images, tf.float32), [32, 32]).numpy()
     flips = []
@@ -140,3 +199,17 @@ def test_the_view_compiles_with_xla():
     infer = tf.function(lambda x: view(x, training=False), jit_compile=True)
     images = _smooth_images(size=64)
     assert train(images).shape == (4, 40, 40, 3) and infer(images).shape == (4, 40, 40, 3)
+
+
+def test_adamw_decays_no_bias_and_no_normalisation_weight():
+    from tfcdisc.learn import settings, training
+    model = models.build_image_model("small_cnn", 3, image_size=32)
+    cfg = settings.TrainConfig(data_dir="d", model_dir="m", optimizer="adamw",
+                               learning_rate=256.0, warmup_epochs=0, weight_decay=0.5)
+    optimizer = training._optimizer(cfg, batch=1, total_steps=10**6, steps_per_epoch=1)
+    before = {v.path: np.asarray(v).copy() for v in model.trainable_variables}
+    optimizer.apply([keras.ops.zeros(v.shape) for v in model.trainable_variables],
+                    model.trainable_variables)  # no gradient: only the decay moves weights
+    for v in model.trainable_variables:
+        kept = np.allclose(np.asarray(v), before[v.path])
+        assert kept == any(n in v.path for n in ("bias", "gamma", "beta")), v.path

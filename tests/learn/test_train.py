@@ -254,3 +254,31 @@ def test_jit_compile_compiles_the_tensorflow_step_and_names_what_it_cannot(datas
     assert refused.returncode != 0
     assert "--jit_compile under a mirrored strategy needs GPUs" in refused.stderr
     assert not (tmp_path / "mirrored").exists()
+
+
+def test_a_full_frame_phase_starts_from_the_runs_best_at_another_size(dataset, tmp_path):
+    """A fine-tune phase (`--phase`): the run's best checkpoint at 32 px carries into a
+    48 px model; the phase keeps its own files in the run; export takes the phase's best."""
+    import numpy as np
+    from tfcdisc.learn import training
+    from tfcdisc.serve import exporting
+    run = tmp_path / "run"
+    training.train(train_config(dataset, run, image_size=32))
+    main_history = (run / "history.csv").read_text()
+    best = keras.saving.load_model(run / "checkpoints" / "best.keras", compile=False)
+    # A learning rate of 0: the phase's weights are exactly where it started.
+    training.train(train_config(dataset, run, image_size=48, crop_area=1.0, phase="ft48",
+                                learning_rate=0.0, warmup_epochs=0))
+    phase = run / "phases" / "ft48"
+    assert sorted(p.name for p in (phase / "checkpoints").iterdir()) == ["best.keras",
+                                                                          "last.keras"]
+    assert len((phase / "history.csv").read_text().splitlines()) == 2
+    assert (run / "history.csv").read_text() == main_history
+    tuned = keras.saving.load_model(phase / "checkpoints" / "best.keras", compile=False)
+    assert tuned.get_layer("view").size == 48
+    for a, b in zip(best.trainable_weights, tuned.trainable_weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    summary = exporting.export(str(run), str(tmp_path / "export"), phase="ft48")
+    assert summary["image_size"] == 48
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+        training.train(train_config(dataset, tmp_path / "fresh", phase="ft48"))

@@ -5,7 +5,8 @@ About 38% of the real training images are byte-identical copies of another, and 
 images recur too; the 2017 leaders looked them up (+0.3 to +0.5 points for one model).
 Here an image's fingerprint (FarmHash64 of its JPEG bytes, `fingerprints`, a TensorFlow op
 so that the build of the table, the input pipelines and the SavedModel agree) keys a
-`Table` built from the training split only: per unique image, the category it was seen
+`Table` built from the labelled splits (an export's: train and validation, its weight chosen
+on validation by the train split's table): per unique image, the category it was seen
 with most often and that category's share of its sightings. At inference an image found
 in the table has its model probabilities blended with the table's distribution
 (`blend`), with a weight chosen on the validation split (`choose_weight`).
@@ -45,25 +46,27 @@ class Table:
 
     keys: np.ndarray  # int64, sorted
     top_class: np.ndarray  # int32
-    share: np.ndarray  # float32
+    share: np.ndarray  # float32: the top category's sightings over all of the image's
     weight: float = 0.0
-    images: int = 0  # training images read to build it
+    images: int = 0  # labelled images read to build it
     accuracy_by_weight: dict | None = None  # validation product accuracy, when chosen
+    seen: np.ndarray | None = None  # int32: how often each image was seen, all categories
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
+        extra = {} if self.seen is None else {"seen": self.seen}
         np.savez(buf, keys=self.keys, top_class=self.top_class, share=self.share,
-                 weight=np.float32(self.weight), images=np.int64(self.images))
+                 weight=np.float32(self.weight), images=np.int64(self.images), **extra)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Table":
         z = np.load(io.BytesIO(data))
         return cls(z["keys"], z["top_class"], z["share"], float(z["weight"]),
-                   int(z["images"]))
+                   int(z["images"]), seen=z["seen"] if "seen" in z.files else None)
 
 
 def build(images: tf.data.Dataset) -> Table:
@@ -74,7 +77,8 @@ def build(images: tf.data.Dataset) -> Table:
         hashes.append(h)
         classes.append(c)
     if not hashes:
-        return Table(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+        return Table(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                     seen=np.zeros(0, np.int32))
     h, c = np.concatenate(hashes), np.concatenate(classes)
     order = np.lexsort((c, h))
     h, c = h[order], c[order]
@@ -88,7 +92,8 @@ def build(images: tf.data.Dataset) -> Table:
     first = np.flatnonzero(np.r_[True, ph[1:] != ph[:-1]])
     total = np.add.reduceat(counts, first)
     return Table(ph[first], pc[first].astype(np.int32),
-                 (counts[first] / total).astype(np.float32), images=len(h))
+                 (counts[first] / total).astype(np.float32), images=len(h),
+                 seen=total.astype(np.int32))
 
 
 def static_table(table: Table) -> tf.lookup.StaticHashTable:

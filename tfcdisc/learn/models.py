@@ -35,21 +35,68 @@ class Backbone:
     scaling: str  # "tf": [-1, 1]; "caffe": BGR minus ImageNet means; "raw": [0, 255]
     min_size: int = 32
     preprocessing_flag: bool = False  # takes include_preprocessing=True
+    # The ImageNet weights file Keras downloads for include_top=False (what `--weights=PATH`
+    # takes offline): its name in ~/.keras/models.
+    imagenet_file: str | None = None
 
 
+_NOTOP = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 BACKBONES: dict[str, Backbone] = {
-    "xception": Backbone(_APPS.Xception, "tf", 71),
-    **{f"efficientnet_b{i}": Backbone(getattr(_APPS, f"EfficientNetB{i}"), "raw")
+    "xception": Backbone(_APPS.Xception, "tf", 71, imagenet_file="xception" + _NOTOP),
+    **{f"efficientnet_b{i}": Backbone(getattr(_APPS, f"EfficientNetB{i}"), "raw",
+                                      imagenet_file=f"efficientnetb{i}_notop.h5")
        for i in range(8)},
     **{f"efficientnetv2_b{i}": Backbone(getattr(_APPS, f"EfficientNetV2B{i}"), "raw",
-                                        preprocessing_flag=True) for i in range(4)},
+                                        preprocessing_flag=True,
+                                        imagenet_file=f"efficientnetv2-b{i}_notop.h5")
+       for i in range(4)},
     **{f"efficientnetv2_{s}": Backbone(getattr(_APPS, f"EfficientNetV2{s.upper()}"), "raw",
-                                       preprocessing_flag=True) for s in "sml"},
-    "resnet50": Backbone(_APPS.ResNet50, "caffe"),
-    "mobilenetv3_small": Backbone(_APPS.MobileNetV3Small, "raw", preprocessing_flag=True),
-    "mobilenetv3_large": Backbone(_APPS.MobileNetV3Large, "raw", preprocessing_flag=True),
+                                       preprocessing_flag=True,
+                                       imagenet_file=f"efficientnetv2-{s}_notop.h5")
+       for s in "sml"},
+    **{f"convnext_{s}": Backbone(getattr(_APPS, f"ConvNeXt{s.capitalize()}"), "raw",
+                                 preprocessing_flag=True, imagenet_file=f"convnext_{s}_notop.h5")
+       for s in ("tiny", "small", "base")},
+    "resnet50": Backbone(_APPS.ResNet50, "caffe", imagenet_file="resnet50" + _NOTOP),
+    "mobilenetv3_small": Backbone(
+        _APPS.MobileNetV3Small, "raw", preprocessing_flag=True,
+        imagenet_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
+    "mobilenetv3_large": Backbone(
+        _APPS.MobileNetV3Large, "raw", preprocessing_flag=True,
+        imagenet_file="weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
     "small_cnn": Backbone(None, "unit", 16),
 }
+
+
+def is_imagenet_file(weights: str) -> bool:
+    """A keras.applications weights file (``*_notop.h5``, legacy HDF5), not a run's
+    ``.weights.h5`` or ``.keras``."""
+    return weights.endswith(".h5") and not weights.endswith(".weights.h5")
+
+
+def _imagenet_backbone(backbone: str, spec: Backbone, kwargs: dict, path: str) -> keras.Model:
+    """The backbone initialised from Keras's ImageNet weights file at ``path`` (local or
+    gs://), with no network: for runtimes without access to Keras's download host.
+
+    Raises:
+      ValueError: the file is not this backbone's: one line naming it and, where its name
+        is another backbone's file, that backbone.
+    """
+    from tfcdisc.catalogue import atomic
+    if spec.make is None:
+        raise ValueError(f"--weights={path}: {backbone} has no ImageNet weights; use "
+                         "--weights=none")
+    try:
+        with atomic.local_copy(path) as local:
+            return spec.make(**kwargs, weights=local)
+    except (ValueError, KeyError, OSError) as e:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        fits = [b for b, s in BACKBONES.items() if s.imagenet_file == name]
+        hint = (f"it is Keras's file for --backbone={fits[0]}" if fits else
+                f"{backbone}'s is Keras's {spec.imagenet_file}")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--weights={path}: not the ImageNet weights of {backbone} "
+                         f"({reason}); {hint}") from None
 
 
 def _interpolation(start, end, size: int, out: int):
@@ -96,7 +143,10 @@ class ResizedCrop(layers.Layer):
         if training:
             u = keras.random.uniform((5, batch), seed=self.seed_generator)
             area = self.min_area + (1.0 - self.min_area) * u[0]
-            log_ratio = (u[1] * 2.0 - 1.0) * float(np.log(self.max_aspect))
+            # min_area 1: the full frame, only flipped (a fine-tune shows the model what
+            # it sees at test time; a random aspect would still cut the frame).
+            aspect = float(np.log(self.max_aspect)) if self.min_area < 1.0 else 0.0
+            log_ratio = (u[1] * 2.0 - 1.0) * aspect
             h = ops.minimum(ops.sqrt(area / ops.exp(log_ratio)), 1.0)
             w = ops.minimum(ops.sqrt(area * ops.exp(log_ratio)), 1.0)
             y0, x0 = u[2] * (1.0 - h), u[3] * (1.0 - w)
@@ -289,8 +339,9 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
       backbone: a key of `BACKBONES`.
       num_classes: categories of the ``label`` head.
       image_size: side of the square input (Xception needs >= 71).
-      weights: "none", "imagenet" (downloaded by Keras; needs a network) or the path of
-        weights saved by a previous run (.weights.h5 or .keras).
+      weights: "none", "imagenet" (downloaded by Keras; needs a network), the path of
+        Keras's ImageNet weights file for the backbone (``*_notop.h5``: the same weights
+        offline), or of weights saved by a previous run (.weights.h5 or .keras).
       num_level1, num_level2: sizes of the auxiliary heads (0: no head).
       dropout: before the heads.
       bn_momentum: overrides BatchNormalization momentum. Short runs want a lower one
@@ -315,16 +366,17 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     scaling = _scaling(spec.scaling)
     if scaling is not None:
         x = scaling(x)
-    if spec.make is None:
+    kwargs = dict(include_top=False, input_shape=shape, pooling="avg")
+    if spec.preprocessing_flag:
+        kwargs["include_preprocessing"] = True
+    if is_imagenet_file(weights):
+        base = _imagenet_backbone(backbone, spec, kwargs, weights)
+    elif spec.make is None:
         if weights == "imagenet":
             raise ValueError("small_cnn has no ImageNet weights; use --weights=none")
         base = _small_cnn(shape)
     else:
-        kwargs = dict(include_top=False, weights="imagenet" if weights == "imagenet" else None,
-                      input_shape=shape, pooling="avg")
-        if spec.preprocessing_flag:
-            kwargs["include_preprocessing"] = True
-        base = spec.make(**kwargs)
+        base = spec.make(**kwargs, weights="imagenet" if weights == "imagenet" else None)
     features = base(x)
     if dropout:
         features = layers.Dropout(dropout, name="dropout")(features)
@@ -338,7 +390,7 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     model = keras.Model(inputs, outputs, name=f"{backbone}_classifier")
     if bn_momentum is not None:
         _set_bn_momentum(model, bn_momentum)
-    if weights not in ("none", "imagenet"):
+    if weights not in ("none", "imagenet") and not is_imagenet_file(weights):
         _load_weights(model, weights)
     return model
 

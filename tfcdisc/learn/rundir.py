@@ -6,6 +6,8 @@
     checkpoints/        best.keras (best validation product accuracy), last.keras
     backup/             state.json and the weights it names: where a rerun resumes
     logs/               TensorBoard
+    phases/NAME/        a phase of the run (a fine-tune from its best checkpoint): a run
+                        folder of its own (`phase_dir`)
     .tfcdisc-writer.lock  held by the one process writing it (`catalogue.folder_lock`)
 
 Training writes it (`training`); the fusion head and the export read it, through this
@@ -18,6 +20,7 @@ import csv
 import io
 import json
 import logging
+import re
 import zipfile
 
 import keras
@@ -28,7 +31,8 @@ from tfcdisc.learn import settings
 from tfcdisc.learn.settings import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
 
 LOCK_FILE = ".tfcdisc-writer.lock"  # `folder_lock`: one writer per model dir
-RUN_FILES = ("config.json", "flags.txt", "history.csv", "checkpoints", "backup", "logs")
+RUN_FILES = ("config.json", "flags.txt", "history.csv", "checkpoints", "backup", "logs",
+             "phases")
 
 
 def prepare(model_dir: str, cfg: TrainConfig, delete: bool = True) -> bool:
@@ -66,6 +70,17 @@ def prepare(model_dir: str, cfg: TrainConfig, delete: bool = True) -> bool:
     logging.warning("--overwrite: deleted the previous run's %s in %s", ", ".join(present),
                     model_dir)
     return False
+
+
+def phase_dir(model_dir: str, phase: str) -> str:
+    """The folder of a phase of the run (`TrainConfig.phase`), a run folder itself.
+
+    Raises:
+      ValueError: a name that is not a plain folder name.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", phase):
+        raise ValueError(f"--phase={phase}: letters, digits, '_', '-' and '.' only")
+    return f"{model_dir.rstrip('/')}/phases/{phase}"
 
 
 def config_path(model_dir: str) -> str:

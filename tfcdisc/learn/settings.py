@@ -18,7 +18,8 @@ from typing import Any, Sequence
 BACKBONE_NAMES = (
     "xception", *(f"efficientnet_b{i}" for i in range(8)),
     *(f"efficientnetv2_b{i}" for i in range(4)), "efficientnetv2_s", "efficientnetv2_m",
-    "efficientnetv2_l", "resnet50", "mobilenetv3_small", "mobilenetv3_large", "small_cnn")
+    "efficientnetv2_l", "convnext_tiny", "convnext_small", "convnext_base", "resnet50",
+    "mobilenetv3_small", "mobilenetv3_large", "small_cnn")
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker_mirrored", "one_device", "default")
 INFERENCE_STRATEGIES = ("auto", "tpu", "mirrored", "default")
 BACKENDS = ("auto", "jax", "tensorflow")  # Keras's backend (`tfcdisc.learn.backend`)
@@ -95,8 +96,11 @@ class TrainConfig:
                             model=True)
     image_size: int = setting(180, "Side of the square model input (images are 180x180; "
                               "Xception needs >= 71).", lower_bound=16, model=True)
-    weights: str = setting("none", "none, imagenet (downloaded by Keras; needs a network) or "
-                           "a .weights.h5 / .keras path.")
+    weights: str = setting("none", "none; imagenet (downloaded by Keras: needs a network); "
+                           "the path (local or gs://) of Keras's ImageNet weights file for "
+                           "the backbone, e.g. xception_weights_tf_dim_ordering_tf_kernels_"
+                           "notop.h5 or efficientnetv2-s_notop.h5 (the same weights, offline); "
+                           "or a run's .weights.h5 / .keras.")
     global_batch_size: int = setting(256, "Images per step across all replicas (ignored when "
                                      "--per_replica_batch_size is set).", lower_bound=1)
     per_replica_batch_size: int | None = setting(
@@ -166,6 +170,11 @@ class TrainConfig:
     verbose: int | None = setting(None, "Keras fit verbosity: 0, 1 (progress bar per step) "
                                   "or 2 (a line per epoch); default: 1 on a terminal or in a "
                                   "notebook, 2 otherwise.")
+    phase: str | None = setting(
+        None, "A phase of the run in --model_dir, e.g. ft224 (experiments/*_ft224.cfg: a "
+        "full-frame fine-tune at a higher resolution): it starts from the run's best "
+        "checkpoint and keeps its own config, history, checkpoints and backup in "
+        "MODEL_DIR/phases/NAME; export it with --phase=NAME.")
     overwrite: bool = setting(False, "Replace another run in --model_dir (its checkpoints, "
                               "backup, history and logs are deleted); without it such a dir "
                               "is refused. The same run always resumes.")
@@ -280,13 +289,16 @@ class ExportSettings:
     tta: str = setting("none", "Test-time augmentation: flip averages each image's original "
                        "and mirrored views (log-probabilities); twice the compute, same "
                        "signatures.", choices=TTA_MODES)
+    phase: str | None = setting(None, "Export this phase of the run (`tfcdisc.train "
+                                "--phase`): its own best or last checkpoint.")
     fusion_dir: str | None = setting(None, "A fusion head of this run "
                                      "(`tfcdisc.train_fusion`): products are scored from "
                                      "their images' embeddings together.", role="input")
     duplicates_from: str | None = setting(
         None, "A built dataset (usually the run's --data_dir): embed a table of its "
-        "training images' exact bytes, blended with the model where a product's image "
-        "recurs, with a weight chosen on its validation split.", role="input")
+        "training and validation images' exact bytes, blended with the model where a "
+        "product's image recurs, with a weight chosen on its validation split by the table "
+        "of its training split alone.", role="input")
     lock_lease_minutes: float = lease_setting()
 
 

@@ -254,6 +254,10 @@ def rescaled_position(backup: dict, batch: int, steps_per_epoch: int,
 # --------------------------------------------------------------------------- model
 
 
+# Variable names AdamW does not decay: biases, and normalisation's scale and offset.
+NO_DECAY = ("bias", "gamma", "beta")
+
+
 def _optimizer(cfg: TrainConfig, batch: int, total_steps: int, steps_per_epoch: int):
     peak = cfg.learning_rate * batch / 256  # scales with the batch
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
@@ -264,7 +268,11 @@ def _optimizer(cfg: TrainConfig, batch: int, total_steps: int, steps_per_epoch: 
         return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
                                     weight_decay=cfg.weight_decay or None)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay)
+        # Decay shrinks weights that scale features, not normalisation scales and offsets
+        # or biases (pulling a BatchNorm gamma to 0 switches its channel off).
+        optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+        return optimizer
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
@@ -509,11 +517,28 @@ def _train_data(cfg: TrainConfig, run: _Setup, label_keys: tuple):
     return from_step
 
 
+def for_phase(cfg: TrainConfig) -> TrainConfig:
+    """A phase's settings (``cfg.phase``, e.g. a full-frame fine-tune at 224 px after a run
+    at 180): its own folder inside the run, started from the run's best checkpoint. The
+    networks here hold no weight whose shape depends on the image size, so the weights
+    carry across sizes.
+
+    Raises:
+      FileNotFoundError: the run has no best checkpoint yet (train it first).
+    """
+    if not cfg.phase:
+        return cfg
+    start = rundir.checkpoint_path(cfg.model_dir, "best")
+    return dataclasses.replace(cfg, model_dir=rundir.phase_dir(cfg.model_dir, cfg.phase),
+                               weights=start)
+
+
 def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
           flags_text: str | None = None) -> TrainResult:
     """Trains and validates (`TrainResult`). Rerunning with the same model_dir resumes
     from the last backup. ``flags_text`` is written to flags.txt once the settings have
-    proved valid."""
+    proved valid. A ``cfg.phase`` trains in the run's phase folder (`for_phase`)."""
+    cfg = for_phase(cfg)
     run = _set_up(cfg)
     strategy, steps_per_epoch = run.strategy, run.steps_per_epoch
     model = _model(cfg, run)

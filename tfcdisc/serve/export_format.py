@@ -130,7 +130,7 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
     extra["fusion"] = fusion_model is not None
     if duplicate_table is not None:
         extra["duplicates"] = {
-            "unique_images": len(duplicate_table), "training_images": duplicate_table.images,
+            "unique_images": len(duplicate_table), "labelled_images": duplicate_table.images,
             "weight": duplicate_table.weight,
             "validation_accuracy_by_weight": duplicate_table.accuracy_by_weight}
     meta = {"image_size": image_size, "top_k": top_k, "fallback_class": fallback_class,

@@ -31,7 +31,8 @@ def export(model_dir: str, export_dir: str, *, top_k: int = _EXPORT.top_k,
            checkpoint: str = _EXPORT.checkpoint, tta: str = _EXPORT.tta,
            duplicates_from: str | None = None,
            fusion_dir: str | None = None,
-           lock_lease_minutes: float = _EXPORT.lock_lease_minutes) -> dict:
+           lock_lease_minutes: float = _EXPORT.lock_lease_minutes,
+           phase: str | None = None) -> dict:
     """Writes the SavedModel; returns a summary (paths, classes, fallback category).
 
     ``tta="flip"`` averages each image's original and mirrored views in log-probability
@@ -42,8 +43,11 @@ def export(model_dir: str, export_dir: str, *, top_k: int = _EXPORT.top_k,
     ``fusion_dir`` (of `tfcdisc.train_fusion`) combines each product's image embeddings
     with its fusion head instead of averaging log-probabilities; it uses the checkpoint
     the head was trained on. With ``duplicates_from`` as well, the table is blended with
-    the head's product predictions (`duplicates.blend_product`).
+    the head's product predictions (`duplicates.blend_product`). ``phase`` exports a
+    phase of the run (`training.for_phase`) instead of its main training.
     """
+    if phase:
+        model_dir = rundir.phase_dir(model_dir, phase)
     if keras.backend.backend() != "tensorflow":
         return _in_tensorflow_process("export", model_dir=model_dir, export_dir=export_dir,
                                       top_k=top_k, checkpoint=checkpoint, tta=tta,
@@ -119,29 +123,34 @@ def _in_tensorflow_process(command: str, **flags) -> dict:
 def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model: keras.Model,
                     image_size: int, batch_size: int = 256,
                     fusion: keras.Model | None = None) -> duplicates.Table:
-    """The table of ``data_dir``'s train split (never validation or test), its blend weight
-    chosen by product accuracy on the validation split (with a ``fusion`` head, blended
-    with the head's product predictions)."""
+    """The table of ``data_dir``'s train and validation splits (never test), with the
+    blend weight that a table of the train split alone scores best with on the validation
+    split (with a ``fusion`` head, blended with the head's product predictions): the
+    weight is chosen by the table that leaves validation out, and the submission's table
+    then knows every labelled image and how often each was seen in each category."""
     builder = input_pipeline.load_builder(data_dir)
     theirs = (builder.info.metadata or {}).get("taxonomy")
     if theirs is None or not np.array_equal(
             taxonomy_lib.Taxonomy.from_dict(theirs).category_ids, taxonomy.category_ids):
         raise ValueError(f"--duplicates_from={data_dir}: not built with the run's taxonomy")
-    table = duplicates.build(input_pipeline.image_labels(builder, "train"))
+    train_only = duplicates.build(input_pipeline.image_labels(builder, "train"))
     grid = duplicates.WEIGHT_GRID
     predictor = product_eval.ProductPredictor(image_model, 1, weight_grid=grid, fusion=fusion)
     hits = np.zeros(len(grid))
     n = builder.info.splits["validation"].num_examples
     batches = product_eval.distribute_products(
         tf.distribute.get_strategy(), lambda: input_pipeline.split_products(builder, "validation"),
-        batch_size, image_size, n, duplicate_table=table)
+        batch_size, image_size, n, duplicate_table=train_only)
     for out in predictor.batches(batches):
         hits += (out["top1_by_weight"] == out["label"][:, None]).sum(axis=0)
+    table = duplicates.build(input_pipeline.image_labels(builder, "train").concatenate(
+        input_pipeline.image_labels(builder, "validation")))
     table.weight = duplicates.choose_weight(list(hits), grid)
     table.accuracy_by_weight = {str(w): float(h / max(n, 1)) for w, h in zip(grid, hits)}
-    logging.info("duplicate table: %d unique images of %d; validation accuracy by weight %s; "
-                 "weight %.1f", len(table), table.images, table.accuracy_by_weight,
-                 table.weight)
+    logging.info("duplicate table: %d unique images of %d (train and validation); weight "
+                 "%.1f, chosen with the train split's %d on validation: accuracy by weight %s",
+                 len(table), table.images, table.weight, len(train_only),
+                 table.accuracy_by_weight)
     return table
 
 
