@@ -65,6 +65,20 @@ def _holder_text(holder: dict | None) -> str:
             f"pid {holder.get('pid')}, since {holder.get('since')})")
 
 
+def _busy(folder: str, holder: dict | None, path: str | None = None,
+          lease_minutes: float | None = None) -> FolderBusyError:
+    """The refusal a writer gets while ``holder`` writes; with ``path``, when and how a
+    lock whose holder is gone stops refusing."""
+    gone = (f" (if that process is gone, its lock {path} is taken over after "
+            f"{lease_minutes:g} min without a heartbeat, or delete it)" if path else "")
+    return FolderBusyError(f"{folder} is being written by {_holder_text(holder)}; wait for "
+                           f"it to finish, or choose another folder{gone}")
+
+
+def _is(holder: dict | None, me: dict) -> bool:
+    return bool(holder) and (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"])
+
+
 def _parse(text: bytes | str) -> dict | None:
     """The holder a lock file names, or None for garbage (empty, half-written, foreign)."""
     try:
@@ -99,12 +113,9 @@ class _Lock:
     def __init__(self, path: str, me: dict, fd: int | None):
         self.path, self.me, self.fd = path, me, fd
 
-    def text(self) -> bytes:
-        return json.dumps({**self.me, "heartbeat": time.time()}).encode()
-
     def beat(self) -> None:
         """Rewrites the lock with a fresh heartbeat."""
-        data = self.text()
+        data = json.dumps({**self.me, "heartbeat": time.time()}).encode()
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, data, 0)
@@ -123,10 +134,10 @@ class _Lock:
         import tensorflow as tf
         try:
             with tf.io.gfile.GFile(self.path, "rb") as f:
-                holder = _parse(f.read()) or {}
+                holder = _parse(f.read())
         except tf.errors.NotFoundError:
             return
-        if (holder.get("host"), holder.get("pid")) == (self.me["host"], self.me["pid"]):
+        if _is(holder, self.me):
             with contextlib.suppress(tf.errors.NotFoundError):
                 tf.io.gfile.remove(self.path)
 
@@ -153,9 +164,7 @@ def _take_local(path: str, folder: str, me: dict, lease_minutes: float) -> _Lock
             with open(path, "rb") as f:
                 holder = _parse(f.read())
             os.close(fd)
-            raise FolderBusyError(
-                f"{folder} is being written by {_holder_text(holder)}; wait for it to finish, "
-                "or choose another folder") from None
+            raise _busy(folder, holder) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -169,11 +178,7 @@ def _take_local(path: str, folder: str, me: dict, lease_minutes: float) -> _Lock
             why = _stale(holder, os.fstat(fd).st_mtime, me["host"], lease_minutes)
             if why is None:
                 os.close(fd)
-                raise FolderBusyError(
-                    f"{folder} is being written by {_holder_text(holder)}; wait for it to "
-                    f"finish, or choose another folder (if that process is gone, its lock "
-                    f"{path} is taken over after {lease_minutes:g} min without a heartbeat, "
-                    "or delete it)")
+                raise _busy(folder, holder, path, lease_minutes)
             logging.warning("%s: taking over the lock of %s: %s", folder,
                             _holder_text(holder), why)
         lock = _Lock(path, me, fd)
@@ -195,10 +200,7 @@ def _take_remote(path: str, folder: str, me: dict, lease_minutes: float) -> _Loc
         modified = tf.io.gfile.stat(path).mtime_nsec / 1e9
         why = _stale(holder, modified, me["host"], lease_minutes)
         if why is None:
-            raise FolderBusyError(
-                f"{folder} is being written by {_holder_text(holder)}; wait for it to "
-                f"finish, or choose another folder (a silent lock is taken over after "
-                f"{lease_minutes:g} min; or delete {path})")
+            raise _busy(folder, holder, path, lease_minutes)
         logging.warning("%s: taking over the lock of %s: %s", folder, _holder_text(holder),
                         why)
     try:
@@ -206,10 +208,9 @@ def _take_remote(path: str, folder: str, me: dict, lease_minutes: float) -> _Loc
     except tf.errors.OpError as e:  # a bucket this account may only read
         raise _not_writable(folder, e) from None
     with tf.io.gfile.GFile(path, "rb") as f:  # read back: the last writer wins
-        holder = _parse(f.read()) or {}
-    if (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"]):
-        raise FolderBusyError(f"{folder} is being written by {_holder_text(holder)}; wait "
-                              "for it to finish, or choose another folder")
+        holder = _parse(f.read())
+    if not _is(holder, me):
+        raise _busy(folder, holder)
     return lock
 
 

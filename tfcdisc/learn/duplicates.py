@@ -69,19 +69,24 @@ class Table:
                    int(z["images"]), seen=z["seen"] if "seen" in z.files else None)
 
 
-def build(images: tf.data.Dataset) -> Table:
-    """The table of a dataset of (jpeg, class index) per image: the training split's."""
-    hashes, classes = [], []
+def sightings(images: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The (fingerprint, class index) of every image of a dataset of (jpeg, class index):
+    12 bytes an image, so that several tables can be made from one read of a split."""
+    hashes, classes = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     for h, c in images.batch(8192).map(lambda j, c: (fingerprints(j), tf.cast(c, tf.int32)),
                                        num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
         hashes.append(h)
         classes.append(c)
-    if not hashes:
+    return np.concatenate(hashes), np.concatenate(classes)
+
+
+def table_of(hashes: np.ndarray, classes: np.ndarray) -> Table:
+    """The table of images' sightings (`sightings`: fingerprints and class indices)."""
+    if not len(hashes):
         return Table(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
                      seen=np.zeros(0, np.int32))
-    h, c = np.concatenate(hashes), np.concatenate(classes)
-    order = np.lexsort((c, h))
-    h, c = h[order], c[order]
+    order = np.lexsort((classes, hashes))
+    h, c = hashes[order], classes[order]
     starts = np.flatnonzero(np.r_[True, (h[1:] != h[:-1]) | (c[1:] != c[:-1])])
     counts = np.diff(np.r_[starts, len(h)])
     ph, pc = h[starts], c[starts]
@@ -94,6 +99,11 @@ def build(images: tf.data.Dataset) -> Table:
     return Table(ph[first], pc[first].astype(np.int32),
                  (counts[first] / total).astype(np.float32), images=len(h),
                  seen=total.astype(np.int32))
+
+
+def build(images: tf.data.Dataset) -> Table:
+    """The table of a dataset of (jpeg, class index) per image."""
+    return table_of(*sightings(images))
 
 
 def static_table(table: Table) -> tf.lookup.StaticHashTable:

@@ -94,9 +94,8 @@ def _imagenet_backbone(backbone: str, spec: Backbone, kwargs: dict, path: str) -
         fits = [b for b, s in BACKBONES.items() if s.imagenet_file == name]
         hint = (f"it is Keras's file for --backbone={fits[0]}" if fits else
                 f"{backbone}'s is Keras's {spec.imagenet_file}")
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--weights={path}: not the ImageNet weights of {backbone} "
-                         f"({reason}); {hint}") from None
+                         f"({_first_line(e)}); {hint}") from None
 
 
 def _interpolation(start, end, size: int, out: int):
@@ -395,6 +394,12 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     return model
 
 
+def _first_line(error: Exception) -> str:
+    """Keras's words for a weights mismatch, first line only (they run to pages)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _load_weights(model: keras.Model, path: str) -> None:
     """``--weights=PATH`` of a previous run into ``model``; a file of another shape (other
     class counts, backbone or heads) is one line naming the file, not Keras's words."""
@@ -404,9 +409,9 @@ def _load_weights(model: keras.Model, path: str) -> None:
         else:
             model.set_weights(keras.saving.load_model(path, compile=False).get_weights())
     except (ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"--weights={path}: its weights do not fit this model "
-                         f"({model.name}, {model.count_params():,} parameters): {first}; give "
+                         f"({model.name}, {model.count_params():,} parameters): "
+                         f"{_first_line(e)}; give "
                          "weights of a run with the same --backbone, heads and dataset "
                          "categories") from None
 

@@ -133,7 +133,11 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
     if theirs is None or not np.array_equal(
             taxonomy_lib.Taxonomy.from_dict(theirs).category_ids, taxonomy.category_ids):
         raise ValueError(f"--duplicates_from={data_dir}: not built with the run's taxonomy")
-    train_only = duplicates.build(input_pipeline.image_labels(builder, "train"))
+    # Each split read once (the train split is most of the catalogue's bytes): the table
+    # that chooses the weight and the submission's are made from the same sightings.
+    train = duplicates.sightings(input_pipeline.image_labels(builder, "train"))
+    validation = duplicates.sightings(input_pipeline.image_labels(builder, "validation"))
+    train_only = duplicates.table_of(*train)
     grid = duplicates.WEIGHT_GRID
     predictor = product_eval.ProductPredictor(image_model, 1, weight_grid=grid, fusion=fusion)
     hits = np.zeros(len(grid))
@@ -143,8 +147,7 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
         batch_size, image_size, n, duplicate_table=train_only)
     for out in predictor.batches(batches):
         hits += (out["top1_by_weight"] == out["label"][:, None]).sum(axis=0)
-    table = duplicates.build(input_pipeline.image_labels(builder, "train").concatenate(
-        input_pipeline.image_labels(builder, "validation")))
+    table = duplicates.table_of(*(np.concatenate(pair) for pair in zip(train, validation)))
     table.weight = duplicates.choose_weight(list(hits), grid)
     table.accuracy_by_weight = {str(w): float(h / max(n, 1)) for w, h in zip(grid, hits)}
     logging.info("duplicate table: %d unique images of %d (train and validation); weight "

@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import splits as splits_lib
 
+from tfcdisc import cli
 from tfcdisc.catalogue import beam_index, folder_lock
 from tfcdisc.build import plan as build_plan, records, shards
 
@@ -90,8 +91,10 @@ class Builder(tfds.core.ShardBasedBuilder):
                 return super().download_and_prepare(*args, **kwargs)
         except (ValueError, FileNotFoundError, shards.ShardWriteError) as e:
             _fail_under_tfds(str(e), e)
-        except (OSError, tf.errors.OpError) as e:  # a full disk, a read-only folder or HOME
-            reason = getattr(e, "message", None) or str(e)
+        except Exception as e:  # noqa: BLE001 - I/O errors only: a full disk, read-only...
+            reason = cli.io_error(e)  # OSError and TensorFlow's own I/O errors, as commands
+            if reason is None:
+                raise
             _fail_under_tfds(f"{reason}; nothing of this build is kept: fix it and run the "
                              "build again", e)
 
