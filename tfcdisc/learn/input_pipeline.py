@@ -279,16 +279,15 @@ def _labels(ex: dict, count=None) -> dict:
             for k in LABEL_KEYS}
 
 
-def _image_records(builder, split: str, options: PipelineOptions,
-                   input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
-    """(jpeg, labels) per image: files shuffled and interleaved, products parsed a few
-    hundred at a time (one vectorised parse_example instead of one parse per product:
-    reading becomes ~8x cheaper), then flattened to one element per image."""
+def _record_batches(builder, split: str, options: PipelineOptions,
+                    input_context: tf.distribute.InputContext | None
+                    ) -> tf.data.Dataset | None:
+    """A split's products parsed a few hundred at a time (one vectorised parse_example
+    instead of one parse per product: reading becomes ~8x cheaper), files shuffled and
+    interleaved, this input pipeline's share; None for a format other than TFRecord."""
     files = [f"{builder.data_dir}/{name}" for name in builder.info.splits[split].filenames]
-    if builder.info.file_format.value != "tfrecord":  # other formats: TFDS's own reader
-        ds = _read(builder, split, True, options, input_context)
-        return ds.map(lambda ex: (ex["images"], _labels(ex, tf.shape(ex["images"])[0]))
-                      ).unbatch()
+    if builder.info.file_format.value != "tfrecord":
+        return None
     ds = tf.data.Dataset.from_tensor_slices(files)
     pipelines = input_context.num_input_pipelines if input_context is not None else 1
     by_file = pipelines > 1 and len(files) >= pipelines
@@ -299,12 +298,30 @@ def _image_records(builder, split: str, options: PipelineOptions,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=options.deterministic)
     if pipelines > 1 and not by_file:  # fewer files than workers: every n-th product
         ds = ds.shard(pipelines, input_context.input_pipeline_id)
+    return ds.batch(256).map(lambda records: tf.io.parse_example(records, _PARSE_SPEC),
+                             num_parallel_calls=tf.data.AUTOTUNE)
 
-    def flatten(records):
-        ex = tf.io.parse_example(records, _PARSE_SPEC)
-        return ex["images"].flat_values, _labels(ex, ex["images"].row_lengths())
 
-    return ds.batch(256).map(flatten, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+def _image_records(builder, split: str, options: PipelineOptions,
+                   input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+    """(jpeg, labels) per image, flattened from `_record_batches`."""
+    batches = _record_batches(builder, split, options, input_context)
+    if batches is None:  # other formats: TFDS's own reader
+        ds = _read(builder, split, True, options, input_context)
+        return ds.map(lambda ex: (ex["images"], _labels(ex, tf.shape(ex["images"])[0]))
+                      ).unbatch()
+    return batches.map(lambda ex: (ex["images"].flat_values,
+                                   _labels(ex, ex["images"].row_lengths()))).unbatch()
+
+
+def _product_records(builder, split: str, options: PipelineOptions,
+                     input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+    """(jpegs [n], labels) per product, from `_record_batches`."""
+    batches = _record_batches(builder, split, options, input_context)
+    if batches is None:
+        return _read(builder, split, True, options, input_context).map(
+            lambda ex: (ex["images"], _labels(ex)))
+    return batches.map(lambda ex: (ex["images"], _labels(ex))).unbatch()
 
 
 def image_labels(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Dataset:
@@ -362,6 +379,62 @@ def train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
     if options.data_service:
         ds = ds.apply(tf.data.experimental.service.distribute(
             processing_mode="parallel_epochs", service=options.data_service))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def products_per_batch(images: int, count: int, multiple: int = 1) -> int:
+    """Products of ``count`` images in a batch of about ``images`` images: as many as fit,
+    rounded down to a ``multiple`` (the devices a batch is split over), at least one
+    multiple."""
+    return max(images // count // multiple, 1) * multiple
+
+
+def product_train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
+                          options: PipelineOptions = PipelineOptions(), split: str = "train",
+                          input_context: tf.distribute.InputContext | None = None,
+                          repeat: bool = True, start_step: int = 0,
+                          multiple: int = 1) -> tf.data.Dataset:
+    """Batches of whole products for a product phase (`models.product_model`):
+    ({images: uint8 [P, n, D, D, 3], mask: [P, n]}, int32 labels [P], weights [P]).
+
+    Every batch holds products of one image count n (`group_by_window`), P of them
+    (`products_per_batch`: about ``batch_size`` images), so no slot is padding and each
+    of the four shapes is static once compiled. ``mask`` is 0 for an image TensorFlow
+    cannot decode, and a product with none gets weight 0 (counted by
+    `models.UndecodableImages`). Products without images (the build counts them) have
+    nothing to learn from and are not read. ``batch_size`` is global, or this input
+    pipeline's with an ``input_context``.
+    """
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    if start_step and options.seed is not None:
+        options = dataclasses.replace(options, seed=options.seed + 1_000_003 * start_step)
+    ds = _product_records(builder, split, options, input_context).filter(
+        lambda images, labels: tf.size(images) > 0)
+    ds = ds.shuffle(max(options.shuffle_buffer // 2, 1), seed=options.seed)
+    if repeat:
+        ds = ds.repeat()
+    sizes = tf.constant([products_per_batch(batch_size, n, multiple)
+                         for n in range(1, MAX_IMAGES + 1)], tf.int64)
+
+    def count(images, labels):
+        return tf.cast(tf.minimum(tf.size(images), MAX_IMAGES) - 1, tf.int64)
+
+    ds = ds.map(lambda images, labels: (images[:MAX_IMAGES], labels)).group_by_window(
+        count, lambda n, window: window.batch(tf.gather(sizes, n), drop_remainder=True),
+        window_size_func=lambda n: tf.gather(sizes, n))
+    size = options.decode_size
+    ds = decode_failsafe(ds.map(lambda images, labels: {"images": images, "labels": labels}),
+                         lambda j: decode_train(j, size),
+                         tf.TensorSpec([size, size, 3], tf.uint8), deterministic=None,
+                         padded=False)
+
+    def split_up(x):
+        mask = tf.cast(x["decoded"], tf.float32)
+        return {"images": x["images"], "mask": mask}, x["labels"], tf.reduce_max(mask, 1)
+
+    ds = ds.map(split_up, num_parallel_calls=tf.data.AUTOTUNE).with_options(
+        _tf_options(options))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -25,6 +25,8 @@ from keras import layers, ops
 from tfcdisc.learn import settings
 
 _APPS = keras.applications
+SLOT_SCORE = "slot_score"  # an image's say in its product (`product_model`)
+PRODUCTS_SUFFIX = "_products"  # the name of a product model: its image model's, plus this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +209,13 @@ def with_tta(image_model: keras.Model, tta: str) -> keras.Model:
         return image_model
     inputs = keras.Input(image_model.input.shape[1:], dtype=image_model.input.dtype,
                          name="image")
-    views = [image_model(inputs)["label"], image_model(Mirror(name="mirror")(inputs))["label"]]
-    label = MeanLogProbs(dtype="float32", name="label")(views)
-    return keras.Model(inputs, {"label": label}, name=f"{image_model.name}_flip_tta")
+    views = [image_model(inputs), image_model(Mirror(name="mirror")(inputs))]
+    outputs = {"label": MeanLogProbs(dtype="float32", name="label")(
+        [v["label"] for v in views])}
+    if SLOT_SCORE in image_model.output:  # a product phase's pooling: the views' mean say
+        outputs[SLOT_SCORE] = layers.Average(dtype="float32", name=SLOT_SCORE)(
+            [v[SLOT_SCORE] for v in views])
+    return keras.Model(inputs, outputs, name=f"{image_model.name}_flip_tta")
 
 
 @keras.saving.register_keras_serializable("tfcdisc")
@@ -235,11 +241,16 @@ def ensemble_model(image_models: list[keras.Model], weights: list[float]) -> ker
     images it is given in its own first layer."""
     total = float(sum(weights))
     inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
-    logits = [keras.Model(m.input, m.output["label"], name=f"member_{i}")(inputs)
-              for i, m in enumerate(image_models)]
-    label = WeightedMeanProbs([w / total for w in weights], dtype="float32",
-                              name="label")(logits)
-    return keras.Model(inputs, {"label": label}, name="ensemble")
+    members = [keras.Model(m.input, {key: m.output[key] for key in ("label", SLOT_SCORE)
+                                     if key in m.output}, name=f"member_{i}")(inputs)
+               for i, m in enumerate(image_models)]
+    outputs = {"label": WeightedMeanProbs([w / total for w in weights], dtype="float32",
+                                          name="label")([m["label"] for m in members])}
+    scores = [m[SLOT_SCORE] for m in members if SLOT_SCORE in m]
+    if scores:  # members trained on products: their mean say in the pooling
+        outputs[SLOT_SCORE] = (layers.Average(dtype="float32", name=SLOT_SCORE)(scores)
+                               if len(scores) > 1 else scores[0])
+    return keras.Model(inputs, outputs, name="ensemble")
 
 
 @keras.saving.register_keras_serializable("tfcdisc")
@@ -331,7 +342,8 @@ def _set_bn_momentum(model: keras.Model, momentum: float) -> None:
 def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
                       weights: str = "none", num_level1: int = 0, num_level2: int = 0,
                       dropout: float = 0.2, bn_momentum: float | None = None,
-                      crop_area: float = 0.5, seed: int | None = None) -> keras.Model:
+                      crop_area: float = 0.5, seed: int | None = None,
+                      slot_score: bool = False) -> keras.Model:
     """The per-image classifier: view, backbone, pooling, dropout, float32 logit heads.
 
     Args:
@@ -348,6 +360,9 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
         below training mode.
       crop_area: smallest area fraction of a training crop (`ResizedCrop`).
       seed: of the training crops.
+      slot_score: adds the ``slot_score`` output, each image's say in its product's pooling
+        (`product_model`), zero-initialised: a product starts as the mean of its images'
+        log-probabilities.
 
     Raises:
       ValueError: unknown backbone, too small an input, unknown weights.
@@ -377,6 +392,7 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     else:
         base = spec.make(**kwargs, weights="imagenet" if weights == "imagenet" else None)
     features = base(x)
+    pooled = features
     if dropout:
         features = layers.Dropout(dropout, name="dropout")(features)
     outputs = {"label": layers.Dense(num_classes, dtype="float32", name="label")(features)}
@@ -386,6 +402,9 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     if num_level2:
         outputs["label_level2"] = layers.Dense(num_level2, dtype="float32",
                                                name="label_level2")(features)
+    if slot_score:
+        outputs[SLOT_SCORE] = layers.Dense(1, dtype="float32", kernel_initializer="zeros",
+                                           name=SLOT_SCORE)(pooled)
     model = keras.Model(inputs, outputs, name=f"{backbone}_classifier")
     if bn_momentum is not None:
         _set_bn_momentum(model, bn_momentum)
@@ -407,7 +426,7 @@ def _load_weights(model: keras.Model, path: str) -> None:
         if path.endswith(".weights.h5"):
             model.load_weights(path)
         else:
-            model.set_weights(keras.saving.load_model(path, compile=False).get_weights())
+            copy_weights(image_model_of(keras.saving.load_model(path, compile=False)), model)
     except (ValueError, KeyError) as e:
         raise ValueError(f"--weights={path}: its weights do not fit this model "
                          f"({model.name}, {model.count_params():,} parameters): "
@@ -416,20 +435,105 @@ def _load_weights(model: keras.Model, path: str) -> None:
                          "categories") from None
 
 
+def copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """Every weighted layer of ``source`` into the layer of that name in ``target``; the
+    target's own extra layers (a product phase's ``slot_score``) keep their start.
+
+    Raises:
+      ValueError: a layer of ``source`` is missing in ``target`` or has other shapes.
+    """
+    for layer in source.layers:
+        if not layer.weights:
+            continue
+        try:
+            twin = target.get_layer(layer.name)
+        except ValueError:
+            raise ValueError(f"layer {layer.name} is not in {target.name}") from None
+        twin.set_weights(layer.get_weights())
+
+
 # --------------------------------------------------------------------------- products
 # Written with keras.ops, so that one definition scores products under the JAX backend
 # (training's validation, predict and evaluate on a TPU) and the TensorFlow backend
 # (the same, and the SavedModel's graph).
 
 
-def combine_log_probs(log_probs, mask):
-    """Masked mean over a product's images: [B, N, C] log-probs, [B, N] mask -> [B, C].
+def slot_weights(mask, slot_scores=None):
+    """[B, N] weights of a product's images, summing to 1 over its real ones: equal, or a
+    softmax of ``slot_scores`` [B, N] over them (all zeros: equal). A product with no real
+    image gets zeros."""
+    mask = ops.cast(mask, "float32")
+    if slot_scores is None:
+        return mask / ops.maximum(ops.sum(mask, axis=1, keepdims=True), 1.0)
+    scores = ops.where(mask > 0, ops.cast(slot_scores, "float32"), -1e9)
+    scores = scores - ops.max(scores, axis=1, keepdims=True)
+    weights = ops.exp(scores) * mask
+    return weights / ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1e-30)
+
+
+def combine_log_probs(log_probs, mask, slot_scores=None):
+    """Masked mean over a product's images: [B, N, C] log-probs, [B, N] mask -> [B, C];
+    weighted by the model's learned ``slot_scores`` [B, N] where it has them
+    (`slot_weights`).
 
     A product with no valid image gets all zeros (callers treat it as unscored).
     """
-    mask = ops.cast(mask, log_probs.dtype)
-    total = ops.sum(log_probs * mask[..., None], axis=1)
-    return total / ops.maximum(ops.sum(mask, axis=1), 1.0)[:, None]
+    weights = ops.cast(slot_weights(mask, slot_scores), log_probs.dtype)
+    return ops.sum(log_probs * weights[..., None], axis=1)
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class ImageSlots(layers.Layer):
+    """[P, N, H, W, 3] product images -> [P * N, H, W, 3]: one backbone pass over a batch
+    of products, whose slots are all real images (`input_pipeline.product_train_dataset`
+    groups products by image count, so none goes to padding)."""
+
+    def call(self, images):
+        return ops.reshape(images, (-1, *images.shape[2:]))
+
+    def compute_output_shape(self, input_shape):
+        return (None, *input_shape[2:])
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class ProductPooling(layers.Layer):
+    """[P * N, C] per-image logits, [P * N, 1] slot scores, [P, N] mask -> [P, C] product
+    log-probabilities: the images' log-probabilities weighted by `slot_weights` (with the
+    scores' zero start, their mean: the scoring rule of an image-trained model)."""
+
+    def call(self, inputs):
+        logits, scores, mask = inputs
+        shape = ops.shape(mask)
+        log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+        log_probs = ops.reshape(log_probs, (shape[0], shape[1], logits.shape[-1]))
+        scores = ops.reshape(ops.cast(scores, "float32"), (shape[0], shape[1]))
+        return combine_log_probs(log_probs, mask, scores)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[2][0], input_shape[0][-1])
+
+
+def product_model(image_model: keras.Model) -> keras.Model:
+    """The end-to-end product model of a product phase (``--train_on=products``):
+    {images [P, N, H, W, 3] uint8, mask [P, N]} -> each head of ``image_model`` per
+    product, as log-probabilities pooled over its images. ``image_model`` needs the
+    ``slot_score`` output; it is what the export keeps (`image_model_of`), so a product
+    model is scored by the same rule as any other (`product_scores`)."""
+    images = keras.Input((None, None, None, 3), dtype="uint8", name="images")
+    mask = keras.Input((None,), name="mask")
+    per_image = image_model(ImageSlots(name="slots")(images))
+    scores = per_image[SLOT_SCORE]
+    outputs = {key: ProductPooling(dtype="float32", name=f"pool_{key}")(
+        [value, scores, mask]) for key, value in per_image.items() if key != SLOT_SCORE}
+    return keras.Model({"images": images, "mask": mask}, outputs,
+                       name=image_model.name + PRODUCTS_SUFFIX)
+
+
+def image_model_of(model: keras.Model) -> keras.Model:
+    """The image model inside a product model (`product_model`), or ``model`` itself."""
+    if model.name.endswith(PRODUCTS_SUFFIX):
+        return model.get_layer(model.name[:-len(PRODUCTS_SUFFIX)])
+    return model
 
 
 def image_outputs(image_model: keras.Model, images, mask=None) -> dict:
@@ -476,11 +580,13 @@ def fused_logits(fusion: keras.Model | None, outputs: dict, mask):
                            training=False)["label"], "float32")
 
 
-def top_k_of(per_image, mask, k: int = 5, product_log_probs=None) -> dict:
+def top_k_of(per_image, mask, k: int = 5, product_log_probs=None,
+             slot_scores=None) -> dict:
     """Top-k classes and probabilities of each product, and each image's own top class,
-    from per-image log-probabilities [B, N, C] (their masked mean), or from
-    ``product_log_probs`` [B, C] where a fusion model gave them."""
-    combined = (combine_log_probs(per_image, mask) if product_log_probs is None
+    from per-image log-probabilities [B, N, C] (their masked mean, weighted by
+    ``slot_scores`` where the model learned them), or from ``product_log_probs`` [B, C]
+    where a fusion model gave them."""
+    combined = (combine_log_probs(per_image, mask, slot_scores) if product_log_probs is None
                 else ops.log_softmax(product_log_probs, axis=-1))
     k = min(k, combined.shape[-1])  # a catalogue may have fewer categories than k
     top_log_probs, top_classes = ops.top_k(combined, k=k)
@@ -498,8 +604,9 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
     """The product scoring rule, the one that validation, evaluate, predict and the
     SavedModel all run, from `image_outputs` and the padding ``mask`` [B, N]:
 
-    - a product's images are combined by the masked mean of their log-probabilities,
-      or by the ``fusion`` head over their embeddings;
+    - a product's images are combined by the masked mean of their log-probabilities
+      (weighted by the model's ``slot_score`` where a product phase learned one), or by
+      the ``fusion`` head over their embeddings;
     - where the duplicate table found an image (``duplicate_class`` >= 0, from
       `tfcdisc.learn.duplicates.features`) the table's answer is blended in with
       ``duplicate_weight``: per image, or with a fusion head per product;
@@ -513,6 +620,7 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
     from tfcdisc.learn import duplicates
     mask = ops.cast(mask, "float32")
     per_image = outputs["label"]
+    slots = outputs[SLOT_SCORE][..., 0] if SLOT_SCORE in outputs else None
     fused = fused_logits(fusion, outputs, mask)
     lookup = duplicate_class is not None
 
@@ -523,10 +631,10 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
                                         duplicate_share, mask, weight)
 
     if lookup and duplicate_weight:
-        out = (top_k_of(blended(duplicate_weight), mask, k) if fused is None
-               else top_k_of(per_image, mask, k, blended(duplicate_weight)))
+        out = (top_k_of(blended(duplicate_weight), mask, k, slot_scores=slots)
+               if fused is None else top_k_of(per_image, mask, k, blended(duplicate_weight)))
     else:
-        out = top_k_of(per_image, mask, k, fused)
+        out = top_k_of(per_image, mask, k, fused, slots)
     has_image = (ops.sum(mask, axis=1) > 0)[:, None]
     result = {
         "top_k_classes": ops.where(has_image, out["top_k_classes"],
@@ -539,7 +647,7 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
         result["duplicate_hits"] = ops.sum(found, axis=1)
         if weight_grid:
             result["top1_by_weight"] = ops.stack(
-                [ops.cast(ops.argmax(combine_log_probs(blended(w), mask)
+                [ops.cast(ops.argmax(combine_log_probs(blended(w), mask, slots)
                                      if fused is None else blended(w), axis=-1), "int32")
                  for w in weight_grid], axis=1)
     return result

@@ -27,7 +27,7 @@ import keras
 import tensorflow as tf
 
 from tfcdisc.catalogue import atomic
-from tfcdisc.learn import settings
+from tfcdisc.learn import models, settings
 from tfcdisc.learn.settings import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
 
 LOCK_FILE = ".tfcdisc-writer.lock"  # `folder_lock`: one writer per model dir
@@ -178,7 +178,7 @@ def _in_float32(config):
 
 
 def float32_model(checkpoint: str) -> keras.Model:
-    """The checkpoint's own model, in float32: its architecture is read from the file, not
+    """The checkpoint's own image model (of a product phase's, the one inside), in float32: its architecture is read from the file, not
     rebuilt from flags. A rebuild can differ: Keras adds a layer to EfficientNet B0-B7
     only when it is built with ``weights="imagenet"``, which a rebuild cannot ask for."""
     with atomic.local_copy(checkpoint) as local:
@@ -191,4 +191,4 @@ def float32_model(checkpoint: str) -> keras.Model:
         finally:
             keras.mixed_precision.set_global_policy(previous)
         model.load_weights(local)
-    return model
+    return models.image_model_of(model)  # a product phase's checkpoint: the image model

@@ -29,6 +29,7 @@ BACKEND_HELP = ("Keras backend that runs the model: auto is JAX on a TPU VM, Ten
 DATASET_CONFIG_HELP = ("Which build of the dataset in --data_dir: the name given to `tfds "
                        "build --config` (default: the only one there).")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+TRAIN_ON = ("images", "products")  # what a training example is (`training`)
 TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with_tta`)
 
 
@@ -129,6 +130,14 @@ class TrainConfig:
     crop_area: float = setting(0.5, "Smallest fraction of an image a training crop covers "
                                "(random resized crop on the accelerator).", lower_bound=0.05,
                                upper_bound=1.0)
+    train_on: str = setting(
+        "images", "images: each image is an example with its product's label. products: "
+        "end to end on whole products (a product phase, e.g. --phase=products after an "
+        "image run): one backbone pass over each product's images, pooled by learned "
+        "weights that start as the mean of their log-probabilities, the product's label "
+        "as the loss; batches hold products of one image count (about the global batch "
+        "in images), so no compute goes to padding. One host (a v5e-8, a GPU box); not "
+        "under --strategy=tpu or multi_worker_mirrored.", choices=TRAIN_ON, model=True)
     backend: str = setting("auto", BACKEND_HELP, choices=BACKENDS)
     mixed_precision: str = setting("auto", "auto: bfloat16 on TPU, float16 on GPU, float32 "
                                    "on CPU.", choices=PRECISIONS)

@@ -59,8 +59,8 @@ class ProductEvaluation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._predict is None:
-            self._predict = product_eval.ProductPredictor(self.model, 5, self.strategy,
-                                                          self.fallback_class)
+            self._predict = product_eval.ProductPredictor(models.image_model_of(self.model), 5,
+                                                          self.strategy, self.fallback_class)
         report = product_eval.accuracy_report(self._predict(self.dataset, self.max_batches))
         self.last = report
         if logs is not None:
@@ -285,14 +285,18 @@ def image_model(cfg: TrainConfig, info: dict, weights: str | None = None) -> ker
         num_level1=info["num_level1"] if cfg.level1_loss_weight > 0 else 0,
         num_level2=info["num_level2"] if cfg.level2_loss_weight > 0 else 0,
         dropout=cfg.dropout, bn_momentum=cfg.bn_momentum, crop_area=cfg.crop_area,
-        seed=cfg.seed)
+        seed=cfg.seed, slot_score=cfg.train_on == "products")
 
 
 def build_and_compile(cfg: TrainConfig, info: dict, total_steps: int, steps_per_epoch: int,
                       batch: int | None = None, jit_compile: bool | str = "auto"
                       ) -> keras.Model:
-    """The image model for ``info`` (class counts), compiled; call inside strategy.scope()."""
+    """The image model for ``info`` (class counts), compiled; call inside strategy.scope().
+    With ``--train_on=products``, the product model around it (`models.product_model`):
+    the same heads and losses, per product."""
     model = image_model(cfg, info)
+    if cfg.train_on == "products":
+        model = models.product_model(model)
     losses, weights = {}, {}
     for key, n, w in (("label", info["num_classes"], 1.0),
                       ("label_level1", info["num_level1"], cfg.level1_loss_weight),
@@ -381,6 +385,27 @@ def _check_dataset(builder, data_dir: str) -> None:
         raise ValueError(f"{data_dir}: one category only; a classifier needs at least two")
 
 
+def _check_product_phase(cfg: TrainConfig, strategy, batch: int) -> None:
+    """Where batches of one image count per step cannot run, said first: a batch's shape
+    changes with the count, which TPUStrategy's static compile refuses, and processes of
+    one run would each draw their own counts, so their collectives would not line up."""
+    if distribute.is_tpu(strategy) or isinstance(strategy,
+                                                 tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError(f"--train_on=products under --strategy={cfg.strategy}: batches "
+                         "change shape with the products' image count; on a TPU train it "
+                         "with the JAX backend (--backend=jax, the default on a TPU VM), "
+                         "elsewhere on one host (--strategy=mirrored or default)")
+    if getattr(strategy, "process_count", 1) > 1:
+        raise ValueError("--train_on=products runs on one host's devices (a v5e-8, a GPU "
+                         "box): the processes of a multi-host run would each draw their own "
+                         "image counts per step; drop the KERAS_DISTRIBUTION_* variables")
+    if batch < input_pipeline.MAX_IMAGES * strategy.num_replicas_in_sync:
+        raise ValueError(f"--train_on=products with a global batch of {batch} images: a "
+                         f"step needs at least {input_pipeline.MAX_IMAGES} images per replica "
+                         f"({strategy.num_replicas_in_sync} replicas), for a product of "
+                         f"{input_pipeline.MAX_IMAGES}; raise --global_batch_size")
+
+
 def _vector_logs(model: keras.Model) -> None:
     """Keras 3's fit under MultiWorkerMirroredStrategy averages each step's logs across
     workers over axis 0, which a scalar lacks ("Invalid reduction dimension 0 for input
@@ -462,6 +487,8 @@ def _set_up(cfg: TrainConfig) -> _Setup:
             f"images in {cfg.data_dir}: no whole batch exists; lower --global_batch_size "
             "(or --per_replica_batch_size)")
     _check_jit_compile(cfg, strategy)
+    if cfg.train_on == "products":
+        _check_product_phase(cfg, strategy, batch)
     if cfg.backup_every_minutes and isinstance(strategy,
                                                tf.distribute.MultiWorkerMirroredStrategy):
         raise ValueError("--backup_every_minutes under multi_worker_mirrored: the workers' "
@@ -506,12 +533,20 @@ def _train_data(cfg: TrainConfig, run: _Setup, label_keys: tuple):
         shuffle_buffer=cfg.shuffle_buffer, deterministic=cfg.deterministic, seed=cfg.seed,
         data_service=cfg.data_service)
 
+    jax = isinstance(run.strategy, distribute.JaxDataParallel)
+
     def from_step(start_step: int):
         def fn(ctx):
-            ds = input_pipeline.train_dataset(run.builder, run.batch, options,
-                                              input_context=ctx, start_step=start_step)
+            if cfg.train_on == "products":  # JAX splits each batch over the devices
+                ds = input_pipeline.product_train_dataset(
+                    run.builder, run.batch, options, input_context=ctx,
+                    start_step=start_step,
+                    multiple=run.strategy.num_replicas_in_sync if jax else 1)
+            else:
+                ds = input_pipeline.train_dataset(run.builder, run.batch, options,
+                                                  input_context=ctx, start_step=start_step)
             return ds.map(lambda x, y, w: (x, {k: y[k] for k in label_keys}, w))
-        if isinstance(run.strategy, distribute.JaxDataParallel):  # Keras splits each batch
+        if jax:  # Keras splits each batch
             return fn(run.strategy.input_context())  # over the devices; a process reads its share
         return run.strategy.distribute_datasets_from_function(fn)
     return from_step

@@ -128,6 +128,8 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
     module = ProductClassifier(image_model, taxonomy, image_size, top_k, fallback_class,
                                duplicate_table, fusion_model)
     extra["fusion"] = fusion_model is not None
+    # How a product's images are combined: a product phase's learned weights, or the mean.
+    extra["product_pooling"] = "learned" if models.SLOT_SCORE in image_model.output else "mean"
     if duplicate_table is not None:
         extra["duplicates"] = {
             "unique_images": len(duplicate_table), "labelled_images": duplicate_table.images,
