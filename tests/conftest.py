@@ -258,3 +258,15 @@ def serve_without_tfcdisc(export_dir, images: list[list[bytes]]) -> dict:
 def last_json(text: str) -> dict:
     import json
     return json.loads(text.strip().splitlines()[-1])
+
+
+def epoch_scalars(log_dir) -> dict:
+    """{tag: [steps]} of the ``epoch_*`` scalars in a TensorBoard log folder."""
+    import tensorflow as tf
+    found: dict = {}
+    for path in sorted(pathlib.Path(log_dir).glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag.startswith("epoch_"):
+                    found.setdefault(value.tag, []).append(event.step)
+    return found

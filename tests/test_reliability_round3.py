@@ -559,3 +559,42 @@ def test_a_full_temporary_folder_is_named_as_such(tmp_path, monkeypatch):
         with atomic.via_local(str(tmp_path / "last.keras")) as local:
             raise OSError(errno.ENOSPC, "No space left on device", local)
     assert not (tmp_path / "last.keras").exists()
+
+
+def _stop_training(dataset, tmp_path, signum):
+    """`python -m tfcdisc.train` signalled as its first epoch begins (Keras prints
+    "Epoch 1/2" there): the process's exit and its stderr."""
+    import signal
+    import subprocess
+    import sys
+    args = [sys.executable, "-m", "tfcdisc.train", f"--data_dir={dataset.data_dir}",
+            f"--model_dir={tmp_path / 'run'}", "--backbone=small_cnn", "--image_size=32",
+            "--decode_size=48", "--global_batch_size=8", "--epochs=2",
+            "--steps_per_epoch=100000", "--strategy=default", "--mixed_precision=float32",
+            "--shuffle_buffer=64", "--eval_batch_size=8", "--verbose=2", "--seed=0"]
+    # As from a terminal: a parent that runs in the background (a CI job) passes SIGINT
+    # on ignored, and Python then never installs its Ctrl-C handler.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KERAS_BACKEND": "tensorflow",
+                                 "PYTHONUNBUFFERED": "1"},  # the line arrives as printed
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:
+        if line.startswith("Epoch 1/"):
+            break
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_ctrl_c_and_sigterm_stop_training_in_one_line_that_says_how_to_resume(
+        dataset, tmp_path):
+    import signal
+    for signum, code, how in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+        returncode, err = _stop_training(dataset, tmp_path, signum)
+        assert returncode == code, err[-2000:]
+        assert "Traceback" not in err, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"train: stopped by {how}; the checkpoints and the last backup "
+                               f"in {tmp_path / 'run'} are kept"), last
+        assert last.endswith("rerun the same command to resume there")
+        assert "busy" not in err  # the first stop released the run's lock

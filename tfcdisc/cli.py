@@ -8,6 +8,7 @@ them and the library's INFO logs back (absl's flag: 0 INFO, 1 DEBUG).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -101,14 +102,50 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
     app.run(quiet_main)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a preemption notice, `kill`, a notebook's stop button), raised where
+    Python runs next, so that it unwinds like Ctrl-C: locks released, temporary files
+    removed, nothing half-written kept."""
+
+
+@contextlib.contextmanager
+def stops_unwind():
+    """SIGTERM raises `Terminated` while the block runs (main thread only)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped(command: str, error: KeyboardInterrupt, kept: str) -> None:
+    """One line for Ctrl-C (exit 130) or SIGTERM (exit 143): what was kept, and how to go
+    on; no traceback."""
+    how, code = ("SIGTERM", 143) if isinstance(error, Terminated) else ("Ctrl-C", 130)
+    print(f"{command}: stopped by {how}; {kept}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def command(name: str, cls: type, main: Callable[[Any], None], doc: str | None, *,
-            backend: str | None = None, after_os_error: str = "") -> Callable[[], None]:
+            backend: str | None = None, after_os_error: str = "",
+            after_stop: str = "nothing was written: rerun the same command"
+            ) -> Callable[[], None]:
     """The ``run`` of a command whose flags are the fields of ``cls`` (`define_settings`);
     ``main`` gets them as one ``cls``. An ordinary mistake (ValueError,
     FileNotFoundError: their messages name the fix) is one line and exit 2; so is an I/O
     error (`io_error`: a full disk, a read-only folder, an unreachable bucket), followed
-    by ``after_os_error`` formatted with the settings (what was kept). Outputs that would
-    overwrite inputs are refused first (`paths.check_apart`)."""
+    by ``after_os_error`` formatted with the settings (what was kept). Ctrl-C and SIGTERM
+    are one line too, ``after_stop`` formatted likewise, exit 130 or 143 (`stopped`).
+    Outputs that would overwrite inputs are refused first (`paths.check_apart`)."""
     def main_argv(argv: Sequence[str]) -> None:
         del argv
         settings = None
@@ -119,7 +156,11 @@ def command(name: str, cls: type, main: Callable[[Any], None], doc: str | None, 
             paths.check_apart(paths_by_role(settings, "output", "replaced"),
                               paths_by_role(settings, "input"),
                               replaced=paths_by_role(settings, "replaced"))
-            main(settings)
+            with stops_unwind():
+                main(settings)
+        except KeyboardInterrupt as e:
+            stopped(name, e, after_stop.format(**dataclasses.asdict(settings))
+                    if settings else "nothing was written")
         except (ValueError, FileNotFoundError) as e:
             fail(name, str(e))
         except Exception as e:  # noqa: BLE001 - only I/O errors are caught here

@@ -24,7 +24,9 @@ def main(f: settings.EnsembleSettings) -> None:
     print(json.dumps(summary, indent=2))
 
 
-run = cli.command("ensemble", settings.EnsembleSettings, main, __doc__, backend="tensorflow")
+run = cli.command("ensemble", settings.EnsembleSettings, main, __doc__, backend="tensorflow",
+                  after_stop="{export_dir} was left as it was (an export replaces it only "
+                  "when whole): rerun the same command")
 
 
 if __name__ == "__main__":

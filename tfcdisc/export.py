@@ -24,7 +24,9 @@ def main(f: settings.ExportSettings) -> None:
     print(json.dumps(summary, indent=2))
 
 
-run = cli.command("export", settings.ExportSettings, main, __doc__, backend="tensorflow")
+run = cli.command("export", settings.ExportSettings, main, __doc__, backend="tensorflow",
+                  after_stop="{export_dir} was left as it was (an export replaces it only "
+                  "when whole): rerun the same command")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def _predict_on_beam(f: settings.PredictSettings):
 
 # A full disk while writing: the old output stays.
 run = cli.command("predict", settings.PredictSettings, main, __doc__, backend="flag",
-                  after_os_error="{output} was left as it was")
+                  after_os_error="{output} was left as it was",
+                  after_stop="{output} was left as it was (written only when complete): "
+                  "rerun the same command")
 
 
 if __name__ == "__main__":

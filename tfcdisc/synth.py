@@ -23,7 +23,9 @@ def main(f: settings.SynthSettings) -> None:
     print(json.dumps(summary, indent=2))
 
 
-run = cli.command("synth", settings.SynthSettings, main, __doc__)
+run = cli.command("synth", settings.SynthSettings, main, __doc__,
+                  after_stop="{output_dir} holds a partial catalogue: rerun the same "
+                  "command with --overwrite")
 
 
 if __name__ == "__main__":

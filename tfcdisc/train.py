@@ -28,7 +28,10 @@ def main(cfg: settings.TrainConfig) -> None:
 # A full disk, a read-only folder: what was complete is kept.
 run = cli.command("train", settings.TrainConfig, main, __doc__, backend="flag",
                   after_os_error="the last complete checkpoint and backup are kept: fix it "
-                  "and rerun the same command to resume")
+                  "and rerun the same command to resume",
+                  after_stop="the checkpoints and the last backup in {model_dir} are kept "
+                  "(one after every epoch, and every --backup_every_steps or "
+                  "--backup_every_minutes): rerun the same command to resume there")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def main(f: settings.FusionSettings) -> None:
     print(json.dumps(summary, indent=2))
 
 
-run = cli.command("train_fusion", settings.FusionSettings, main, __doc__, backend="flag")
+run = cli.command("train_fusion", settings.FusionSettings, main, __doc__, backend="flag",
+                  after_stop="{fusion_dir} keeps what was complete (the embeddings once "
+                  "all were cached): rerun the same command")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import last_json, product_batches, run_training, train_config
+from conftest import epoch_scalars, last_json, product_batches, run_training, train_config
 from tfcdisc.learn import input_pipeline, models, product_eval, training
 
 
@@ -72,7 +72,7 @@ def test_a_product_phase_learns_its_pooling_and_exports_through_the_same_rule(
     moved = [not np.allclose(a, b) for a, b in zip(start.get_layer("label").get_weights(),
                                                    image_model.get_layer("label").get_weights())]
     assert any(moved)  # the backbone's head trained on products
-    assert np.any(image_model.get_layer(models.SLOT_SCORE).get_weights()[0])  # learned
+    assert np.any(image_model.get_layer("slot_dense").get_weights()[0])  # learned
     assert len(result.history["accuracy"]) == 2  # product accuracy in training, per epoch
     summary = exporting.export(str(run), str(tmp_path / "export"), phase="products",
                                checkpoint="last", tta="flip")
@@ -103,6 +103,10 @@ def test_a_product_phase_trains_under_jax_on_two_devices(dataset, tmp_path):
     assert result["validation"]["products"] == dataset.info.splits["validation"].num_examples
     config = json.load(open(run / "phases" / "products" / "config.json"))
     assert config["train"]["train_on"] == "products"
+    # JAX's curves too: 4 steps, --log_every_steps=100.
+    logs = run / "phases" / "products" / "logs"
+    assert epoch_scalars(logs / "validation")["epoch_product_accuracy"] == [0]
+    assert epoch_scalars(logs / "train")["epoch_accuracy"] == [0]
 
 
 def test_flip_tta_and_ensembles_keep_the_learned_pooling():
@@ -111,7 +115,7 @@ def test_flip_tta_and_ensembles_keep_the_learned_pooling():
         keras.utils.set_random_seed(seed)
         model = models.build_image_model("small_cnn", 3, image_size=32, slot_score=slot_score)
         if slot_score:
-            layer = model.get_layer(models.SLOT_SCORE)
+            layer = model.get_layer("slot_dense")
             layer.set_weights([np.random.default_rng(seed).normal(size=w.shape)
                                for w in layer.get_weights()])
         return model

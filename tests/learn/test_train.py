@@ -11,7 +11,8 @@ import sys
 import keras
 import pytest
 
-from conftest import REPO, last_json, product_batches, run_training, train_config
+from conftest import (REPO, epoch_scalars, last_json, product_batches, run_training,
+                      train_config)
 from tfcdisc.learn import distribute, product_eval, training
 
 
@@ -49,6 +50,12 @@ def test_short_run_evaluates_in_inference_mode_as_well_as_it_trains(dataset, tmp
     assert "val_product_accuracy" in rows[0] and "val_top5_accuracy" in rows[0]
     best = keras.saving.load_model(tmp_path / "checkpoints" / "best.keras")
     assert set(best.output) == {"label", "label_level1", "label_level2"}
+    # Curves: a point per epoch, though 14 steps are no multiple of --log_every_steps=100.
+    train_curves = epoch_scalars(tmp_path / "logs" / "train")
+    assert train_curves["epoch_loss"] == [0, 1, 2, 3, 4]
+    assert train_curves["epoch_learning_rate"] == [0, 1, 2, 3, 4]
+    assert epoch_scalars(tmp_path / "logs" / "validation")["epoch_product_accuracy"] == \
+        [0, 1, 2, 3, 4]
 
 
 def test_default_batchnorm_momentum_lags_in_short_runs(dataset, tmp_path):
@@ -282,3 +289,18 @@ def test_a_full_frame_phase_starts_from_the_runs_best_at_another_size(dataset, t
     assert summary["image_size"] == 48
     with pytest.raises(FileNotFoundError, match="no best checkpoint"):
         training.train(train_config(dataset, tmp_path / "fresh", phase="ft48"))
+
+
+def test_the_best_checkpoint_goes_to_the_later_epoch_on_a_tie(tmp_path):
+    """Validation accuracy 0.9, 1.0, 1.0, 0.95: epoch 2 is kept, not epoch 1."""
+    import numpy as np
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    best = training.WholeCheckpoint(str(tmp_path / "best.keras"),
+                                    monitor="val_product_accuracy", mode="max",
+                                    save_best_only=True)
+    best.set_model(model)
+    for epoch, accuracy in enumerate([0.9, 1.0, 1.0, 0.95]):
+        model.layers[0].bias.assign([float(epoch)])
+        best.on_epoch_end(epoch, {"val_product_accuracy": accuracy})
+    kept = keras.saving.load_model(tmp_path / "best.keras", compile=False)
+    np.testing.assert_array_equal(kept.layers[0].bias.numpy(), [2.0])

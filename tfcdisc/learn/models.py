@@ -67,6 +67,8 @@ BACKBONES: dict[str, Backbone] = {
         _APPS.MobileNetV3Large, "raw", preprocessing_flag=True,
         imagenet_file="weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
     "small_cnn": Backbone(None, "unit", 16),
+    # A KerasHub image backbone by preset (`--hub_preset`): its own converter's scaling.
+    "keras_hub": Backbone(None, "hub", 16),
 }
 
 
@@ -98,6 +100,86 @@ def _imagenet_backbone(backbone: str, spec: Backbone, kwargs: dict, path: str) -
                 f"{backbone}'s is Keras's {spec.imagenet_file}")
         raise ValueError(f"--weights={path}: not the ImageNet weights of {backbone} "
                          f"({_first_line(e)}); {hint}") from None
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class HubScaling(layers.Layer):
+    """A KerasHub preset's input scaling: [0, 255] pixels times ``scale`` plus ``offset``
+    (each a number or one per channel, or None), as its `ImageConverter` does after
+    resizing (the view layer has resized already)."""
+
+    def __init__(self, scale=None, offset=None, **kwargs):
+        super().__init__(**kwargs)
+        self.scale, self.offset = scale, offset
+
+    def call(self, x):
+        if self.scale is not None:
+            x = x * ops.convert_to_tensor(self.scale, dtype=x.dtype)
+        if self.offset is not None:
+            x = x + ops.convert_to_tensor(self.offset, dtype=x.dtype)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "offset": self.offset}
+
+
+def load_model(path: str) -> keras.Model:
+    """A local ``.keras`` file, uncompiled; KerasHub imported first where it holds a
+    KerasHub backbone."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        import_hub_if_used(z.read("config.json").decode())
+    return keras.saving.load_model(path, compile=False)
+
+
+def import_hub_if_used(config_text: str) -> None:
+    """Imports KerasHub where a saved model's config names its layers (their classes
+    register on import), with the install line where it is missing."""
+    if '"keras_hub' not in config_text:
+        return
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError:
+        raise ValueError("this model holds a KerasHub backbone: pip install "
+                         "'tfcdisc[hub]' (or keras-hub)") from None
+
+
+def _hub_backbone(preset: str | None, weights: str):
+    """(backbone, scaling) of a KerasHub preset: its architecture, its weights (
+    ``weights``: "imagenet" the preset's own, "none" none, a preset folder that folder's)
+    and its image converter's scaling, scaled as its library scales.
+
+    Raises:
+      ValueError: no preset, KerasHub missing, or a preset KerasHub cannot load (one line).
+    """
+    if not preset:
+        raise ValueError("--backbone=keras_hub needs --hub_preset=NAME or a preset folder")
+    try:
+        import keras_hub
+    except ImportError:
+        raise ValueError("--backbone=keras_hub needs KerasHub: pip install 'tfcdisc[hub]' "
+                         "(or keras-hub)") from None
+    source = weights if weights not in ("none", "imagenet") else preset
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(
+            source, load_weights=weights != "none",
+            dtype=keras.config.dtype_policy().name)
+        converter = keras_hub.layers.ImageConverter.from_preset(source)
+    except (ValueError, OSError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f"--hub_preset={preset}{'' if source == preset else f' --weights={source}'}: "
+                         f"KerasHub cannot load it as an image backbone ({_first_line(e)}); "
+                         "give a preset name of keras_hub.models.Backbone.presets or a "
+                         "folder written by save_to_preset") from None
+    scaling = HubScaling(_plain(converter.scale), _plain(converter.offset), name="scaling")
+    return backbone, scaling
+
+
+def _plain(value):
+    """A converter's scale or offset as JSON: a float, a list of floats, or None."""
+    if value is None:
+        return None
+    array = np.asarray(value, dtype="float64")
+    return float(array) if array.ndim == 0 else [float(v) for v in array.ravel()]
 
 
 def _interpolation(start, end, size: int, out: int):
@@ -343,7 +425,8 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
                       weights: str = "none", num_level1: int = 0, num_level2: int = 0,
                       dropout: float = 0.2, bn_momentum: float | None = None,
                       crop_area: float = 0.5, seed: int | None = None,
-                      slot_score: bool = False) -> keras.Model:
+                      slot_score: bool = False, hub_preset: str | None = None
+                      ) -> keras.Model:
     """The per-image classifier: view, backbone, pooling, dropout, float32 logit heads.
 
     Args:
@@ -360,6 +443,7 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
         below training mode.
       crop_area: smallest area fraction of a training crop (`ResizedCrop`).
       seed: of the training crops.
+      hub_preset: the KerasHub preset (a name or a folder) of ``backbone="keras_hub"``.
       slot_score: adds the ``slot_score`` output, each image's say in its product's pooling
         (`product_model`), zero-initialised: a product starts as the mean of its images'
         log-probabilities.
@@ -374,24 +458,18 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
         raise ValueError(f"{backbone} needs --image_size >= {spec.min_size}, not {image_size}")
     if weights not in ("none", "imagenet") and not tf.io.gfile.exists(weights):
         raise ValueError(f"--weights={weights}: not 'none', 'imagenet' nor an existing file")
-    shape = (image_size, image_size, 3)
+    hub_folder = backbone == "keras_hub" and tf.io.gfile.isdir(weights)
     inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
     x = ResizedCrop(image_size, crop_area, seed=seed, name="view")(inputs)
-    scaling = _scaling(spec.scaling)
+    base, scaling = _backbone(backbone, spec, (image_size, image_size, 3), weights,
+                              hub_preset)
     if scaling is not None:
         x = scaling(x)
-    kwargs = dict(include_top=False, input_shape=shape, pooling="avg")
-    if spec.preprocessing_flag:
-        kwargs["include_preprocessing"] = True
-    if is_imagenet_file(weights):
-        base = _imagenet_backbone(backbone, spec, kwargs, weights)
-    elif spec.make is None:
-        if weights == "imagenet":
-            raise ValueError("small_cnn has no ImageNet weights; use --weights=none")
-        base = _small_cnn(shape)
-    else:
-        base = spec.make(**kwargs, weights="imagenet" if weights == "imagenet" else None)
     features = base(x)
+    if len(features.shape) == 4:  # a KerasHub CNN's feature map
+        features = layers.GlobalAveragePooling2D(name="avg_pool")(features)
+    elif len(features.shape) == 3:  # a KerasHub transformer's tokens
+        features = layers.GlobalAveragePooling1D(name="avg_pool")(features)
     pooled = features
     if dropout:
         features = layers.Dropout(dropout, name="dropout")(features)
@@ -403,14 +481,63 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
         outputs["label_level2"] = layers.Dense(num_level2, dtype="float32",
                                                name="label_level2")(features)
     if slot_score:
-        outputs[SLOT_SCORE] = layers.Dense(1, dtype="float32", kernel_initializer="zeros",
-                                           name=SLOT_SCORE)(pooled)
+        outputs[SLOT_SCORE] = _slot_score(pooled, outputs["label"])
     model = keras.Model(inputs, outputs, name=f"{backbone}_classifier")
     if bn_momentum is not None:
         _set_bn_momentum(model, bn_momentum)
-    if weights not in ("none", "imagenet") and not is_imagenet_file(weights):
+    if weights not in ("none", "imagenet") and not is_imagenet_file(weights) and \
+            not hub_folder:
         _load_weights(model, weights)
     return model
+
+
+def _backbone(name: str, spec: Backbone, shape: tuple, weights: str,
+              hub_preset: str | None):
+    """(backbone, input scaling or None): built with the weights it starts from (a
+    previous run's are loaded later, into the whole model)."""
+    if spec.scaling == "hub":
+        return _hub_backbone(hub_preset, weights if weights in ("none", "imagenet") or
+                             tf.io.gfile.isdir(weights) else "none")
+    scaling = _scaling(spec.scaling)
+    kwargs = dict(include_top=False, input_shape=shape, pooling="avg")
+    if spec.preprocessing_flag:
+        kwargs["include_preprocessing"] = True
+    if is_imagenet_file(weights):
+        return _imagenet_backbone(name, spec, kwargs, weights), scaling
+    if spec.make is None:
+        if weights == "imagenet":
+            raise ValueError("small_cnn has no ImageNet weights; use --weights=none")
+        return _small_cnn(shape), scaling
+    return spec.make(**kwargs, weights="imagenet" if weights == "imagenet" else None), scaling
+
+
+SLOT_SCALE = 10.0  # the slot score's pace: a fine-tune's low learning rate moved it too
+# little (weights within 0.4-0.6 of a two-image product's after 2 epochs at 0.001)
+
+
+@keras.saving.register_keras_serializable("tfcdisc")
+class Confidence(layers.Layer):
+    """[B, C] logits -> [B, 2]: the top log-probability and the negative entropy, how
+    sure an image is of its own answer (the pooling's evidence beside its features)."""
+
+    def call(self, logits):
+        log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+        return ops.stack([ops.max(log_probs, axis=-1),
+                          ops.sum(ops.exp(log_probs) * log_probs, axis=-1)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 2)
+
+
+def _slot_score(features, logits):
+    """Each image's say in its product (`slot_weights`): a linear score of its features
+    and its confidence, zero at the start (the mean of log-probabilities), moved
+    `SLOT_SCALE` times faster than the other weights."""
+    evidence = layers.Concatenate(dtype="float32", name="slot_evidence")(
+        [features, Confidence(dtype="float32", name="slot_confidence")(logits)])
+    score = layers.Dense(1, dtype="float32", kernel_initializer="zeros",
+                         name="slot_dense")(evidence)
+    return layers.Rescaling(SLOT_SCALE, dtype="float32", name=SLOT_SCORE)(score)
 
 
 def _first_line(error: Exception) -> str:
@@ -426,7 +553,9 @@ def _load_weights(model: keras.Model, path: str) -> None:
         if path.endswith(".weights.h5"):
             model.load_weights(path)
         else:
-            copy_weights(image_model_of(keras.saving.load_model(path, compile=False)), model)
+            from tfcdisc.catalogue import atomic
+            with atomic.local_copy(path) as local:
+                copy_weights(image_model_of(load_model(local)), model)
     except (ValueError, KeyError) as e:
         raise ValueError(f"--weights={path}: its weights do not fit this model "
                          f"({model.name}, {model.count_params():,} parameters): "

@@ -178,12 +178,14 @@ def _in_float32(config):
 
 
 def float32_model(checkpoint: str) -> keras.Model:
-    """The checkpoint's own image model (of a product phase's, the one inside), in float32: its architecture is read from the file, not
-    rebuilt from flags. A rebuild can differ: Keras adds a layer to EfficientNet B0-B7
+    """The checkpoint's own image model (of a product phase's, the one inside), in
+    float32: its architecture is read from the file, not rebuilt from flags. A rebuild can differ: Keras adds a layer to EfficientNet B0-B7
     only when it is built with ``weights="imagenet"``, which a rebuild cannot ask for."""
     with atomic.local_copy(checkpoint) as local:
         with zipfile.ZipFile(local) as z:
-            config = json.loads(z.read("config.json"))
+            text = z.read("config.json").decode()
+        models.import_hub_if_used(text)
+        config = json.loads(text)
         previous = keras.mixed_precision.global_policy().name
         keras.mixed_precision.set_global_policy("float32")  # portable serving on any device
         try:

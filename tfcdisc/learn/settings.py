@@ -19,7 +19,7 @@ BACKBONE_NAMES = (
     "xception", *(f"efficientnet_b{i}" for i in range(8)),
     *(f"efficientnetv2_b{i}" for i in range(4)), "efficientnetv2_s", "efficientnetv2_m",
     "efficientnetv2_l", "convnext_tiny", "convnext_small", "convnext_base", "resnet50",
-    "mobilenetv3_small", "mobilenetv3_large", "small_cnn")
+    "mobilenetv3_small", "mobilenetv3_large", "small_cnn", "keras_hub")
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker_mirrored", "one_device", "default")
 INFERENCE_STRATEGIES = ("auto", "tpu", "mirrored", "default")
 BACKENDS = ("auto", "jax", "tensorflow")  # Keras's backend (`tfcdisc.learn.backend`)
@@ -93,15 +93,23 @@ class TrainConfig:
     model_dir: str = setting("", "Run folder: checkpoints, history.csv, TensorBoard logs, "
                              "backup (local or gs://).", required=True,
                              role="output")
-    backbone: str = setting("efficientnetv2_b0", "Image backbone.", choices=BACKBONE_NAMES,
+    backbone: str = setting("efficientnetv2_b0", "Image backbone (keras_hub: the KerasHub "
+                            "image backbone of --hub_preset).", choices=BACKBONE_NAMES,
                             model=True)
+    hub_preset: str | None = setting(
+        None, "With --backbone=keras_hub: a KerasHub preset name (e.g. resnet_50_imagenet, "
+        "downloaded from Kaggle or Hugging Face) or a preset folder (local or gs://: offline; "
+        "`keras_hub.models.Backbone.from_preset(...).save_to_preset(FOLDER)` and the image "
+        "converter's save_to_preset make one). --weights=imagenet loads the preset's weights, "
+        "none its architecture only, a preset folder that folder's weights.", model=True)
     image_size: int = setting(180, "Side of the square model input (images are 180x180; "
                               "Xception needs >= 71).", lower_bound=16, model=True)
     weights: str = setting("none", "none; imagenet (downloaded by Keras: needs a network); "
                            "the path (local or gs://) of Keras's ImageNet weights file for "
                            "the backbone, e.g. xception_weights_tf_dim_ordering_tf_kernels_"
                            "notop.h5 or efficientnetv2-s_notop.h5 (the same weights, offline); "
-                           "or a run's .weights.h5 / .keras.")
+                           "or a run's .weights.h5 / .keras; with --backbone=keras_hub, a "
+                           "KerasHub preset folder.")
     global_batch_size: int = setting(256, "Images per step across all replicas (ignored when "
                                      "--per_replica_batch_size is set).", lower_bound=1)
     per_replica_batch_size: int | None = setting(

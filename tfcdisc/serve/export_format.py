@@ -301,7 +301,7 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
     fusion_model = None
     with (strategy or product_eval.default_strategy()).scope():
         with atomic.local_copy(path) as local:
-            model = keras.saving.load_model(local, compile=False)
+            model = models.load_model(local)
         if meta.get("fusion"):
             from tfcdisc.learn import fusion  # noqa: F401 (registers the head's layers)
             with atomic.local_copy(f"{export_dir.rstrip('/')}/{FUSION}") as local:

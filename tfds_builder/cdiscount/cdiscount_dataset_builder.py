@@ -84,11 +84,17 @@ class Builder(tfds.core.ShardBasedBuilder):
         config_dir = os.path.dirname(str(self.data_dir).rstrip("/"))
         try:
             with folder_lock.hold(f"{config_dir}/.tfcdisc-build.lock", "tfds build",
-                                  config_dir):
+                                  config_dir), cli.stops_unwind():
                 for stale in tf.io.gfile.glob(f"{config_dir}/incomplete.*"):
                     logging.warning("removing %s, left by a build that did not finish", stale)
                     tf.io.gfile.rmtree(stale)
                 return super().download_and_prepare(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            if "tensorflow_datasets.scripts.cli.main" not in sys.modules:
+                raise
+            cli.stopped("tfds build cdiscount", e, "no dataset was written (TFDS moves a "
+                        "build into place only when whole): run the same command to build "
+                        "again")
         except (ValueError, FileNotFoundError, shards.ShardWriteError) as e:
             _fail_under_tfds(str(e), e)
         except Exception as e:  # noqa: BLE001 - I/O errors only: a full disk, read-only...
