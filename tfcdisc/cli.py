@@ -259,8 +259,39 @@ def _check_bounds(fv, name: str, metadata: dict) -> None:
 def settings_from_flags(cls: type, flag_values=None) -> Any:
     """An instance of ``cls`` from parsed flags defined by `define_settings`."""
     from absl import flags
+    from tfcdisc.learn.settings import expand_path
     fv = flag_values if flag_values is not None else flags.FLAGS
-    return cls(**{f.name: fv[f.name].value for f in dataclasses.fields(cls)})
+    return cls(**{f.name: expand_path(fv[f.name].value) if f.metadata.get("path")
+                  else fv[f.name].value for f in dataclasses.fields(cls)})
+
+
+def _recipe_folders() -> list[str]:
+    """Where the shipped flagfiles are: the source tree's experiments/ (a clone, an
+    editable install), then an installed wheel's copy (share/tfcdisc/experiments)."""
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [f for f in (os.path.join(here, "experiments"),
+                        os.path.join(sys.prefix, "share", "tfcdisc", "experiments"))
+            if os.path.isdir(f)]
+
+
+def recipes() -> list[str]:
+    """The names of the shipped flagfiles (``--flagfile=NAME`` from any folder)."""
+    return sorted({name[:-4] for folder in _recipe_folders() for name in os.listdir(folder)
+                   if name.endswith(".cfg")})
+
+
+def recipe(name: str) -> str | None:
+    """The shipped flagfile called ``name`` (``xception_tpu``, ``xception_tpu.cfg`` or
+    ``experiments/xception_tpu.cfg``), or None."""
+    base = os.path.basename(name)
+    base = base if base.endswith(".cfg") else base + ".cfg"
+    if os.path.dirname(name) not in ("", "experiments"):
+        return None
+    for folder in _recipe_folders():
+        if os.path.isfile(os.path.join(folder, base)):
+            return os.path.join(folder, base)
+    return None
 
 
 def expand_flagfiles(argv: Sequence[str], _within: str | None = None,
@@ -290,11 +321,15 @@ def expand_flagfiles(argv: Sequence[str], _within: str | None = None,
         if path is None:
             out.append(arg)
             continue
+        path = os.path.expandvars(os.path.expanduser(path))
         if _within and not os.path.isabs(path) and os.path.exists(os.path.join(_within, path)):
             path = os.path.join(_within, path)
         if not os.path.isfile(path):
+            path = recipe(path) or path
+        if not os.path.isfile(path):
             raise ValueError(f"--flagfile={path}: no such file"
-                             + (f" (named in a flagfile in {_within})" if _within else ""))
+                             + (f" (named in a flagfile in {_within})" if _within else "")
+                             + f"; the shipped recipes: {', '.join(recipes()) or 'none found'}")
         real = os.path.realpath(path)
         if real in _seen:
             raise ValueError(f"--flagfile={path} includes itself")

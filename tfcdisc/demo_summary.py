@@ -25,6 +25,19 @@ def summary(demo_dir: str) -> str:
    reports:     {d}/report_test.json, {d}/report_test.png, {d}/report_validation.json
    training:    {d}/run (history.csv, checkpoints/)
    TensorBoard: .venv/bin/tensorboard --logdir {d}/run/logs
+{NEXT_STEPS}"""
+
+
+# What `make demo` ends with, and the README's "Your data in six commands" (a test keeps
+# them the same): KAGGLE holds train.bson, test.bson and category_names.csv.
+NEXT_STEPS = """
+== your own data in six commands (README: "Your data in six commands")
+   source .venv/bin/activate
+   python -m tfcdisc.inspect --bson=KAGGLE/train.bson
+   tfds build tfds_builder/cdiscount --manual_dir=KAGGLE --data_dir=DATA
+   python -m tfcdisc.train --flagfile=efficientnetv2_b0_gpu --data_dir=DATA --model_dir=RUN
+   python -m tfcdisc.export --model_dir=RUN --export_dir=EXPORT
+   python -m tfcdisc.predict --saved_model=EXPORT --bson=KAGGLE/test.bson --output=submission.csv
 """
 
 

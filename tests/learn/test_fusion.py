@@ -26,6 +26,20 @@ def test_a_fusion_head_trains_exports_and_predicts(exported, dataset, catalogue,
     cached = sum(1 for _ in tf.data.TFRecordDataset(str(head / "features" / "train.tfrecord")))
     assert cached == dataset.info.splits["train"].num_examples  # every product, once
     out = tmp_path / "export"
+    # With flip TTA (the head reads the views' mean embedding): the SavedModel scores as
+    # the head over that mean.
+    flip = exporting.export(str(run), str(out), fusion_dir=str(head), tta="flip")
+    assert flip["tta"] == "flip" and flip["fusion"]
+    tta = export_format.load(str(out))
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 4, 32, 32, 3), dtype="uint8")
+    outputs = models.image_outputs(tta.image_model, pixels)
+    mask = np.ones((2, 4), "float32")
+    served = tf.saved_model.load(str(out)).signatures["predict_decoded"](
+        images=tf.constant(pixels), mask=tf.constant(mask))["category_id"].numpy()
+    fused = tta.fusion_model({"embedding": outputs["embedding"],
+                              "mask": tf.constant(mask)})["label"]
+    names = dataset.info.features["label"].names
+    assert served.tolist() == [int(names[c]) for c in np.argmax(fused, axis=-1)]
     # With the duplicate table too: blended with the head's product predictions.
     summary = exporting.export(str(run), str(out), fusion_dir=str(head),
                              duplicates_from=dataset.data_dir)

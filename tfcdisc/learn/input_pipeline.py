@@ -224,6 +224,13 @@ def load_builder(data_dir: str, config: str | None = None) -> tfds.core.DatasetB
         return tfds.builder_from_directory(path)
     found = sorted(tf.io.gfile.glob(path + "/cdiscount/*/*/dataset_info.json"))
     if not found:
+        for depth, inside in ((1, "/*/*/dataset_info.json"), (2, "/*/dataset_info.json")):
+            if tf.io.gfile.glob(path + inside):  # the dataset's own folder, or a config's
+                parent = path.rsplit("/", depth)[0] if path.count("/") >= depth else "."
+                raise FileNotFoundError(
+                    f"--data_dir={data_dir} is inside the built dataset; give the folder "
+                    f"the build wrote to: --data_dir={parent} (or a version folder, "
+                    f"{tf.io.gfile.glob(path + inside)[0].rsplit('/', 1)[0]})")
         raise FileNotFoundError(
             f"{data_dir}: no prepared cdiscount dataset here; run `tfds build "
             f"tfds_builder/cdiscount --manual_dir KAGGLE_DIR --data_dir {data_dir}` first")

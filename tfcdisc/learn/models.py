@@ -283,7 +283,8 @@ def with_tta(image_model: keras.Model, tta: str) -> keras.Model:
     """``image_model`` averaged over test-time views: "flip" adds the mirrored image.
 
     The result is an image model like any other (uint8 in, ``label`` out, here as
-    log-probabilities), so every inference path runs it unchanged, on any device.
+    log-probabilities, its other outputs averaged), so every inference path runs it
+    unchanged, on any device.
     """
     if tta not in settings.TTA_MODES:
         raise ValueError(f"--tta={tta}: choose from {', '.join(settings.TTA_MODES)}")
@@ -292,11 +293,10 @@ def with_tta(image_model: keras.Model, tta: str) -> keras.Model:
     inputs = keras.Input(image_model.input.shape[1:], dtype=image_model.input.dtype,
                          name="image")
     views = [image_model(inputs), image_model(Mirror(name="mirror")(inputs))]
-    outputs = {"label": MeanLogProbs(dtype="float32", name="label")(
-        [v["label"] for v in views])}
-    if SLOT_SCORE in image_model.output:  # a product phase's pooling: the views' mean say
-        outputs[SLOT_SCORE] = layers.Average(dtype="float32", name=SLOT_SCORE)(
-            [v[SLOT_SCORE] for v in views])
+    # The label in log-probability space; any other output (a product phase's slot
+    # score, a fusion head's embedding) as the views' mean.
+    outputs = {key: (MeanLogProbs if key == "label" else layers.Average)(
+        dtype="float32", name=key)([v[key] for v in views]) for key in image_model.output}
     return keras.Model(inputs, outputs, name=f"{image_model.name}_flip_tta")
 
 

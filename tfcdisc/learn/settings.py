@@ -36,16 +36,31 @@ TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with
 def setting(default: Any, help: str, *, choices: tuple | None = None,
             lower_bound: float | None = None, upper_bound: float | None = None,
             below: float | None = None, required: bool = False,
-            model: bool = False, repeated: bool = False, role: str | None = None) -> Any:
+            model: bool = False, repeated: bool = False, role: str | None = None,
+            path: bool = False) -> Any:
     """A dataclass field that also describes its flag (``repeated``: the flag may be
     given several times, a list). A float must be finite (``nan`` passes a lower bound),
     at most ``upper_bound`` and less than ``below``: past them a value means nothing
     (a label smoothing of 5 trained a diverging run to the end). ``role``: "input",
     "output" or "replaced" (an output folder replaced whole), a path the command reads or
-    writes (`paths.check_apart` keeps them apart)."""
+    writes (`paths.check_apart` keeps them apart). A setting with a role, or ``path``, is
+    a path: ``~`` and ``$VARIABLES`` in it are expanded (`expand_path`)."""
     return dataclasses.field(default=default, metadata=dict(
         help=help, choices=choices, lower_bound=lower_bound, upper_bound=upper_bound,
-        below=below, required=required, model=model, repeated=repeated, role=role))
+        below=below, required=required, model=model, repeated=repeated, role=role,
+        path=path or role is not None))
+
+
+def expand_path(value: Any) -> Any:
+    """``~`` and ``$VARIABLES`` expanded as a shell would have: after ``--flag=`` no shell
+    expands them (``--data_dir=~/tensorflow_datasets`` named a folder called ``~``).
+    Cloud paths (``gs://``) and non-strings pass unchanged; lists element by element."""
+    import os
+    if isinstance(value, (list, tuple)):
+        return type(value)(expand_path(v) for v in value)
+    if not isinstance(value, str) or "://" in value:
+        return value
+    return os.path.expandvars(os.path.expanduser(value))
 
 
 def lease_setting() -> Any:
@@ -101,7 +116,8 @@ class TrainConfig:
         "downloaded from Kaggle or Hugging Face) or a preset folder (local or gs://: offline; "
         "`keras_hub.models.Backbone.from_preset(...).save_to_preset(FOLDER)` and the image "
         "converter's save_to_preset make one). --weights=imagenet loads the preset's weights, "
-        "none its architecture only, a preset folder that folder's weights.", model=True)
+        "none its architecture only, a preset folder that folder's weights.", model=True,
+        path=True)
     image_size: int = setting(180, "Side of the square model input (images are 180x180; "
                               "Xception needs >= 71).", lower_bound=16, model=True)
     weights: str = setting("none", "none; imagenet (downloaded by Keras: needs a network); "
@@ -109,7 +125,7 @@ class TrainConfig:
                            "the backbone, e.g. xception_weights_tf_dim_ordering_tf_kernels_"
                            "notop.h5 or efficientnetv2-s_notop.h5 (the same weights, offline); "
                            "or a run's .weights.h5 / .keras; with --backbone=keras_hub, a "
-                           "KerasHub preset folder.")
+                           "KerasHub preset folder.", path=True)
     global_batch_size: int = setting(256, "Images per step across all replicas (ignored when "
                                      "--per_replica_batch_size is set).", lower_bound=1)
     per_replica_batch_size: int | None = setting(
@@ -376,12 +392,13 @@ class ShowSettings:
 
 @dataclasses.dataclass
 class InspectSettings:
-    bson: str = setting(None, "BSON file to inspect (local or gs://).", required=True)
+    bson: str = setting(None, "BSON file to inspect (local or gs://).", required=True,
+                        path=True)
     errors: str = setting("strict", "strict: stop at the first corrupt document; skip: skip, "
                           "count and list bad documents and bytes.", choices=ERROR_MODES)
     category_names: str | None = setting(None, "category_names.csv for category names "
                                          "(default: the one beside the BSON file, if any; "
-                                         "'' for none).")
+                                         "'' for none).", path=True)
     progress: bool = setting(False, "Show a progress bar even when stderr is not a terminal.")
 
 
@@ -415,14 +432,16 @@ class PreflightSettings(TrainConfig):
     """A train command line (its --flagfile and overrides) plus where to compile it."""
 
     data_dir: str = setting("", "A built dataset whose class counts the model gets (default: "
-                            "the real catalogue's 5,270 categories, 49 and 483 upper levels).")
+                            "the real catalogue's 5,270 categories, 49 and 483 upper levels).",
+                            path=True)
     model_dir: str = setting("", "Not used: accepted so that a train command line runs as it is.")
     target: list[str] | None = setting(
         None, "Where the run would train (repeat the flag): v5e-1 (Colab), v5e-4, v5e-8 "
         "(Kaggle), v6e-1, v6e-8, v5p-8, v4-8, gpu-16g, gpu-40g, gpu-80g (GPU memory; an "
         "estimate), or local (this TPU VM's chips). Default: this TPU VM's type, else local.",
         repeated=True)
-    output: str | None = setting(None, "Also write every figure as JSON (local or gs://).")
+    output: str | None = setting(None, "Also write every figure as JSON (local or gs://).",
+                                 path=True)
     fit_eval_batch: bool = setting(False, "Find the largest --per_replica_eval_batch_size "
                                    "that fits each target (a few more compiles).")
     tta: str = setting("none", "The export's test-time augmentation, for the predict step "

@@ -78,9 +78,6 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
     fusion_head = None
     if fusion_dir:
         from tfcdisc.learn import fusion
-        if tta != "none":
-            raise ValueError("--fusion_dir reads embeddings of the plain model: it does not "
-                             "combine with --tta yet")
         checkpoint = fusion.load_config(fusion_dir)["checkpoint"]
         fusion_head = rundir.float32_model(f"{fusion_dir.rstrip('/')}/{fusion.FUSION_MODEL}")
     path = rundir.checkpoint_path(model_dir, checkpoint)
@@ -89,9 +86,9 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
     if bad:  # a diverged run's: it would put every product in one category
         raise ValueError(f"{path}: weight {bad} is not finite (the run diverged); export "
                          "another checkpoint, or retrain with a lower --learning_rate")
-    image_model = models.with_tta(image_model, tta)
-    if fusion_head is not None:
+    if fusion_head is not None:  # with flip TTA, the head reads the views' mean embedding
         image_model = fusion.with_embedding(image_model)
+    image_model = models.with_tta(image_model, tta)
     table = None
     if duplicates_from:
         table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size,
