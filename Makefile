@@ -10,7 +10,7 @@ DEMO_TRAIN ?= 4000
 DEMO_TEST ?= 1000
 DEMO_CATEGORIES ?= 40
 
-.PHONY: setup demo test bench bench-scale clean-demo
+.PHONY: setup demo test bench bench-scale clean-demo wheel
 .DELETE_ON_ERROR:
 
 $(STAMP): pyproject.toml
@@ -42,8 +42,8 @@ $(DEMO_DIR)/inspect_train.json: $(K)/train.bson
 
 # tfds writes dataset_info.json last, so its presence means a finished build.
 $(TFDS_INFO): $(K)/train.bson
-	@echo "== [3/8] building the TFDS dataset with tfds build (one process per core)"
-	$(VENV)/bin/tfds build tfds_builder/cdiscount --manual_dir $(K) --data_dir $(DEMO_DIR)/data
+	@echo "== [3/8] building the TFDS dataset: tfds build, quietly (one process per core)"
+	$(PY) -m tfcdisc.build --manual_dir=$(K) --data_dir=$(DEMO_DIR)/data
 
 $(RUN)/checkpoints/best.keras: $(TFDS_INFO) experiments/demo_cpu.cfg
 	@echo "== [4/8] training experiments/demo_cpu.cfg (a few minutes on 2 cores)"
@@ -74,6 +74,12 @@ demo: $(STAMP) $(DEMO_DIR)/inspect_train.json $(DEMO_DIR)/report_validation.json
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# ---------------------------------------------------------------------------- wheel
+# A wheel of this clone (dist/tfcdisc-*.whl), recipes included, for a notebook without git
+# access: upload it as a Kaggle dataset, to Drive or to gs:// and set the notebook's WHEEL.
+wheel: $(STAMP)
+	$(PY) -m build --wheel --outdir dist .
 
 # ---------------------------------------------------------------------------- checks
 test: $(STAMP)

@@ -6,8 +6,8 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfcdisc"
-WINGS = ("catalogue", "build", "learn", "serve")
-COMMANDS = {"cli", "synth", "inspect", "train", "train_fusion", "export", "ensemble",
+WINGS = ("catalogue", "prepare", "learn", "serve")
+COMMANDS = {"cli", "synth", "inspect", "build", "train", "train_fusion", "export", "ensemble",
             "predict", "evaluate", "show", "demo_summary", "preflight"}
 
 
@@ -87,8 +87,8 @@ def test_no_import_circle():
 
 
 def test_every_test_file_is_collected(request):
-    """pytest skips folders named ``build`` unless told: tests/build was silently left out.
-    Every test file must lie under the configured test paths, in no folder that
+    """pytest skips folders named ``build`` unless told: tests/build was once silently left
+    out. Every test file must lie under the configured test paths, in no folder that
     ``norecursedirs`` excludes (pytest matches each folder's name against its patterns)."""
     import fnmatch
     config = request.config
@@ -97,8 +97,31 @@ def test_every_test_file_is_collected(request):
     excluded = config.getini("norecursedirs")
     files = [p for top in testpaths for p in top.rglob("*.py")
              if any(fnmatch.fnmatch(p.name, pattern) for pattern in config.getini("python_files"))]
-    assert any(p.parent.name == "build" for p in files)  # the case this guards
+    assert any(p.parent.name == "prepare" for p in files)
     left_out = [str(p.relative_to(root)) for p in files
                 if any(fnmatch.fnmatch(folder, pattern) for folder in
                        p.parent.relative_to(root).parts for pattern in excluded)]
     assert not left_out, f"norecursedirs {excluded} leaves out {left_out}"
+
+
+def test_every_wing_is_a_package_with_its_purpose():
+    for wing in WINGS:
+        init = PACKAGE / wing / "__init__.py"
+        assert init.is_file(), f"tfcdisc/{wing} has no __init__.py"
+        assert ast.get_docstring(ast.parse(init.read_text())), f"tfcdisc/{wing}: no purpose"
+
+
+def test_no_tracked_source_file_is_ignored_by_git():
+    """`build/` in .gitignore hid tfcdisc/build/: a new file there never showed in git
+    status, and linters that follow .gitignore skipped the wing."""
+    import subprocess
+    root = PACKAGE.parent
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if listed.returncode:  # not a git checkout (an sdist): nothing to compare
+        return
+    tracked = [p for p in listed.stdout.decode().split("\0") if p]
+    sources = [p for p in tracked if p.endswith((".py", ".cfg", ".toml", ".md", ".ipynb"))]
+    probes = sources + [str(pathlib.Path(p).parent / "new_module.py") for p in sources]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root,
+                             input="\n".join(probes), capture_output=True, text=True).stdout
+    assert not ignored.split(), f"ignored by .gitignore: {ignored.split()[:5]}"

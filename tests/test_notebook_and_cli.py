@@ -21,12 +21,15 @@ def test_notebook_is_stored_without_outputs():
     assert "parameters" in code[0].metadata.get("tags", []) and "SMOKE = False" in code[0].source
 
 
-@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
-def test_notebook_runs_in_smoke_mode(backend, tmp_path, monkeypatch):
+# Each run is one host's branch (as its runtime's variables say) on one backend.
+@pytest.mark.parametrize("backend,host,variable", [("jax", "kaggle", "KAGGLE_KERNEL_RUN_TYPE"),
+                                                   ("tensorflow", "colab", "COLAB_RELEASE_TAG")])
+def test_notebook_runs_in_smoke_mode(backend, host, variable, tmp_path, monkeypatch):
     from nbclient import NotebookClient
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # As papermill injects parameters; JAX on two CPU devices stands in for a TPU's chips.
     nb.cells.insert(2, nbformat.v4.new_code_cell(f"SMOKE = True\nBACKEND = {backend!r}"))
+    monkeypatch.setenv(variable, "Interactive")
     monkeypatch.setenv("TFCDISC_REPO", str(REPO))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -35,7 +38,17 @@ def test_notebook_runs_in_smoke_mode(backend, tmp_path, monkeypatch):
                    resources={"metadata": {"path": str(REPO / "experiments")}}).execute()
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
-    assert "runtime: Runtime(accelerator='cpu'" in text and "[cpu,beam]" in text
+    from tfcdisc.learn import runtime  # the same environment: the same install command
+    install = runtime.install_commands(runtime.Runtime("cpu", host), str(REPO))[-1][-1]
+    assert f"runtime: Runtime(accelerator='cpu', host='{host}'" in text and install in text
+    # The host's own places, and a warning where the run would not outlive the session.
+    assert f"paths ({host}):" in text
+    if host == "kaggle":
+        assert "'OUTPUT_DIR': '/kaggle/working'" in text
+        assert "WARNING: /kaggle/working/runs/xception is on this Kaggle session's disk" in text
+    else:
+        assert "'RUN_DIR': '/content/drive/MyDrive/tfcdisc/runs/xception'" in text
+        assert "will not outlive" not in text and "VM's disk" not in text
     assert f"backend: {backend}" in text
     assert "validation product accuracy:" in text and "60 rows in" in text
     assert f"replicas: {2 if backend == 'jax' else 1}" in text and "_id,category_id" in text
@@ -50,7 +63,7 @@ def test_notebook_runs_in_smoke_mode(backend, tmp_path, monkeypatch):
         rows = z.read("submission.csv").decode().splitlines()
     assert rows[0] == "_id,category_id" and len(rows) == 61
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pictures) == 2  # sample products, then predictions
+    assert len(pictures) == 3  # sample products, the learning curves, predictions
 
 
 def test_the_disk_space_check_says_what_the_build_needs(tmp_path):
@@ -66,7 +79,8 @@ def test_the_disk_space_check_says_what_the_build_needs(tmp_path):
 
 
 @pytest.mark.parametrize("command,flag", [
-    ("synth", "--num_train_products"), ("inspect", "--errors"), ("train", "--strategy"),
+    ("synth", "--num_train_products"), ("inspect", "--errors"), ("build", "--manual_dir"),
+    ("train", "--strategy"),
     ("export", "--tta"), ("ensemble", "--weights"), ("predict", "--allow_missing"),
     ("evaluate", "--labels"), ("train-fusion", "--fusion_dir"),
     ("show", "--saved_model"), ("preflight", "--target")])

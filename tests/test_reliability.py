@@ -813,7 +813,7 @@ def test_a_read_only_folder_is_refused_in_one_line_before_the_work(catalogue, da
 
 _LAUNCHER = """
 import os, sys, time
-from tfcdisc.build import shards
+from tfcdisc.prepare import shards
 if __name__ == "__main__":
     pool = shards.worker_pool(2)
     busy = [pool.submit(time.sleep, 600) for _ in range(2)]  # as a shard write would be
@@ -910,7 +910,7 @@ def test_an_export_whose_graph_does_io_is_refused_by_every_loader(exported, cata
 def test_a_shard_that_cannot_be_written_stops_the_build_in_one_line():
     """A full disk during the build ended in a raw RemoteTraceback of a worker's stack.
     /sys takes no new files (the same path as ENOSPC: the worker's write fails)."""
-    from tfcdisc.build import shards
+    from tfcdisc.prepare import shards
     spec = shards.ShardSpec("train", 0, "unused.bson", "unused.npz", "unused.csv",
                             shards.BuildOptions(), "unused.json", num_products=1)
     tasks = [(spec, f"/sys/tfcdisc-train.tfrecord-0000{k}-of-00002", None) for k in range(2)]

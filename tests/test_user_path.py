@@ -91,3 +91,112 @@ def test_each_recipes_expected_accuracy_is_the_readmes():
         expected = re.search(r"Expected: (0\.\d+-0\.\d+) validation", header).group(1)
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}.cfg`"))
         assert f"| {expected} |" in row, (name, expected, row)
+
+
+def test_a_build_without_a_kaggle_folder_is_one_line_and_leaves_no_folders(
+        tmp_path, monkeypatch, capsys):
+    """Was a 30-line traceback, with empty cdiscount/ and downloads/ left behind."""
+    import sys
+    import types
+    import tensorflow_datasets as tfds
+    from tfds_builder.cdiscount.cdiscount_dataset_builder import Builder
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets.scripts.cli.main",
+                        types.ModuleType("tfds_cli"))  # as under the `tfds` command
+    (tmp_path / "empty").mkdir()
+    for manual, said in ((None, "no --manual_dir was given"),
+                         (str(tmp_path / "empty"), "holds no train.bson")):
+        data = tmp_path / "data"
+        (data / "downloads" / "extracted").mkdir(parents=True)  # what TFDS makes first
+        (data / "cdiscount" / ".config").mkdir(parents=True)
+        (data / "cdiscount" / ".config" / "metadata.json").write_text("{}")
+        with pytest.raises(SystemExit) as exit_:
+            Builder(data_dir=str(data)).download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual))
+        assert exit_.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("tfds build cdiscount: ") and said in last
+        assert "pass --manual_dir=FOLDER" in last
+        assert [p.name for p in data.iterdir()] == []
+
+
+def test_the_build_command_runs_from_any_folder_and_quietly(catalogue, tmp_path):
+    """`python -m tfcdisc.build`: TFDS's build without its noise (the CUDA probe,
+    apitools, INFO lines, the 170-line dataset description), ending with the splits."""
+    import subprocess
+    import sys
+    folder, _ = catalogue
+    done = subprocess.run([sys.executable, "-m", "tfcdisc.build", f"--manual_dir={folder}",
+                           f"--data_dir={tmp_path / 'data'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for noise in ("cuInit", "apitools", "INFO[", "cpu_feature_guard", "tfds.core.DatasetInfo"):
+        assert noise not in done.stderr + done.stdout, noise
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == f"built {tmp_path / 'data'}/cdiscount/default/1.0.0"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["test", "train", "validation"]
+    missing = subprocess.run([sys.executable, "-m", "tfcdisc.build",
+                              f"--manual_dir={tmp_path / 'nothing'}",
+                              f"--data_dir={tmp_path / 'other'}"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith(
+        f"tfds build cdiscount: --manual_dir={tmp_path / 'nothing'} holds no train.bson")
+    assert not (tmp_path / "other").exists() or not any((tmp_path / "other").rglob("*"))
+
+
+def test_each_host_has_its_places_and_a_warning_where_a_run_would_be_lost():
+    from tfcdisc.learn import runtime
+    colab, kaggle = runtime.default_paths("colab"), runtime.default_paths("kaggle")
+    vm = runtime.default_paths("other", home="/home/u", cwd="/home/u/work")
+    assert colab["RUN_DIR"].startswith("/content/drive/") and colab["OUTPUT_DIR"] == "/content"
+    assert kaggle["KAGGLE_DIR"].startswith("/kaggle/input/")
+    assert kaggle["OUTPUT_DIR"] == "/kaggle/working" and vm["OUTPUT_DIR"] == "/home/u/work"
+    assert runtime.lost_with_session("colab", colab["RUN_DIR"]) is None
+    assert "Colab VM's disk" in runtime.lost_with_session("colab", "/content/runs/x")
+    assert "Kaggle session" in runtime.lost_with_session("kaggle", kaggle["RUN_DIR"])
+    assert runtime.lost_with_session("kaggle", "gs://b/runs/x") is None
+    assert runtime.lost_with_session("other", vm["RUN_DIR"]) is None
+    assert "temporary folder" in runtime.lost_with_session("other", "/tmp/run")
+
+
+def test_gs_sign_in_per_host(monkeypatch):
+    import sys
+    import types
+    from tfcdisc.learn import runtime
+    calls = []
+    colab = types.ModuleType("google.colab")
+    colab.auth = types.SimpleNamespace(authenticate_user=lambda: calls.append("colab"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    assert "google.colab.auth" in runtime.sign_in_for_gcs("colab") and calls == ["colab"]
+
+    class Secrets:
+        attached = True
+
+        def get_gcloud_credential(self):
+            if not Secrets.attached:
+                raise RuntimeError("Google Cloud SDK credential not found.")
+            return "{}"
+
+        def set_tensorflow_credential(self, credential):
+            calls.append(("kaggle", credential))
+    monkeypatch.setitem(sys.modules, "kaggle_secrets",
+                        types.SimpleNamespace(UserSecretsClient=Secrets))
+    assert "add-on" in runtime.sign_in_for_gcs("kaggle") and calls[-1] == ("kaggle", "{}")
+    Secrets.attached = False
+    with pytest.raises(RuntimeError, match="Add-ons > Google Cloud Services"):
+        runtime.sign_in_for_gcs("kaggle")
+    assert "Application Default" in runtime.sign_in_for_gcs(
+        "other", env={"GOOGLE_APPLICATION_CREDENTIALS": "/k.json"}, exists=lambda p: False)
+    with pytest.raises(RuntimeError, match="gcloud auth application-default login"):
+        runtime.sign_in_for_gcs("other", env={}, exists=lambda p: False)
+
+
+def test_a_wheel_installs_as_it_is_and_a_clone_in_place():
+    from tfcdisc.learn import runtime
+    where = runtime.Runtime("tpu", "kaggle", "v5e-8")
+    present = {"tensorflow-cpu": "2.20.0", "jax": "0.6.0"}
+    wheel = runtime.install_commands(where, "/kaggle/input/w/tfcdisc-0.1-py3-none-any.whl",
+                                     python="py", present=present)[-1]
+    assert "-e" not in wheel and wheel[-1] == "/kaggle/input/w/tfcdisc-0.1-py3-none-any.whl[beam]"
+    clone = runtime.install_commands(where, "tfcdisc", python="py", present=present)[-1]
+    assert clone[-2:] == ["-e", "tfcdisc[beam]"]

@@ -117,7 +117,13 @@ def stops_unwind():
         yield
         return
 
+    owner = os.getpid()
+
     def terminate(signum, frame):
+        if os.getpid() != owner:  # a forked worker (a pool's): SIGTERM ends it, as ever
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, terminate)

@@ -34,7 +34,7 @@ NEXT_STEPS = """
 == your own data in six commands (README: "Your data in six commands")
    source .venv/bin/activate
    python -m tfcdisc.inspect --bson=KAGGLE/train.bson
-   tfds build tfds_builder/cdiscount --manual_dir=KAGGLE --data_dir=DATA
+   python -m tfcdisc.build --manual_dir=KAGGLE --data_dir=DATA
    python -m tfcdisc.train --flagfile=efficientnetv2_b0_gpu --data_dir=DATA --model_dir=RUN
    python -m tfcdisc.export --model_dir=RUN --export_dir=EXPORT
    python -m tfcdisc.predict --saved_model=EXPORT --bson=KAGGLE/test.bson --output=submission.csv

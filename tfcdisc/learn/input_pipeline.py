@@ -26,8 +26,8 @@ import tensorflow_datasets as tfds
 
 from tfcdisc.catalogue import jpeg as jpeg_lib
 from tfcdisc.learn import duplicates
-from tfcdisc.build import records
-from tfcdisc.build.records import LABEL_KEYS
+from tfcdisc.prepare import records
+from tfcdisc.prepare.records import LABEL_KEYS
 
 MAX_IMAGES = 4
 _DECODE_GROUP = 32  # training images decoded per call (one that fails: image by image)

@@ -158,7 +158,9 @@ def install_commands(runtime: Runtime, repo: str, *, python: str = sys.executabl
         chosen.insert(0, way)
     elif way == "cpu":
         chosen.insert(0, "jax")  # tests and CPU runs use both backends
-    command = [*pip, "-e", f"{repo}[{','.join(chosen)}]"]
+    # A clone is installed in place (-e); a wheel (`make wheel`) as it is.
+    source = f"{repo}[{','.join(chosen)}]"
+    command = [*pip, source] if repo.endswith(".whl") else [*pip, "-e", source]
     if way == "tpu" and "jax" not in present:
         command.append("jax[tpu]")
     if way == "tpu-tf" and not keep:
@@ -229,3 +231,89 @@ def in_notebook() -> bool:
     """True inside a Jupyter kernel (Colab, Kaggle): per-step progress bars show there,
     although stdout is not a terminal."""
     return "ipykernel" in sys.modules
+
+
+# --------------------------------------------------------------------------- the notebook
+
+
+def default_paths(host: str, home: str | None = None, cwd: str | None = None
+                  ) -> dict[str, str]:
+    """Where the notebook keeps things on each host when its parameters name nothing:
+    Colab on Drive (outlives the VM), Kaggle in /kaggle/working (its outputs) with the
+    data of an attached dataset in /kaggle/input, any other machine under the home
+    folder. OUTPUT_DIR is where the host keeps the zipped submission."""
+    if host == "colab":
+        drive = "/content/drive/MyDrive"
+        return {"KAGGLE_DIR": f"{drive}/cdiscount", "DATA_DIR": "/content/tensorflow_datasets",
+                "RUN_DIR": f"{drive}/tfcdisc/runs/xception",
+                "EXPORT_DIR": f"{drive}/tfcdisc/exports/xception", "OUTPUT_DIR": "/content"}
+    if host == "kaggle":
+        return {"KAGGLE_DIR": "/kaggle/input/cdiscount-image-classification-challenge",
+                "DATA_DIR": "/kaggle/tmp/tensorflow_datasets",
+                "RUN_DIR": "/kaggle/working/runs/xception",
+                "EXPORT_DIR": "/kaggle/working/exports/xception",
+                "OUTPUT_DIR": "/kaggle/working"}
+    home = home or os.path.expanduser("~")
+    return {"KAGGLE_DIR": f"{home}/cdiscount", "DATA_DIR": f"{home}/tensorflow_datasets",
+            "RUN_DIR": f"{home}/tfcdisc/runs/xception",
+            "EXPORT_DIR": f"{home}/tfcdisc/exports/xception",
+            "OUTPUT_DIR": cwd or os.getcwd()}
+
+
+def lost_with_session(host: str, path: str) -> str | None:
+    """Why a run or export folder will not outlive this session, or None: a recycled
+    runtime then starts the run again instead of resuming it."""
+    import tempfile
+    if path.startswith("gs://"):
+        return None
+    if host == "colab" and not path.startswith("/content/drive/"):
+        return (f"{path} is on this Colab VM's disk: a recycled runtime loses it; put it on "
+                "Drive (/content/drive/MyDrive/...) or gs:// to resume there")
+    if host == "kaggle":
+        return (f"{path} is on this Kaggle session's disk: it is kept only by a committed "
+                "version (Save Version > Save & Run All: /kaggle/working, up to 20 GB), not "
+                "by an interactive session that stops; put it on gs:// to resume across "
+                "sessions")
+    if path.startswith(("/tmp/", tempfile.gettempdir() + "/")):
+        return f"{path} is a temporary folder: a restart may empty it; choose another"
+    return None
+
+
+def sign_in_for_gcs(host: str, env: Mapping[str, str] | None = None,
+                    exists: Callable[[str], bool] = os.path.exists) -> str:
+    """Makes gs:// paths readable and writable from this notebook, per host; says how.
+
+    Raises:
+      RuntimeError: no credentials here, naming the step that gives them.
+    """
+    env = os.environ if env is None else env
+    if host == "colab":
+        from google.colab import auth  # the user's Google account
+        auth.authenticate_user()
+        return "signed in with your Google account (google.colab.auth)"
+    if host == "kaggle":
+        from kaggle_secrets import UserSecretsClient
+        client = UserSecretsClient()
+        try:
+            credential = client.get_gcloud_credential()
+        except Exception:  # noqa: BLE001 - Kaggle's own NotFoundError, BackendError
+            raise RuntimeError("gs:// paths on Kaggle need the notebook's Google Cloud "
+                               "credential: Add-ons > Google Cloud Services > attach your "
+                               "account, then rerun this cell") from None
+        client.set_tensorflow_credential(credential)
+        return "signed in with the notebook's Google Cloud Services add-on"
+    adc = os.path.expanduser("~/.config/gcloud/application_default_credentials.json")
+    if env.get("GOOGLE_APPLICATION_CREDENTIALS") or exists(adc) or _on_google_cloud(exists):
+        return "Application Default Credentials (gcloud, a key file, or this VM's account)"
+    raise RuntimeError("gs:// paths need Google Cloud credentials here: run `gcloud auth "
+                       "application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS "
+                       "to a service account's key file), then rerun this cell")
+
+
+def _on_google_cloud(exists: Callable[[str], bool]) -> bool:
+    """A Compute Engine or Cloud TPU VM: its own service account signs requests."""
+    path = "/sys/class/dmi/id/product_name"
+    if not exists(path):
+        return False
+    with open(path) as f:
+        return "Google" in f.read()

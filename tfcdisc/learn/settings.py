@@ -403,6 +403,25 @@ class InspectSettings:
 
 
 @dataclasses.dataclass
+class BuildSettings:
+    """`tfds build` of the cdiscount dataset, quiet and from any folder."""
+
+    manual_dir: str = setting(None, "The Kaggle folder: train.bson, test.bson, "
+                              "category_names.csv (local or gs://).", required=True,
+                              role="input")
+    data_dir: str = setting(None, "Where the dataset is written (the --data_dir that "
+                            "train, evaluate and predict then take).", required=True,
+                            role="output")
+    config: str | None = setting(None, "A build config: a name, or JSON of its options, "
+                                 "e.g. '{\"name\": \"val400\", \"validation_size\": 400}' "
+                                 "(tfds_builder/cdiscount/README.md lists them).")
+    overwrite: bool = setting(False, "Replace a finished build of this config and version.")
+    beam_pipeline_options: str | None = setting(
+        None, "Build on Apache Beam: its pipeline options, e.g. 'runner=DataflowRunner,"
+        "project=P,region=R,temp_location=gs://B/tmp' (the TFDS flag of that name).")
+
+
+@dataclasses.dataclass
 class SynthSettings:
     output_dir: str = setting(None, "Folder (local or gs://) to write the catalogue to.",
                               required=True, role="output")

@@ -106,3 +106,42 @@ def prediction_samples(export, products: Iterable[dict], strategy=None, n: int =
             title += f"\n{'right' if truth == cid else 'true: ' + _names(export.taxonomy, truth)}"
         samples.append({"images": [bytes(j) for j in p["images"]], "title": title})
     return samples
+
+
+def history_figure(run_dir: str):
+    """Learning curves from a run's ``history.csv`` (one row per finished epoch): the
+    training loss, and the training and validation accuracies with the competition's
+    product accuracy, each point labelled. Where TensorBoard cannot show (Kaggle), the
+    notebook draws this; it reads the same numbers."""
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tensorflow as tf
+    with tf.io.gfile.GFile(f"{run_dir.rstrip('/')}/history.csv") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{run_dir}/history.csv has no finished epoch yet")
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 3.6))
+    curves = ((loss_ax, "loss", "training loss"),
+              (acc_ax, "label_accuracy", "training image accuracy"),
+              (acc_ax, "accuracy", "training accuracy"),
+              (acc_ax, "val_image_accuracy", "validation image accuracy"),
+              (acc_ax, "val_product_accuracy", "validation product accuracy"))
+    for ax, key, label in curves:
+        if key not in rows[0] or not rows[0][key]:
+            continue
+        values = [float(r[key]) for r in rows]
+        ax.plot(epochs, values, marker="o", label=label)
+        for x, y in zip(epochs, values):
+            ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 5),
+                        ha="center", fontsize=7)
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

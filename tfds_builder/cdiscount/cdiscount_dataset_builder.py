@@ -5,8 +5,8 @@
         --beam_pipeline_options="runner=DirectRunner,direct_num_workers=2,direct_running_mode=multi_processing"
 
 The work is in tfcdisc, one module per stage: `tfcdisc.catalogue.beam_index` (with Beam options,
-the offset indexes are built as Beam work over byte ranges), `tfcdisc.build.plan`
-(splits and shards, from the indexes) and `tfcdisc.build.shards` (one shard from its
+the offset indexes are built as Beam work over byte ranges), `tfcdisc.prepare.plan`
+(splits and shards, from the indexes) and `tfcdisc.prepare.shards` (one shard from its
 recipe). Without Beam, shards are written by one process per core; with Beam options,
 TFDS hands the same shard recipes to Beam. Files are read through tf.io.gfile only, so
 a gs:// manual dir works.
@@ -25,14 +25,14 @@ from tensorflow_datasets.core import splits as splits_lib
 
 from tfcdisc import cli
 from tfcdisc.catalogue import beam_index, folder_lock
-from tfcdisc.build import plan as build_plan, records, shards
+from tfcdisc.prepare import plan as build_plan, records, shards
 
 _HOMEPAGE = "https://www.kaggle.com/c/cdiscount-image-classification-challenge"
 
 
 @dataclasses.dataclass(eq=False)
 class CdiscountConfig(shards.BuildOptions, tfds.core.BuilderConfig):
-    """A TFDS config: a name and the build's options (`tfcdisc.build.shards.BuildOptions`,
+    """A TFDS config: a name and the build's options (`tfcdisc.prepare.shards.BuildOptions`,
     the one list of them).
 
     Custom configs from the command line:
@@ -51,6 +51,17 @@ def _fail_under_tfds(message: str, error: Exception) -> None:
         print(f"tfds build cdiscount: {message}", file=sys.stderr)
         sys.exit(2)
     raise error
+
+
+def _remove_empty_folders(folders: list[str]) -> None:
+    """Each folder if nothing is in it but empty folders and TFDS's own config note
+    (``.config/metadata.json``, written before any build): what a refused build left."""
+    for folder in folders:
+        if not tf.io.gfile.isdir(folder):
+            continue
+        files = [os.path.join(d, f) for d, _, names in tf.io.gfile.walk(folder) for f in names]
+        if all(f.replace(os.sep, "/").endswith("/.config/metadata.json") for f in files):
+            tf.io.gfile.rmtree(folder)
 
 
 class Builder(tfds.core.ShardBasedBuilder):
@@ -82,6 +93,7 @@ class Builder(tfds.core.ShardBasedBuilder):
         builds into one folder mixed their splits); under the lock, the ``incomplete.*``
         folder a killed build left (a dataset-sized copy on the real data) goes first."""
         config_dir = os.path.dirname(str(self.data_dir).rstrip("/"))
+        self._check_manual_dir(kwargs.get("download_config"), kwargs.get("download_dir"))
         try:
             with folder_lock.hold(f"{config_dir}/.tfcdisc-build.lock", "tfds build",
                                   config_dir), cli.stops_unwind():
@@ -103,6 +115,23 @@ class Builder(tfds.core.ShardBasedBuilder):
                 raise
             _fail_under_tfds(f"{reason}; nothing of this build is kept: fix it and run the "
                              "build again", e)
+
+    def _check_manual_dir(self, download_config, download_dir) -> None:
+        """No Kaggle folder (no --manual_dir, or one without train.bson) is one line
+        naming what to pass, before anything is written; the empty folders TFDS made on
+        its way here (downloads/, cdiscount/) are removed."""
+        manual = getattr(download_config, "manual_dir", None)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(str(self.data_dir).rstrip("/"))))
+        default = f"{download_dir or root + '/downloads'}/manual"
+        if tf.io.gfile.exists(f"{manual or default}/train.bson"):
+            return
+        _remove_empty_folders([f"{root}/downloads", f"{root}/{self.name}"])
+        what = (f"--manual_dir={manual} holds no train.bson" if manual else
+                "no --manual_dir was given")
+        message = (f"{what}: pass --manual_dir=FOLDER, the folder holding the Kaggle files "
+                   "train.bson, test.bson and category_names.csv (`python -m tfcdisc.synth "
+                   "--output_dir FOLDER` writes a synthetic catalogue in that format)")
+        _fail_under_tfds(message, FileNotFoundError(message))
 
     def _info(self) -> tfds.core.DatasetInfo:
         options = self.builder_config.options()

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import garbled_jpeg, build_dataset, doc, jpeg_bytes, read_split, write, write_taxonomy
-from tfcdisc.build import plan as build_plan, records
+from tfcdisc.prepare import plan as build_plan, records
 from tfcdisc.catalogue import bsonfile
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 from tfcdisc.catalogue.bsonfile import BsonFormatError

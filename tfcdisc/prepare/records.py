@@ -2,7 +2,7 @@
 the input pipelines.
 
 TFDS describes the same records with its FeaturesDict (`features`); its own serializer
-writes these very bytes three times slower (`tests/build/test_tfds_build.py` checks that the
+writes these very bytes three times slower (`tests/prepare/test_tfds_build.py` checks that the
 two agree), so the build writes with `serialize` and training parses with `parse_spec`,
 all three derived from the names below.
 """

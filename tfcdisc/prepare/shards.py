@@ -1,6 +1,6 @@
 """One output shard from its recipe: read its members, screen their images, write.
 
-A `ShardSpec` (made by `tfcdisc.build.plan`) is small and picklable; calling it streams
+A `ShardSpec` (made by `tfcdisc.prepare.plan`) is small and picklable; calling it streams
 the shard's examples, so the local build's worker processes and Beam workers (TFDS
 calls it) run the same code and write the same shards. A shard reads only its members
 file and the BSON bytes of its members: a train shard reads its runs, spread over the
@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import tensorflow as tf
 
 from tfcdisc.catalogue import atomic, bsonfile, problems, screen
-from tfcdisc.build import records
+from tfcdisc.prepare import records
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"

@@ -4,7 +4,7 @@ The plan is the build's only whole-catalogue step. It reads the indexes (built i
 pass, or as Beam work by `tfcdisc.catalogue.beam_index`), holds out a stratified, hash-chosen
 validation split (a slice of the file would not be stratified, whatever its order), and
 writes for every output shard a small members file: the offsets, lengths, ids and
-categories of exactly the products it will hold. A shard writer (`tfcdisc.build.shards`) then
+categories of exactly the products it will hold. A shard writer (`tfcdisc.prepare.shards`) then
 needs only that file: no worker loads an index or recomputes the hold-out, and a
 validation shard reads its members, not the stretches of file around them.
 """
@@ -21,7 +21,7 @@ import tensorflow as tf
 from tfcdisc.catalogue import atomic, problems
 from tfcdisc.catalogue import index as index_lib
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
-from tfcdisc.build.shards import NO_LABEL, TEST, TRAIN, VALIDATION, BuildOptions, ShardSpec
+from tfcdisc.prepare.shards import NO_LABEL, TEST, TRAIN, VALIDATION, BuildOptions, ShardSpec
 
 MANUAL_FILES = ("train.bson", "test.bson", "category_names.csv")
 

@@ -1,0 +1,2 @@
+"""The dataset's preparation (TFDS's download_and_prepare): splits and shards planned from
+the BSON indexes, each shard's records written with the JPEG bytes untouched."""
