@@ -31,45 +31,50 @@ RUN := $(DEMO_DIR)/run
 EXPORT := $(DEMO_DIR)/export
 
 $(K)/train.bson: | $(STAMP)
-	@echo "== [1/8] generating the synthetic catalogue in $(K)"
+	@echo "== [1/9] generating the synthetic catalogue in $(K)"
 	$(PY) -m tfcdisc.synth --output_dir $(K) --num_train_products $(DEMO_TRAIN) \
 	  --num_test_products $(DEMO_TEST) --num_categories $(DEMO_CATEGORIES) --seed 0 --overwrite
 
 $(DEMO_DIR)/inspect_train.json: $(K)/train.bson
-	@echo "== [2/8] inspecting train.bson (builds its offset index)"
+	@echo "== [2/9] inspecting train.bson (builds its offset index)"
 	$(PY) -m tfcdisc.inspect --bson $(K)/train.bson --progress > $@
 	@$(PY) -c 'import json,sys; r=json.load(open(sys.argv[1])); print("   products:", r["products"], " images:", r["images"], " categories:", r["categories"]["count"])' $@
 
 # tfds writes dataset_info.json last, so its presence means a finished build.
 $(TFDS_INFO): $(K)/train.bson
-	@echo "== [3/8] building the TFDS dataset: tfds build, quietly (one process per core)"
+	@echo "== [3/9] building the TFDS dataset: tfds build, quietly (one process per core)"
 	$(PY) -m tfcdisc.build --manual_dir=$(K) --data_dir=$(DEMO_DIR)/data
 
 $(RUN)/checkpoints/best.keras: $(TFDS_INFO) experiments/demo_cpu.cfg
-	@echo "== [4/8] training experiments/demo_cpu.cfg (a few minutes on 2 cores)"
+	@echo "== [4/9] training experiments/demo_cpu.cfg (a few minutes on 2 cores)"
 	$(PY) -m tfcdisc.train --flagfile=experiments/demo_cpu.cfg --data_dir=$(DEMO_DIR)/data \
 	  --model_dir=$(RUN)
 
 $(EXPORT)/saved_model.pb: $(RUN)/checkpoints/best.keras
-	@echo "== [5/8] exporting the SavedModel"
+	@echo "== [5/9] exporting the SavedModel"
 	$(PY) -m tfcdisc.export --model_dir=$(RUN) --export_dir=$(EXPORT)
 
 $(DEMO_DIR)/report_validation.json: $(EXPORT)/saved_model.pb
-	@echo "== [6/8] evaluating on the validation split"
+	@echo "== [6/9] evaluating on the validation split"
 	$(PY) -m tfcdisc.evaluate --saved_model=$(EXPORT) --data_dir=$(DEMO_DIR)/data \
 	  --split=validation --output=$@ > /dev/null
 
 $(DEMO_DIR)/report_test.json: $(EXPORT)/saved_model.pb
-	@echo "== [7/8] evaluating on the scored test set (test.bson + test_labels.csv)"
+	@echo "== [7/9] evaluating on the scored test set (test.bson + test_labels.csv)"
 	$(PY) -m tfcdisc.evaluate --saved_model=$(EXPORT) --bson=$(K)/test.bson \
 	  --labels=$(K)/test_labels.csv --output=$@ --plot=$(DEMO_DIR)/report_test.png > /dev/null
 
 $(DEMO_DIR)/submission.csv: $(EXPORT)/saved_model.pb
-	@echo "== [8/8] predicting submission.csv for test.bson"
+	@echo "== [8/9] predicting submission.csv for test.bson"
 	$(PY) -m tfcdisc.predict --saved_model=$(EXPORT) --bson=$(K)/test.bson --output=$@ > /dev/null
 
+$(DEMO_DIR)/mistakes.png: $(EXPORT)/saved_model.pb
+	@echo "== [9/9] drawing the test products it got wrong, the most confident first"
+	$(PY) -m tfcdisc.show --saved_model=$(EXPORT) --bson=$(K)/test.bson \
+	  --labels=$(K)/test_labels.csv --worst --num_products=8 --columns=2 --output=$@ > /dev/null
+
 demo: $(STAMP) $(DEMO_DIR)/inspect_train.json $(DEMO_DIR)/report_validation.json \
-      $(DEMO_DIR)/report_test.json $(DEMO_DIR)/submission.csv
+      $(DEMO_DIR)/report_test.json $(DEMO_DIR)/submission.csv $(DEMO_DIR)/mistakes.png
 	@$(PY) -m tfcdisc.demo_summary --demo_dir=$(DEMO_DIR)
 
 clean-demo:

@@ -200,3 +200,40 @@ def test_a_wheel_installs_as_it_is_and_a_clone_in_place():
     assert "-e" not in wheel and wheel[-1] == "/kaggle/input/w/tfcdisc-0.1-py3-none-any.whl[beam]"
     clone = runtime.install_commands(where, "tfcdisc", python="py", present=present)[-1]
     assert clone[-2:] == ["-e", "tfcdisc[beam]"]
+
+
+def test_show_marks_predictions_right_or_wrong_with_their_top_3_and_finds_the_worst(
+        exported, catalogue, tmp_path):
+    from PIL import Image
+    from tfcdisc import show
+    folder, _ = catalogue
+    _, export = exported
+    base = dict(output=str(tmp_path / "p.png"), saved_model=str(export),
+                bson=str(folder / "test.bson"), labels=str(folder / "test_labels.csv"),
+                num_products=6, columns=2)
+    from tfcdisc.serve import gallery, inference, scoring
+    from tfcdisc.catalogue import labels as labels_lib
+    stats = inference.PredictStats()
+    products, _ = inference.open_products(bson=base["bson"], data_dir=None, split="test",
+                                          stats=stats)
+    products = scoring.with_labels(products, labels_lib.read(base["labels"]))
+    opened, strategy = inference.open_export(str(export), "default")
+    samples = gallery.prediction_samples(opened, products().as_numpy_iterator(), strategy, 6)
+    assert len(samples) == 6 and all(s["right"] in (True, False) for s in samples)
+    for s in samples:
+        lines = s["title"].splitlines()
+        assert [line[:3] for line in lines[1:4]] == ["1. ", "2. ", "3. "]
+        assert all(line.endswith("%") for line in lines[1:4])
+        assert ("true: " in s["title"]) == (s["right"] is False)
+    worst = gallery.prediction_samples(opened, products().as_numpy_iterator(), strategy, 4,
+                                       scan=60)
+    assert worst and all(s["right"] is False for s in worst)
+    confidence = [float(s["title"].splitlines()[1].rsplit(" ", 1)[1].rstrip("%").lstrip("<"))
+                  for s in worst]
+    assert confidence == sorted(confidence, reverse=True)
+    show.main(settings.ShowSettings(**base, worst=True, scan=60))
+    with Image.open(tmp_path / "p.png") as png:  # 2 panels a row, 4 images of 1.6 in each
+        assert png.size[0] >= 2 * 6.6 * 100 - 10
+    with pytest.raises(ValueError, match="--labels marks the products of --bson"):
+        show.main(settings.ShowSettings(output=str(tmp_path / "q.png"), saved_model=str(export),
+                                        data_dir="d", labels=base["labels"]))

@@ -22,7 +22,9 @@ def summary(demo_dir: str) -> str:
    product accuracy on the validation split: {val['product_accuracy']:.4f} ({val['products']} products)
    submission:  {d}/submission.csv ({rows} rows)
    SavedModel:  {d}/export   (saved_model_cli show --dir {d}/export --all)
-   reports:     {d}/report_test.json, {d}/report_test.png, {d}/report_validation.json
+   reports:     {d}/report_test.json, {d}/report_validation.json
+   pictures:    {d}/report_test.png (accuracy by category and images per product),
+                {d}/mistakes.png (the test products it got wrong, the most confident first)
    training:    {d}/run (history.csv, checkpoints/)
    TensorBoard: .venv/bin/tensorboard --logdir {d}/run/logs
 {NEXT_STEPS}"""

@@ -3,9 +3,13 @@
     python -m tfcdisc.show --data_dir=DATA --split=train --output=train.png
     python -m tfcdisc.show --saved_model=EXPORT --bson=test.bson --output=predictions.png
     python -m tfcdisc.show --saved_model=EXPORT --data_dir=DATA --split=validation --output=v.png
+    python -m tfcdisc.show --saved_model=EXPORT --bson=test.bson --labels=test_labels.csv \
+        --worst --output=mistakes.png
 
-Each panel is one product: its images in a row, its _id and category path (predicted,
-with its probability, and whether it is right where the truth is known).
+Each panel is one product: its images in a row, its _id and category path; with an
+export, its top 3 categories and their probabilities, in green when right, red when
+wrong (the truth then named) where the truth is known; ``--worst``: the most confident
+mistakes.
 """
 
 from __future__ import annotations
@@ -17,15 +21,31 @@ from tfcdisc.learn import settings
 
 def main(f: settings.ShowSettings) -> None:
     from tfcdisc.serve import gallery, inference
+    if f.labels and not f.bson:
+        raise ValueError("--labels marks the products of --bson; a --data_dir split has "
+                         "its own categories")
+    if (f.worst or f.labels) and not f.saved_model:
+        raise ValueError("--worst and --labels judge an export's predictions: give "
+                         "--saved_model")
     if f.saved_model:
         stats = inference.PredictStats()
         products, _ = inference.open_products(
             bson=f.bson, data_dir=f.data_dir, split=f.split, stats=stats,
             max_pixels=inference.max_image_pixels(f.saved_model),
             dataset_config=f.dataset_config)
+        if f.labels:
+            from tfcdisc.catalogue import labels as labels_lib
+            from tfcdisc.serve import scoring
+            products = scoring.with_labels(products, labels_lib.read(f.labels))
         export, strategy = inference.open_export(f.saved_model, "default")
         samples = gallery.prediction_samples(export, products().as_numpy_iterator(),
-                                             strategy, f.num_products)
+                                             strategy, f.num_products,
+                                             scan=f.scan if f.worst else None)
+        if f.worst and not samples:  # still a picture: the first products, all right
+            print(f"show: no mistake among the first {f.scan} products with known "
+                  "categories; drawing the first ones instead")
+            samples = gallery.prediction_samples(export, products().as_numpy_iterator(),
+                                                 strategy, f.num_products)
     elif f.data_dir:
         samples = gallery.split_samples(f.data_dir, f.split, f.num_products, f.seed,
                                         f.dataset_config)

@@ -156,6 +156,10 @@ def test_evaluate_equals_the_scored_submission(catalogue, exported, tmp_path):
     assert 0.0 < report["image_accuracy"] <= 1.0
     assert sum(v["products"] for v in report["accuracy_by_num_images"].values()) == len(labels)
     assert all(len(w["names"]) == 3 for w in report["worst_categories"])
+    by_level1 = report["accuracy_by_level1"]  # what the plot's first panel draws
+    assert sum(v["products"] for v in by_level1.values()) == len(labels)
+    hits = sum(v["product_accuracy"] * v["products"] for v in by_level1.values())
+    assert hits / len(labels) == pytest.approx(report["product_accuracy"])
     scoring.plot(report, str(tmp_path / "report.png"))
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     again = json.loads(scoring.to_json(report))

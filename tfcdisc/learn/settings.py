@@ -388,6 +388,14 @@ class ShowSettings:
     num_products: int = setting(16, "Products in the picture.", lower_bound=1)
     columns: int = setting(4, "Products per row.", lower_bound=1)
     seed: int = setting(0, "Which products a split shows (random draw).")
+    labels: str | None = setting(None, "With --bson: a CSV of _id,category_id (e.g. "
+                                 "test_labels.csv), so each prediction is marked right or "
+                                 "wrong.", role="input")
+    worst: bool = setting(False, "With --saved_model: show the most confident mistakes "
+                          "among the first --scan products (needs their categories: "
+                          "--data_dir, or --bson with --labels).")
+    scan: int = setting(2000, "Products scored to find the mistakes of --worst.",
+                        lower_bound=1)
 
 
 @dataclasses.dataclass

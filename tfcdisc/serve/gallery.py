@@ -30,13 +30,21 @@ def _pixels(jpeg: bytes) -> np.ndarray:
         return np.full((_CELL, _CELL, 3), 128, np.uint8)
 
 
+_COLOURS = {True: "#1a7f37", False: "#cf222e", None: "black"}  # right, wrong, unknown
+
+
 def figure(products: list[dict], columns: int = 4):
-    """A matplotlib figure: one panel per product (``images``: JPEG bytes, ``title``)."""
+    """A matplotlib figure: one panel per product (``images``: JPEG bytes, ``title``;
+    ``right``: True or False to colour the title green or red), its images large enough
+    to see (1.6 inches each) and the title above them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    columns = max(1, min(columns, len(products)))
     rows = max(1, -(-len(products) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.2 * rows), squeeze=False)
+    lines = max([len(p["title"].splitlines()) for p in products] or [1])
+    fig, axes = plt.subplots(rows, columns, squeeze=False,
+                             figsize=(6.6 * columns, (1.7 + 0.16 * lines) * rows))
     for ax in axes.flat:
         ax.axis("off")
     for ax, product in zip(axes.flat, products):
@@ -44,7 +52,9 @@ def figure(products: list[dict], columns: int = 4):
         images += [np.full((_CELL, _CELL, 3), 255, np.uint8)] * (
             input_pipeline.MAX_IMAGES - len(images))
         ax.imshow(np.concatenate(images, axis=1))
-        ax.set_title("\n".join(textwrap.wrap(product["title"], 60)[:3]), fontsize=7)
+        ax.set_title("\n".join(line for text in product["title"].splitlines()
+                               for line in textwrap.wrap(text, 95)),
+                     fontsize=8, loc="left", color=_COLOURS[product.get("right")])
     fig.tight_layout()
     return fig
 
@@ -53,7 +63,7 @@ def to_png(fig) -> bytes:
     """The figure as PNG bytes (and closed): shown the same in any notebook frontend."""
     import matplotlib.pyplot as plt
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
 
@@ -83,29 +93,47 @@ def split_samples(data_dir: str, split: str = "train", n: int = 16, seed: int = 
             for p in ds.as_numpy_iterator()]
 
 
-def prediction_samples(export, products: Iterable[dict], strategy=None, n: int = 16
-                       ) -> list[dict]:
+def prediction_samples(export, products: Iterable[dict], strategy=None, n: int = 16,
+                       scan: int | None = None) -> list[dict]:
     """The first ``n`` of ``products`` (padded product dicts, e.g. from
-    `inference.bson_products`), scored by an opened export, titled with the predicted
-    category, its probability and, where known, the true one."""
+    `inference.bson_products`), scored by an opened export, titled with their top 3
+    categories and probabilities, ``right`` where the truth is known. With ``scan``: the
+    ``n`` most confident mistakes among the first ``scan`` products."""
     import tensorflow as tf
     from tfcdisc.serve import inference
     from tfcdisc.learn import product_eval
-    chosen = list(itertools.islice(iter(products), n))
+    chosen = list(itertools.islice(iter(products), scan or n))
+    if not chosen:
+        return []
     stats = inference.PredictStats()
     ds = lambda: tf.data.Dataset.from_tensor_slices(  # noqa: E731
         {k: np.stack([p[k] for p in chosen]) for k in ("images", "product_id", "category_id")})
-    out = next(inference.run_predictions(export, ds, len(chosen),
-                                         strategy or product_eval.default_strategy(), stats,
-                                         batch_size=max(len(chosen), 1), progress=False))
-    samples = []
-    for p, cid, prob, truth in zip(chosen, out["category_id"], out["probability"],
-                                   out["label_category_id"]):
-        title = f"{int(p['product_id'])}: {_names(export.taxonomy, int(cid))} ({prob:.2f})"
-        if truth >= 0:
-            title += f"\n{'right' if truth == cid else 'true: ' + _names(export.taxonomy, truth)}"
-        samples.append({"images": [bytes(j) for j in p["images"]], "title": title})
-    return samples
+    outs = list(inference.run_predictions(export, ds, len(chosen),
+                                          strategy or product_eval.default_strategy(), stats,
+                                          batch_size=min(len(chosen), 256), progress=False))
+    out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    order = range(len(chosen))
+    if scan:
+        wrong = [i for i in order if 0 <= out["label_category_id"][i] != out["category_id"][i]]
+        order = sorted(wrong, key=lambda i: -out["probability"][i])
+    return [_titled(chosen[i], out, i, export.taxonomy) for i in list(order)[:n]]
+
+
+def _percent(p: float) -> str:
+    return f"{100 * p:.1f}%" if p >= 0.001 else "<0.1%"
+
+
+def _titled(product: dict, out: dict, i: int, taxonomy: taxonomy_lib.Taxonomy) -> dict:
+    truth = int(out["label_category_id"][i])
+    top = [f"{rank}. {_names(taxonomy, int(c))}  {_percent(float(p))}" for rank, (c, p) in
+           enumerate(zip(out["top_k_category_id"][i][:3], out["top_k_probability"][i][:3]), 1)]
+    right = None if truth < 0 else truth == int(out["category_id"][i])
+    title = [f"{int(product['product_id'])}" + {True: ": right", False: ": WRONG",
+                                                None: ""}[right], *top]
+    if right is False:
+        title.append(f"true: {_names(taxonomy, truth)}")
+    return {"images": [bytes(j) for j in product["images"]], "title": "\n".join(title),
+            "right": right}
 
 
 def history_figure(run_dir: str):

@@ -23,7 +23,7 @@ _TOP = 20
 MIN_SUPPORT = 5  # products a category needs to be ranked among the worst
 
 
-def _with_labels(products, labels: dict[int, int]):
+def with_labels(products, labels: dict[int, int]):
     """Products with ``category_id`` from the labels; -2 marks an id the file lacks."""
     table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
         tf.constant(list(labels), tf.int64), tf.constant(list(labels.values()), tf.int64)),
@@ -69,7 +69,7 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
         dataset_config=dataset_config)
     export, strategy = inference.open_export(saved_model, strategy, tpu)
     if label_map is not None:
-        products = _with_labels(products, label_map)
+        products = with_labels(products, label_map)
     cols = collections.defaultdict(list)
     for out in inference.run_predictions(export, products, total, strategy, stats, batch_size,
                                          progress):
@@ -155,38 +155,59 @@ def score(truth: np.ndarray, top_k: np.ndarray, image_pred: np.ndarray,
     report["worst_categories"] = [
         {"category_id": int(c), "products": int(r["size"]), "accuracy": float(r["mean"]),
          "names": names(int(c))} for c, r in ranked.head(_TOP).iterrows()]
+    level1 = np.where(known, l1[np.maximum(t_cls, 0)], -1)
+    report["accuracy_by_level1"] = {
+        taxonomy.level1_names[g]: {"products": int((level1 == g).sum()),
+                                   "product_accuracy": float(hit[level1 == g].mean())}
+        for g in sorted(set(level1[known].tolist()))}
     report["_per_category"] = per_cat  # for the plot; dropped from the JSON
     return report
 
 
 def plot(report: dict, path: str) -> None:
-    """Accuracy by category size and by level, as a PNG."""
+    """The report as a PNG, every bar labelled with its value: accuracy by level-1
+    category, by images per product and by taxonomy level, and the most confused pairs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    per_cat = report["_per_category"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    sizes = per_cat["size"].to_numpy()
-    bins = np.unique(np.geomspace(1, max(sizes.max(), 2), 12).astype(int))
-    which = np.digitize(sizes, bins)
-    xs, ys = [], []
-    for k in np.unique(which):
-        sel = which == k
-        xs.append(sizes[sel].mean())
-        ys.append(np.average(per_cat["mean"].to_numpy()[sel], weights=sizes[sel]))
-    a.semilogx(xs, ys, "o-")
-    a.set_xlabel("products in the category (evaluation set)")
-    a.set_ylabel("product accuracy")
-    a.set_ylim(0, 1.02)
-    a.set_title("Accuracy by category size")
-    levels = ["level1_accuracy", "level2_accuracy", "product_accuracy"]
-    b.bar(["level 1", "level 2", "category"], [report[k] for k in levels])
-    b.set_ylim(0, 1.02)
-    b.set_title("Accuracy by taxonomy level")
+    by_l1 = sorted(report.get("accuracy_by_level1", {}).items(),
+                   key=lambda kv: kv[1]["product_accuracy"])[:20]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 4 + 0.28 * max(len(by_l1), 8)))
+    (l1_ax, images_ax), (levels_ax, confused_ax) = axes
+    _bars(l1_ax, [f"{name[:30]} ({v['products']})" for name, v in by_l1],
+          [v["product_accuracy"] for _, v in by_l1], horizontal=True)
+    l1_ax.set_title("Product accuracy by level-1 category (products), the worst 20")
+    by_images = report["accuracy_by_num_images"]
+    _bars(images_ax, [f"{n} ({v['products']})" for n, v in by_images.items()],
+          [v["product_accuracy"] for v in by_images.values()])
+    images_ax.set_title("Product accuracy by images per product (products)")
+    _bars(levels_ax, ["level 1", "level 2", "category", "image"],
+          [report["level1_accuracy"], report["level2_accuracy"],
+           report["product_accuracy"], report["image_accuracy"]])
+    levels_ax.set_title("Accuracy by taxonomy level, and of single images")
+    confused_ax.axis("off")
+    pairs = report.get("most_confused", [])[:10]
+    lines = [f"{p['count']:>4}  {' > '.join((p['true_names'] or [str(p['true'])])[-2:])}\n"
+             f"      taken for {' > '.join((p['predicted_names'] or [str(p['predicted'])])[-2:])}"
+             for p in pairs]
+    confused_ax.text(0, 1, "Most confused pairs (products)\n\n" + "\n".join(lines)
+                     if lines else "No mistakes", va="top", family="monospace", fontsize=8)
     fig.tight_layout()
     with tf.io.gfile.GFile(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
+
+
+def _bars(ax, labels: list[str], values: list[float], horizontal: bool = False) -> None:
+    """Bars from 0 to 1 with each value written at its end."""
+    if horizontal:
+        bars = ax.barh(labels, values, color="#4c72b0")
+        ax.set_xlim(0, 1.12)
+    else:
+        bars = ax.bar(labels, values, color="#4c72b0")
+        ax.set_ylim(0, 1.12)
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=8, padding=2)
+    ax.tick_params(labelsize=8)
 
 
 def to_json(report: dict) -> str:
