@@ -561,6 +561,14 @@ def test_a_full_temporary_folder_is_named_as_such(tmp_path, monkeypatch):
     assert not (tmp_path / "last.keras").exists()
 
 
+def _as_from_a_terminal():
+    """A child whose Ctrl-C and SIGTERM arrive: default handling, and not blocked (a test
+    runner's worker may block them, and a child inherits the mask)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _stop_training(dataset, tmp_path, signum):
     """`python -m tfcdisc.train` signalled as its first epoch begins (Keras prints
     "Epoch 1/2" there): the process's exit and its stderr."""
@@ -577,12 +585,16 @@ def _stop_training(dataset, tmp_path, signum):
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "KERAS_BACKEND": "tensorflow",
                                  "PYTHONUNBUFFERED": "1"},  # the line arrives as printed
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_as_from_a_terminal)
     for line in proc.stdout:
         if line.startswith("Epoch 1/"):
             break
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=300)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     return proc.returncode, err
 
 

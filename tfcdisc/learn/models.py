@@ -565,12 +565,19 @@ def _load_weights(model: keras.Model, path: str) -> None:
 
 
 def copy_weights(source: keras.Model, target: keras.Model) -> None:
-    """Every weighted layer of ``source`` into the layer of that name in ``target``; the
-    target's own extra layers (a product phase's ``slot_score``) keep their start.
+    """Every weighted layer of ``source`` into the layer of that name in ``target``; only
+    a product phase's pooling (``slot_*`` layers) may be the target's own, kept at their
+    start.
 
     Raises:
-      ValueError: a layer of ``source`` is missing in ``target`` or has other shapes.
+      ValueError: a layer of ``source`` is missing in ``target``, has other shapes, or
+        ``target`` has another weighted layer (a head) ``source`` lacks.
     """
+    own = {layer.name for layer in source.layers if layer.weights}
+    extra = [layer.name for layer in target.layers if layer.weights and
+             layer.name not in own and not layer.name.startswith("slot_")]
+    if extra:
+        raise ValueError(f"{target.name} has {', '.join(extra)}, which {source.name} lacks")
     for layer in source.layers:
         if not layer.weights:
             continue

@@ -53,6 +53,33 @@ def _fail_under_tfds(message: str, error: Exception) -> None:
     raise error
 
 
+class NoKaggleFolder(FileNotFoundError):
+    """No --manual_dir, or one without train.bson."""
+
+
+def _kaggle_folder(dl_manager) -> str:
+    """The manual dir holding the Kaggle files.
+
+    Raises:
+      NoKaggleFolder: one line naming what to pass (TFDS's own assertion printed the
+        instructions under a 30-line traceback).
+    """
+    configured = str(getattr(dl_manager, "_manual_dir", None) or "")  # before TFDS checks it
+    try:
+        manual = str(dl_manager.manual_dir)
+    except AssertionError:  # TFDS: no such folder, or an empty one
+        manual = None
+    if manual and tf.io.gfile.exists(f"{manual}/train.bson"):
+        return manual
+    given = configured and not configured.rstrip("/").endswith("/downloads/manual")
+    what = (f"--manual_dir={configured} holds no train.bson" if given else
+            "no --manual_dir was given")
+    raise NoKaggleFolder(f"{what}: pass --manual_dir=FOLDER, the folder holding the Kaggle "
+                         "files train.bson, test.bson and category_names.csv (`python -m "
+                         "tfcdisc.synth --output_dir FOLDER` writes a synthetic catalogue in "
+                         "that format)")
+
+
 def _remove_empty_folders(folders: list[str]) -> None:
     """Each folder if nothing is in it but empty folders and TFDS's own config note
     (``.config/metadata.json``, written before any build): what a refused build left."""
@@ -93,7 +120,6 @@ class Builder(tfds.core.ShardBasedBuilder):
         builds into one folder mixed their splits); under the lock, the ``incomplete.*``
         folder a killed build left (a dataset-sized copy on the real data) goes first."""
         config_dir = os.path.dirname(str(self.data_dir).rstrip("/"))
-        self._check_manual_dir(kwargs.get("download_config"), kwargs.get("download_dir"))
         try:
             with folder_lock.hold(f"{config_dir}/.tfcdisc-build.lock", "tfds build",
                                   config_dir), cli.stops_unwind():
@@ -101,6 +127,10 @@ class Builder(tfds.core.ShardBasedBuilder):
                     logging.warning("removing %s, left by a build that did not finish", stale)
                     tf.io.gfile.rmtree(stale)
                 return super().download_and_prepare(*args, **kwargs)
+        except NoKaggleFolder as e:  # refused before any record: leave no folder either
+            root = os.path.dirname(os.path.dirname(config_dir))
+            _remove_empty_folders([f"{root}/downloads", f"{root}/{self.name}"])
+            _fail_under_tfds(str(e), e)
         except KeyboardInterrupt as e:
             if "tensorflow_datasets.scripts.cli.main" not in sys.modules:
                 raise
@@ -115,23 +145,6 @@ class Builder(tfds.core.ShardBasedBuilder):
                 raise
             _fail_under_tfds(f"{reason}; nothing of this build is kept: fix it and run the "
                              "build again", e)
-
-    def _check_manual_dir(self, download_config, download_dir) -> None:
-        """No Kaggle folder (no --manual_dir, or one without train.bson) is one line
-        naming what to pass, before anything is written; the empty folders TFDS made on
-        its way here (downloads/, cdiscount/) are removed."""
-        manual = getattr(download_config, "manual_dir", None)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(str(self.data_dir).rstrip("/"))))
-        default = f"{download_dir or root + '/downloads'}/manual"
-        if tf.io.gfile.exists(f"{manual or default}/train.bson"):
-            return
-        _remove_empty_folders([f"{root}/downloads", f"{root}/{self.name}"])
-        what = (f"--manual_dir={manual} holds no train.bson" if manual else
-                "no --manual_dir was given")
-        message = (f"{what}: pass --manual_dir=FOLDER, the folder holding the Kaggle files "
-                   "train.bson, test.bson and category_names.csv (`python -m tfcdisc.synth "
-                   "--output_dir FOLDER` writes a synthetic catalogue in that format)")
-        _fail_under_tfds(message, FileNotFoundError(message))
 
     def _info(self) -> tfds.core.DatasetInfo:
         options = self.builder_config.options()
@@ -152,10 +165,11 @@ class Builder(tfds.core.ShardBasedBuilder):
                         + self.builder_config.name)
             options = self.builder_config.options()
             indexes = None
+            kaggle = _kaggle_folder(dl_manager)
             if download_config is not None and download_config.beam_runner is not None:
-                indexes = _index_on_beam(str(dl_manager.manual_dir), work_dir, options,
+                indexes = _index_on_beam(kaggle, work_dir, options,
                                          download_config)
-            plan = build_plan.plan(str(dl_manager.manual_dir), work_dir, options, indexes)
+            plan = build_plan.plan(kaggle, work_dir, options, indexes)
             records.set_label_names(self.info.features, plan.taxonomy)
             self.info.metadata["taxonomy"] = plan.taxonomy.to_dict()
             self.info.metadata["class_counts"] = plan.class_counts.tolist()  # train split
