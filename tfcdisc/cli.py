@@ -274,7 +274,6 @@ def settings_from_flags(cls: type, flag_values=None) -> Any:
 def _recipe_folders() -> list[str]:
     """Where the shipped flagfiles are: the source tree's experiments/ (a clone, an
     editable install), then an installed wheel's copy (share/tfcdisc/experiments)."""
-    import sys
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return [f for f in (os.path.join(here, "experiments"),
                         os.path.join(sys.prefix, "share", "tfcdisc", "experiments"))
@@ -315,6 +314,7 @@ def expand_flagfiles(argv: Sequence[str], _within: str | None = None,
       ValueError: a missing flagfile, a loop, or a line that is not a flag (naming the
         file and the line number, with the fix).
     """
+    from tfcdisc.learn.settings import expand_path
     out, args, i = [], list(argv), 0
     while i < len(args):
         arg = args[i]
@@ -327,7 +327,7 @@ def expand_flagfiles(argv: Sequence[str], _within: str | None = None,
         if path is None:
             out.append(arg)
             continue
-        path = os.path.expandvars(os.path.expanduser(path))
+        path = expand_path(path)
         if _within and not os.path.isabs(path) and os.path.exists(os.path.join(_within, path)):
             path = os.path.join(_within, path)
         if not os.path.isfile(path):

@@ -47,12 +47,9 @@ class MaskedPooling(layers.Layer):
 
     def call(self, inputs):
         h, scores, mask = inputs
-        scores = ops.where(mask > 0, scores[..., 0], -1e9)
-        weights = ops.softmax(scores, axis=-1) * mask
-        weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-9)
-        attended = ops.sum(h * weights[..., None], axis=1)
+        attended = ops.sum(h * models.slot_weights(mask, scores[..., 0])[..., None], axis=1)
+        mean = ops.sum(h * models.slot_weights(mask)[..., None], axis=1)
         count = ops.sum(mask, axis=-1, keepdims=True)
-        mean = ops.sum(h * mask[..., None], axis=1) / ops.maximum(count, 1.0)
         return ops.concatenate(
             [attended, mean, ops.one_hot(ops.cast(count[:, 0], "int32"), SLOTS + 1)], axis=-1)
 

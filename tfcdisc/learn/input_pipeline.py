@@ -360,8 +360,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
     """
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    if start_step and options.seed is not None:
-        options = dataclasses.replace(options, seed=options.seed + 1_000_003 * start_step)
+    options = _from_step(options, start_step)
     ds = _image_records(builder, split, options, input_context)
     # Shuffle before repeat, so that every epoch sees every image once.
     ds = ds.shuffle(options.shuffle_buffer, seed=options.seed)
@@ -414,8 +413,7 @@ def product_train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
     """
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    if start_step and options.seed is not None:
-        options = dataclasses.replace(options, seed=options.seed + 1_000_003 * start_step)
+    options = _from_step(options, start_step)
     ds = _product_records(builder, split, options, input_context).filter(
         lambda images, labels: tf.size(images) > 0)
     ds = ds.shuffle(max(options.shuffle_buffer // 2, 1), seed=options.seed)
@@ -443,6 +441,14 @@ def product_train_dataset(builder: tfds.core.DatasetBuilder, batch_size: int,
     ds = ds.map(split_up, num_parallel_calls=tf.data.AUTOTUNE).with_options(
         _tf_options(options))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _from_step(options: PipelineOptions, start_step: int) -> PipelineOptions:
+    """A run resumed at ``start_step`` draws its file order and shuffle from a seed moved
+    on by that step, so it does not replay epoch 0."""
+    if start_step and options.seed is not None:
+        return dataclasses.replace(options, seed=options.seed + 1_000_003 * start_step)
+    return options
 
 
 def decode_group(batch_size: int) -> int:

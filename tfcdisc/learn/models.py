@@ -135,13 +135,17 @@ def load_model(path: str) -> keras.Model:
 def import_hub_if_used(config_text: str) -> None:
     """Imports KerasHub where a saved model's config names its layers (their classes
     register on import), with the install line where it is missing."""
-    if '"keras_hub' not in config_text:
-        return
+    if '"keras_hub' in config_text:
+        _keras_hub("this model holds a KerasHub backbone")
+
+
+def _keras_hub(why: str):
+    """The keras_hub module, or one line saying ``why`` it is needed and how to get it."""
     try:
-        import keras_hub  # noqa: F401
+        import keras_hub
     except ImportError:
-        raise ValueError("this model holds a KerasHub backbone: pip install "
-                         "'tfcdisc[hub]' (or keras-hub)") from None
+        raise ValueError(f"{why}: pip install 'tfcdisc[hub]' (or keras-hub)") from None
+    return keras_hub
 
 
 def _hub_backbone(preset: str | None, weights: str):
@@ -154,11 +158,7 @@ def _hub_backbone(preset: str | None, weights: str):
     """
     if not preset:
         raise ValueError("--backbone=keras_hub needs --hub_preset=NAME or a preset folder")
-    try:
-        import keras_hub
-    except ImportError:
-        raise ValueError("--backbone=keras_hub needs KerasHub: pip install 'tfcdisc[hub]' "
-                         "(or keras-hub)") from None
+    keras_hub = _keras_hub("--backbone=keras_hub needs KerasHub")
     source = weights if weights not in ("none", "imagenet") else preset
     try:
         backbone = keras_hub.models.Backbone.from_preset(
@@ -462,7 +462,7 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
     inputs = keras.Input((None, None, 3), dtype="uint8", name="image")
     x = ResizedCrop(image_size, crop_area, seed=seed, name="view")(inputs)
     base, scaling = _backbone(backbone, spec, (image_size, image_size, 3), weights,
-                              hub_preset)
+                              hub_preset, hub_folder)
     if scaling is not None:
         x = scaling(x)
     features = base(x)
@@ -492,12 +492,13 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
 
 
 def _backbone(name: str, spec: Backbone, shape: tuple, weights: str,
-              hub_preset: str | None):
+              hub_preset: str | None, hub_folder: bool):
     """(backbone, input scaling or None): built with the weights it starts from (a
-    previous run's are loaded later, into the whole model)."""
+    previous run's are loaded later, into the whole model; ``hub_folder``: ``weights`` is
+    a KerasHub preset folder)."""
     if spec.scaling == "hub":
         return _hub_backbone(hub_preset, weights if weights in ("none", "imagenet") or
-                             tf.io.gfile.isdir(weights) else "none")
+                             hub_folder else "none")
     scaling = _scaling(spec.scaling)
     kwargs = dict(include_top=False, input_shape=shape, pooling="avg")
     if spec.preprocessing_flag:

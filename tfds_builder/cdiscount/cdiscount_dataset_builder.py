@@ -43,11 +43,16 @@ class CdiscountConfig(shards.BuildOptions, tfds.core.BuilderConfig):
         return self.plain()
 
 
+def _under_tfds() -> bool:
+    """Whether the `tfds` command runs this build (its entry module is loaded)."""
+    return "tensorflow_datasets.scripts.cli.main" in sys.modules
+
+
 def _fail_under_tfds(message: str, error: Exception) -> None:
     """Bad input, a busy or unwritable folder, a full disk are ordinary: under the `tfds`
-    command (its entry module is loaded), one line naming the file and the fix, exit
-    status 2 (TFDS would print a traceback); called from Python, the error is raised."""
-    if "tensorflow_datasets.scripts.cli.main" in sys.modules:
+    command, one line naming the file and the fix, exit status 2 (TFDS would print a
+    traceback); called from Python, the error is raised."""
+    if _under_tfds():
         print(f"tfds build cdiscount: {message}", file=sys.stderr)
         sys.exit(2)
     raise error
@@ -132,7 +137,7 @@ class Builder(tfds.core.ShardBasedBuilder):
             _remove_empty_folders([f"{root}/downloads", f"{root}/{self.name}"])
             _fail_under_tfds(str(e), e)
         except KeyboardInterrupt as e:
-            if "tensorflow_datasets.scripts.cli.main" not in sys.modules:
+            if not _under_tfds():
                 raise
             cli.stopped("tfds build cdiscount", e, "no dataset was written (TFDS moves a "
                         "build into place only when whole): run the same command to build "
