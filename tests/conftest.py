@@ -91,7 +91,7 @@ def free_ports(n: int) -> list[int]:
 def train_config(dataset, model_dir, **overrides):
     """A TrainConfig for a few fast steps of the small CNN on a built dataset (its builder
     or its data dir)."""
-    from tfcdisc.learn import settings
+    from tfcdisc import settings
     data_dir = str(getattr(dataset, "data_dir", dataset))
     base = dict(data_dir=data_dir, model_dir=str(model_dir), backbone="small_cnn",
                 image_size=32, decode_size=48, global_batch_size=16, epochs=1,

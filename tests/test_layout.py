@@ -6,7 +6,7 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfcdisc"
-WINGS = ("catalogue", "prepare", "learn", "serve")
+WINGS = ("settings", "catalogue", "prepare", "learn", "serve")  # floors, ground first
 COMMANDS = {"cli", "synth", "inspect", "build", "train", "train_fusion", "export", "ensemble",
             "predict", "evaluate", "show", "demo_summary", "preflight"}
 

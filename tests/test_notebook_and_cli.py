@@ -102,12 +102,12 @@ def test_a_flagfile_names_another_beside_it_from_any_folder(tmp_path, monkeypatc
     them, whatever the working folder (a notebook runs from experiments/); later flags
     override earlier ones, as in absl."""
     from tfcdisc import cli
-    from tfcdisc.learn import settings
+    from tfcdisc import settings
     monkeypatch.chdir(tmp_path)
-    cfg = cli.parse(settings.TrainConfig, [f"--flagfile={REPO}/experiments/xception_tpu_ft224.cfg",
+    cfg = settings.parse(settings.TrainConfig, [f"--flagfile={REPO}/experiments/xception_tpu_ft224.cfg",
                                            "--data_dir=d", "--model_dir=m", "--epochs=2"])
     assert (cfg.backbone, cfg.image_size, cfg.phase, cfg.epochs) == ("xception", 224, "ft224", 2)
     assert cfg.level2_loss_weight == 0.2  # from xception_tpu.cfg
     (tmp_path / "loop.cfg").write_text("--flagfile=loop.cfg\n")
     with pytest.raises(ValueError, match="includes itself"):
-        cli.parse(settings.TrainConfig, [f"--flagfile={tmp_path / 'loop.cfg'}"])
+        settings.parse(settings.TrainConfig, [f"--flagfile={tmp_path / 'loop.cfg'}"])

@@ -530,12 +530,12 @@ def test_inputs_that_used_to_be_wrong_without_an_error_are_named(tmp_path):
     import gzip
     import zipfile
     from tfcdisc import cli
-    from tfcdisc.learn import settings
+    from tfcdisc import settings
     flagfile = tmp_path / "run.cfg"
     flagfile.write_text("# comment\n--epochs=2\n\nimage_size=48\n")
     with pytest.raises(ValueError, match=r"run.cfg:4: 'image_size=48' is not a flag .*"
                                          r"--image_size=48"):
-        cli.parse(settings.TrainConfig, [f"--flagfile={flagfile}", "--data_dir=d",
+        settings.parse(settings.TrainConfig, [f"--flagfile={flagfile}", "--data_dir=d",
                                               "--model_dir=m"])
     done = subprocess.run([sys.executable, "-m", "tfcdisc.train", f"--flagfile={flagfile}",
                            "--data_dir=d", "--model_dir=m"], capture_output=True, text=True)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, train_config
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 
 def _run(args, env=None, **kw):
@@ -38,7 +38,7 @@ def test_meaningless_float_flags_are_refused(flag):
     from absl import flags
     with pytest.raises(flags.IllegalFlagValueError, match=flag.split("=")[0][2:]):
         from tfcdisc import cli
-        cli.parse(settings.TrainConfig, ["--data_dir=d", "--model_dir=m", flag])
+        settings.parse(settings.TrainConfig, ["--data_dir=d", "--model_dir=m", flag])
     name, value = flag[2:].split("=")
     config = settings.TrainConfig(data_dir="d", model_dir="m")
     setattr(config, name, float(value))
@@ -391,7 +391,7 @@ def test_io_errors_of_tensorflow_and_python_are_one_line_in_every_command(tmp_pa
                                                                           monkeypatch, capsys):
     import tensorflow as tf
     from tfcdisc import cli
-    from tfcdisc.learn import settings as settings_lib
+    from tfcdisc import settings as settings_lib
 
     def full(settings):
         raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")

@@ -6,36 +6,37 @@ import os
 import pytest
 
 from tfcdisc import cli
-from tfcdisc.learn import input_pipeline, settings
+from tfcdisc import settings
+from tfcdisc.learn import input_pipeline
 
 
 def test_tilde_and_variables_expand_in_every_path_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
-    cfg = cli.parse(settings.TrainConfig, ["--data_dir=~/tensorflow_datasets",
+    cfg = settings.parse(settings.TrainConfig, ["--data_dir=~/tensorflow_datasets",
                                            "--model_dir=$RUNS/effv2b0",
                                            "--weights=~/keras/x_notop.h5"])
     assert cfg.data_dir == str(tmp_path / "tensorflow_datasets")
     assert cfg.model_dir == str(tmp_path / "runs" / "effv2b0")
     assert cfg.weights == str(tmp_path / "keras" / "x_notop.h5")
-    predict = cli.parse(settings.PredictSettings, ["--saved_model=gs://b/~x",
+    predict = settings.parse(settings.PredictSettings, ["--saved_model=gs://b/~x",
                                                    "--bson=~/kaggle/test.bson"])
     assert predict.saved_model == "gs://b/~x"  # a bucket's object names are not expanded
     assert predict.bson == str(tmp_path / "kaggle" / "test.bson")
-    assert cli.parse(settings.TrainConfig, ["--data_dir=d", "--model_dir=m"]).tpu is None
+    assert settings.parse(settings.TrainConfig, ["--data_dir=d", "--model_dir=m"]).tpu is None
 
 
 def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    by_name = cli.parse(settings.TrainConfig, ["--flagfile=xception_tpu", "--data_dir=d",
+    by_name = settings.parse(settings.TrainConfig, ["--flagfile=xception_tpu", "--data_dir=d",
                                                "--model_dir=m"])
     assert (by_name.backbone, by_name.image_size) == ("xception", 180)
-    phase = cli.parse(settings.TrainConfig, ["--flagfile=experiments/xception_tpu_ft224.cfg",
+    phase = settings.parse(settings.TrainConfig, ["--flagfile=experiments/xception_tpu_ft224.cfg",
                                              "--data_dir=d", "--model_dir=m"])
     assert (phase.phase, phase.image_size) == ("ft224", 224)
-    assert {"demo_cpu", "xception_tpu", "convnext_small_tpu"} <= set(cli.recipes())
+    assert {"demo_cpu", "xception_tpu", "convnext_small_tpu"} <= set(settings.recipes())
     with pytest.raises(ValueError, match="the shipped recipes: .*xception_tpu"):
-        cli.parse(settings.TrainConfig, ["--flagfile=xception_gpu"])
+        settings.parse(settings.TrainConfig, ["--flagfile=xception_gpu"])
 
 
 def test_a_data_dir_one_level_too_deep_is_answered_with_its_parent(dataset):

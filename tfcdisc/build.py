@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 from tfcdisc import cli
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 BUILDER = "tfds_builder.cdiscount.cdiscount_dataset_builder"
 # Lines of stderr a quiet build leaves out: the tfds command's INFO lines, Python-level

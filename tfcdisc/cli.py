@@ -15,6 +15,9 @@ import sys
 import textwrap
 from typing import Any, Callable, Sequence
 
+from tfcdisc.settings.fields import (define_settings, expand_flagfiles, paths_by_role,
+                                     settings_from_flags)
+
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 _OWN: list[str] = []  # the names of the flags the running command defined
 _REQUIRED: set[str] = set()
@@ -57,7 +60,7 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
     before = set(fv)
     define_flags()
     if backend == "flag" and "backend" not in fv:
-        from tfcdisc.learn.settings import BACKEND_HELP, BACKENDS
+        from tfcdisc.settings import BACKEND_HELP, BACKENDS
         flags.DEFINE_enum("backend", "auto", list(BACKENDS), BACKEND_HELP)
     _OWN[:] = [n for n in fv if n not in before and fv[n].name == n]
     _REQUIRED.update(_required(fv))
@@ -158,7 +161,6 @@ def command(name: str, cls: type, main: Callable[[Any], None], doc: str | None, 
         try:
             settings = settings_from_flags(cls)  # a dataclass may check itself
             from tfcdisc.catalogue import paths
-            from tfcdisc.learn.settings import paths_by_role
             paths.check_apart(paths_by_role(settings, "output", "replaced"),
                               paths_by_role(settings, "input"),
                               replaced=paths_by_role(settings, "replaced"))
@@ -216,151 +218,3 @@ def fail(command: str, message: str) -> None:
     """One line on stderr naming what is wrong and the fix; exit status 2."""
     print(f"{command}: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def define_settings(cls: type, flag_values=None) -> None:
-    """Defines one absl flag per field of ``cls`` (a dataclass made with `setting`)."""
-    from absl import flags
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    for f in dataclasses.fields(cls):
-        m = f.metadata
-        default = None if m["required"] else f.default
-        kind = str(f.type).split("|")[0].strip()
-        kwargs = dict(flag_values=fv, required=m["required"])
-        if m.get("repeated"):
-            flags.DEFINE_multi_string(f.name, default, m["help"], **kwargs)
-        elif kind.startswith("list"):
-            flags.DEFINE_list(f.name, default, m["help"], **kwargs)
-        elif m["choices"]:
-            flags.DEFINE_enum(f.name, default, list(m["choices"]), m["help"], **kwargs)
-        elif kind == "bool":
-            flags.DEFINE_bool(f.name, default, m["help"], **kwargs)
-        elif kind == "int":
-            flags.DEFINE_integer(f.name, default, m["help"], lower_bound=m["lower_bound"],
-                                 **kwargs)
-        elif kind == "float":
-            flags.DEFINE_float(f.name, default, m["help"], **kwargs)
-            _check_bounds(fv, f.name, m)
-        else:
-            flags.DEFINE_string(f.name, default, m["help"], **kwargs)
-
-
-def _check_bounds(fv, name: str, metadata: dict) -> None:
-    """Finite and within the setting's bounds (`settings.bound_problem`): absl's own
-    lower bound lets ``nan`` through."""
-    from absl import flags
-    from tfcdisc.learn.settings import bound_problem
-
-    def valid(value) -> bool:
-        problem = bound_problem(name, value, metadata)
-        if problem:
-            raise flags.ValidationError(problem.split(": ", 1)[1])
-        return True
-    flags.register_validator(name, valid, flag_values=fv)
-
-
-def settings_from_flags(cls: type, flag_values=None) -> Any:
-    """An instance of ``cls`` from parsed flags defined by `define_settings`."""
-    from absl import flags
-    from tfcdisc.learn.settings import expand_path
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    return cls(**{f.name: expand_path(fv[f.name].value) if f.metadata.get("path")
-                  else fv[f.name].value for f in dataclasses.fields(cls)})
-
-
-def _recipe_folders() -> list[str]:
-    """Where the shipped flagfiles are: the source tree's experiments/ (a clone, an
-    editable install), then an installed wheel's copy (share/tfcdisc/experiments)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return [f for f in (os.path.join(here, "experiments"),
-                        os.path.join(sys.prefix, "share", "tfcdisc", "experiments"))
-            if os.path.isdir(f)]
-
-
-def recipes() -> list[str]:
-    """The names of the shipped flagfiles (``--flagfile=NAME`` from any folder)."""
-    return sorted({name[:-4] for folder in _recipe_folders() for name in os.listdir(folder)
-                   if name.endswith(".cfg")})
-
-
-def recipe(name: str) -> str | None:
-    """The shipped flagfile called ``name`` (``xception_tpu``, ``xception_tpu.cfg`` or
-    ``experiments/xception_tpu.cfg``), or None."""
-    base = os.path.basename(name)
-    base = base if base.endswith(".cfg") else base + ".cfg"
-    if os.path.dirname(name) not in ("", "experiments"):
-        return None
-    for folder in _recipe_folders():
-        if os.path.isfile(os.path.join(folder, base)):
-            return os.path.join(folder, base)
-    return None
-
-
-def expand_flagfiles(argv: Sequence[str], _within: str | None = None,
-                     _seen: tuple[str, ...] = ()) -> list[str]:
-    """``argv`` with every ``--flagfile`` replaced by the flags in it, in place (so later
-    flags still override earlier ones, as absl's own flagfiles do).
-
-    A flagfile inside a flagfile is found beside the file that names it (then from the
-    working folder): ``experiments/xception_tpu_ft224.cfg`` names ``xception_tpu.cfg``
-    and works from any folder, a notebook's included. A line that is not a flag is
-    refused: absl ignored ``image_size=48`` (no dashes) without a word, and the run
-    silently used the default.
-
-    Raises:
-      ValueError: a missing flagfile, a loop, or a line that is not a flag (naming the
-        file and the line number, with the fix).
-    """
-    from tfcdisc.learn.settings import expand_path
-    out, args, i = [], list(argv), 0
-    while i < len(args):
-        arg = args[i]
-        path = None
-        if arg.startswith("--flagfile="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--flagfile" and i + 1 < len(args):
-            path, i = args[i + 1], i + 1
-        i += 1
-        if path is None:
-            out.append(arg)
-            continue
-        path = expand_path(path)
-        if _within and not os.path.isabs(path) and os.path.exists(os.path.join(_within, path)):
-            path = os.path.join(_within, path)
-        if not os.path.isfile(path):
-            path = recipe(path) or path
-        if not os.path.isfile(path):
-            raise ValueError(f"--flagfile={path}: no such file"
-                             + (f" (named in a flagfile in {_within})" if _within else "")
-                             + f"; the shipped recipes: {', '.join(recipes()) or 'none found'}")
-        real = os.path.realpath(path)
-        if real in _seen:
-            raise ValueError(f"--flagfile={path} includes itself")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        flags_in_file = []
-        for number, raw in enumerate(lines, 1):
-            line = raw.strip()
-            if not line or line.startswith(("#", "//")):
-                continue
-            if not line.startswith("-"):
-                raise ValueError(f"{path}:{number}: {line!r} is not a flag (flags start "
-                                 f"with --, e.g. --{line}); fix or comment out the line")
-            flags_in_file.append(line)
-        out.extend(expand_flagfiles(flags_in_file, os.path.dirname(path) or ".",
-                                    (*_seen, real)))
-    return out
-
-
-def parse(cls: type, argv: list[str]) -> Any:
-    """An instance of ``cls`` from command-line style flags (``--flagfile=...`` works),
-    without touching the process's global flags: for notebooks and tests."""
-    from absl import flags
-    argv = expand_flagfiles(argv)
-    fv = flags.FlagValues()
-    define_settings(cls, fv)
-    fv(["tfcdisc", *argv])
-    return settings_from_flags(cls, fv)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from tfcdisc import cli
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 
 def main(f: settings.EnsembleSettings) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 from tfcdisc import cli, predict
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 
 def main(f: settings.EvaluateSettings) -> None:

@@ -14,7 +14,7 @@ import os
 import sys
 
 from tfcdisc import cli
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 
 def main(f: settings.InspectSettings) -> None:

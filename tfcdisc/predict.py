@@ -25,7 +25,7 @@ import json
 import sys
 
 from tfcdisc import cli
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 
 def main(f: settings.PredictSettings) -> None:

@@ -18,7 +18,8 @@ import os
 import sys
 
 from tfcdisc import cli
-from tfcdisc.learn import settings, targets as targets_lib
+from tfcdisc import settings
+from tfcdisc.learn import targets as targets_lib
 
 _HOURS = "{:,.2f}"
 

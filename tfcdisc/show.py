@@ -16,7 +16,7 @@ from __future__ import annotations
 
 
 from tfcdisc import cli
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 
 def main(f: settings.ShowSettings) -> None:

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, free_ports, last_json, run_training, train_config
 from tfcdisc import cli
 from tfcdisc.learn import distribute, runtime
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 
 # --------------------------------------------------------------------------- runtimes
@@ -204,7 +204,7 @@ def test_tpu_nodes_need_cloud_storage_and_batches_follow_replicas():
 
 
 def _parse_flagfile(path: pathlib.Path) -> settings.TrainConfig:
-    return cli.parse(settings.TrainConfig, [f"--flagfile={path}", "--data_dir=gs://b/d",
+    return settings.parse(settings.TrainConfig, [f"--flagfile={path}", "--data_dir=gs://b/d",
                                              "--model_dir=gs://b/r"])
 
 

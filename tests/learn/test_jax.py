@@ -15,13 +15,13 @@ import pytest
 from conftest import (REPO, free_ports, last_json, once_per_run, run_training,
                       serve_without_tfcdisc, slots, train_config)
 from tfcdisc import cli
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 _DEVICES = "--xla_force_host_platform_device_count=2"
 
 
 def _flagfile_config(path, dataset, model_dir):
-    cfg = cli.parse(settings.TrainConfig, [f"--flagfile={path}", f"--data_dir={dataset.data_dir}",
+    cfg = settings.parse(settings.TrainConfig, [f"--flagfile={path}", f"--data_dir={dataset.data_dir}",
                                             f"--model_dir={model_dir}"])
     size = 71 if cfg.backbone == "xception" else 32  # small, as XLA sees it on a TPU
     return settings.TrainConfig(**{**cfg.__dict__, "image_size": size, "decode_size": 48,

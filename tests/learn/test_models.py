@@ -9,7 +9,7 @@ from tfcdisc.learn import models
 
 
 def test_every_backbone_is_a_train_flag_choice_and_a_keras_application():
-    from tfcdisc.learn import settings
+    from tfcdisc import settings
     assert tuple(models.BACKBONES) == settings.BACKBONE_NAMES
     assert all(spec.make is None or callable(spec.make) for spec in models.BACKBONES.values())
 
@@ -202,7 +202,8 @@ def test_the_view_compiles_with_xla():
 
 
 def test_adamw_decays_no_bias_and_no_normalisation_weight():
-    from tfcdisc.learn import settings, training
+    from tfcdisc import settings
+    from tfcdisc.learn import training
     model = models.build_image_model("small_cnn", 3, image_size=32)
     cfg = settings.TrainConfig(data_dir="d", model_dir="m", optimizer="adamw",
                                learning_rate=256.0, warmup_epochs=0, weight_decay=0.5)

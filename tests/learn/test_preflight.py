@@ -92,7 +92,7 @@ def test_the_eval_batch_fit_searches_with_compiles(start, largest, expected, mon
     1.2 / 3.9 x 0.9, to a multiple of 8: 272), checked by a compile; with
     ``largest`` (--fit_eval_batch), the largest multiple of 8 that fits, from either side."""
     from tfcdisc.learn import preflight
-    from tfcdisc.learn.settings import TrainConfig
+    from tfcdisc.settings import TrainConfig
     pre = preflight.Preflight(TrainConfig(data_dir="-", model_dir="-"))
     compiled = []
 

@@ -28,7 +28,8 @@ import socket
 import threading
 import time
 
-DEFAULT_LEASE_MINUTES = 5.0
+from tfcdisc.settings.fields import DEFAULT_LEASE_MINUTES
+
 _HELD: dict[str, int] = {}  # lock paths this process holds, with their nesting depth
 
 

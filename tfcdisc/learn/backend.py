@@ -18,7 +18,7 @@ import sys
 from typing import Mapping
 
 from tfcdisc.learn import runtime
-from tfcdisc.learn.settings import BACKENDS
+from tfcdisc.settings import BACKENDS
 
 
 def choose(name: str, where: runtime.Runtime, have_jax: bool) -> str:

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from tfcdisc.learn import runtime
-from tfcdisc.learn.settings import PRECISIONS, STRATEGIES, TrainConfig
+from tfcdisc.settings import PRECISIONS, STRATEGIES, TrainConfig
 
 
 def connect_tpu(tpu: str | None) -> tf.distribute.cluster_resolver.TPUClusterResolver:

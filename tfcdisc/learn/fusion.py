@@ -24,7 +24,8 @@ import tensorflow as tf
 from keras import layers, ops
 
 from tfcdisc.catalogue import atomic, folder_lock
-from tfcdisc.learn import input_pipeline, models, product_eval, rundir, settings
+from tfcdisc import settings
+from tfcdisc.learn import input_pipeline, models, product_eval, rundir
 
 EMBEDDING = "embedding"
 CACHE_KEY = "made_from.json"  # beside the cached embeddings: which run and data made them

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from tfcdisc.learn import settings
+from tfcdisc import settings
 
 _APPS = keras.applications
 SLOT_SCORE = "slot_score"  # an image's say in its product (`product_model`)

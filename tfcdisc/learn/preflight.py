@@ -36,7 +36,7 @@ import time
 from typing import Callable, Sequence
 
 from tfcdisc.learn import targets as targets_lib
-from tfcdisc.learn.settings import TrainConfig
+from tfcdisc.settings import TrainConfig
 
 STEPS = ("train", "validation", "predict")
 # The real catalogue's taxonomy: what a run on the real data builds.
@@ -238,7 +238,7 @@ class Preflight:
     step has its own precision policy, and a fitting search compiles several batches)."""
 
     def __init__(self, cfg: TrainConfig, info: dict | None = None, tta: str = "none"):
-        from tfcdisc.learn import settings
+        from tfcdisc import settings
         settings.check(cfg)
         # Shapes only: ImageNet weights would be a download for nothing.
         self.cfg = dataclasses.replace(cfg, weights="none")

@@ -27,8 +27,9 @@ import keras
 import tensorflow as tf
 
 from tfcdisc.catalogue import atomic
-from tfcdisc.learn import models, settings
-from tfcdisc.learn.settings import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
+from tfcdisc import settings
+from tfcdisc.learn import models
+from tfcdisc.settings import MODEL_FIELDS, OPERATIONAL_FIELDS, TrainConfig
 
 LOCK_FILE = ".tfcdisc-writer.lock"  # `folder_lock`: one writer per model dir
 RUN_FILES = ("config.json", "flags.txt", "history.csv", "checkpoints", "backup", "logs",

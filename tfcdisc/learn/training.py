@@ -36,8 +36,8 @@ import tensorflow as tf
 from tfcdisc.catalogue import atomic, folder_lock
 from tfcdisc.learn import distribute, input_pipeline, models, product_eval, rundir, runtime
 from tfcdisc.learn import backend as backend_lib
-from tfcdisc.learn import settings
-from tfcdisc.learn.settings import TrainConfig
+from tfcdisc import settings
+from tfcdisc.settings import TrainConfig
 
 __all__ = ["TrainConfig", "TrainResult", "train", "image_model", "build_and_compile",
            "dataset_info", "EpochTimeEstimate", "eval_batch_size", "jit_compile_for"]

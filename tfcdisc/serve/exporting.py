@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
-from tfcdisc.learn import duplicates, input_pipeline, models, product_eval, rundir, settings
+from tfcdisc import settings
+from tfcdisc.learn import duplicates, input_pipeline, models, product_eval, rundir
 from tfcdisc.serve import export_format
 
 

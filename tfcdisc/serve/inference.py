@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfcdisc.catalogue import atomic, paths, problems, screen
-from tfcdisc.learn import distribute, input_pipeline, product_eval, settings
+from tfcdisc import settings
+from tfcdisc.learn import distribute, input_pipeline, product_eval
 from tfcdisc.serve import export_format
 
 
@@ -245,7 +246,7 @@ def open_export(saved_model: str | export_format.Export, strategy: str | tf.dist
     """The export opened under the strategy (a name from `settings.INFERENCE_STRATEGIES`,
     or a strategy); an already opened export is reused as it is."""
     if isinstance(strategy, str):
-        from tfcdisc.learn.settings import INFERENCE_STRATEGIES
+        from tfcdisc.settings import INFERENCE_STRATEGIES
         if strategy not in INFERENCE_STRATEGIES:
             raise ValueError(f"--strategy={strategy}: choose from "
                              f"{', '.join(INFERENCE_STRATEGIES)}")

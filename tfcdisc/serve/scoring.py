@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tfcdisc.catalogue import labels as labels_lib
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
-from tfcdisc.learn import settings
+from tfcdisc import settings
 from tfcdisc.serve import inference
 
 _TOP = 20

@@ -1,19 +1,20 @@
-"""Every command's settings: one dataclass per command, which is also its flags.
-
-Each field carries its help text (and choices or bounds) in its metadata, so a command's
-flags, their defaults and its dataclass cannot drift apart (`cli.define_settings` makes
-the flags, `cli.parse` reads them without the process's global flags). One default per
-setting: library functions whose argument is a setting take their default from here. In
-`TrainConfig`, fields marked ``model=True`` define the network: a resumed or exported run
-must use the same values.
-
-This module imports no TensorFlow: ``--help`` answers at once.
-"""
+"""Every command's settings: one dataclass per command, which is also its flags
+(`fields.setting`). In `TrainConfig`, fields marked ``model=True`` define the network: a
+resumed or exported run must use the same values."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+
+from tfcdisc.settings.fields import lease_setting, setting
+
+__all__ = ["BACKBONE_NAMES", "STRATEGIES", "INFERENCE_STRATEGIES", "BACKENDS",
+           "BACKEND_HELP", "DATASET_CONFIG_HELP", "PRECISIONS", "TRAIN_ON", "TTA_MODES",
+           "TrainConfig", "MODEL_FIELDS", "OPERATIONAL_FIELDS", "CHECKPOINTS",
+           "ERROR_MODES", "InferenceSettings", "PredictSettings", "EvaluateSettings",
+           "ExportSettings", "EnsembleSettings", "check_ensemble_members", "FusionSettings",
+           "ShowSettings", "InspectSettings", "BuildSettings", "SynthSettings",
+           "PreflightSettings"]
 
 BACKBONE_NAMES = (
     "xception", *(f"efficientnet_b{i}" for i in range(8)),
@@ -31,71 +32,6 @@ DATASET_CONFIG_HELP = ("Which build of the dataset in --data_dir: the name given
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 TRAIN_ON = ("images", "products")  # what a training example is (`training`)
 TTA_MODES = ("none", "flip")  # test-time views an export averages (`models.with_tta`)
-
-
-def setting(default: Any, help: str, *, choices: tuple | None = None,
-            lower_bound: float | None = None, upper_bound: float | None = None,
-            below: float | None = None, required: bool = False,
-            model: bool = False, repeated: bool = False, role: str | None = None,
-            path: bool = False) -> Any:
-    """A dataclass field that also describes its flag (``repeated``: the flag may be
-    given several times, a list). A float must be finite (``nan`` passes a lower bound),
-    at most ``upper_bound`` and less than ``below``: past them a value means nothing
-    (a label smoothing of 5 trained a diverging run to the end). ``role``: "input",
-    "output" or "replaced" (an output folder replaced whole), a path the command reads or
-    writes (`paths.check_apart` keeps them apart). A setting with a role, or ``path``, is
-    a path: ``~`` and ``$VARIABLES`` in it are expanded (`expand_path`)."""
-    return dataclasses.field(default=default, metadata=dict(
-        help=help, choices=choices, lower_bound=lower_bound, upper_bound=upper_bound,
-        below=below, required=required, model=model, repeated=repeated, role=role,
-        path=path or role is not None))
-
-
-def expand_path(value: Any) -> Any:
-    """``~`` and ``$VARIABLES`` expanded as a shell would have: after ``--flag=`` no shell
-    expands them (``--data_dir=~/tensorflow_datasets`` named a folder called ``~``).
-    Cloud paths (``gs://``) and non-strings pass unchanged; lists element by element."""
-    import os
-    if isinstance(value, (list, tuple)):
-        return type(value)(expand_path(v) for v in value)
-    if not isinstance(value, str) or "://" in value:
-        return value
-    return os.path.expandvars(os.path.expanduser(value))
-
-
-def lease_setting() -> Any:
-    """``--lock_lease_minutes`` of every command that holds a folder's lock."""
-    from tfcdisc.catalogue.folder_lock import DEFAULT_LEASE_MINUTES
-    return setting(DEFAULT_LEASE_MINUTES, "Minutes after which a lock of another host whose "
-                   "holder stopped refreshing it (a recycled VM, a preempted TPU) is taken "
-                   "over; its holder refreshes it every quarter of this.", lower_bound=0.1)
-
-
-def paths_by_role(settings: Any, *roles: str) -> dict[str, str]:
-    """``{"--flag": path}`` of the settings' paths of the given roles (`setting`)."""
-    out = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if f.metadata.get("role") in roles and value:
-            for i, path in enumerate(value if isinstance(value, list) else [value]):
-                out[f"--{f.name}" + (f"[{i}]" if isinstance(value, list) else "")] = path
-    return out
-
-
-def bound_problem(name: str, value: Any, metadata: dict) -> str | None:
-    """Why ``value`` is out of a setting's bounds (one line naming the flag), or None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if value != value or value in (float("inf"), float("-inf")):
-        return f"--{name}={value}: must be a finite number"
-    low, high, below = (metadata.get(k) for k in ("lower_bound", "upper_bound", "below"))
-    if low is not None and value < low:
-        return f"--{name}={value}: must be at least {low}"
-    if high is not None and value > high:
-        return f"--{name}={value}: must be at most {high}"
-    if below is not None and value >= below:
-        return f"--{name}={value}: must be less than {below}"
-    return None
 
 
 @dataclasses.dataclass
@@ -228,27 +164,6 @@ OPERATIONAL_FIELDS = ("model_dir", "data_dir", "backend", "strategy", "tpu", "da
                       "jit_compile", "log_every_steps", "verbose", "deterministic",
                       "shuffle_buffer", "overwrite", "lock_lease_minutes",
                       "multihost_timeout")
-
-
-def check(settings: Any) -> None:
-    """Refuses values the flags would refuse, for callers that build a config in Python."""
-    for f in dataclasses.fields(settings):
-        value, m = getattr(settings, f.name), f.metadata
-        if m.get("required") and not value:
-            raise ValueError(f"--{f.name} is required")
-        if value is None:
-            continue
-        if m.get("choices") and value not in m["choices"]:
-            raise ValueError(f"--{f.name}={value}: choose from {', '.join(m['choices'])}")
-        problem = bound_problem(f.name, value, m)
-        if problem:
-            raise ValueError(problem)
-
-
-def differences(saved: dict, settings: Any, fields: Sequence[str]) -> list[str]:
-    """``--name=value (the run has other)`` for each of ``fields`` that differs."""
-    return [f"--{k}={getattr(settings, k)} (the run has {saved.get(k)})" for k in fields
-            if k in saved and saved[k] != getattr(settings, k)]
 
 
 # --------------------------------------------------------------------------- other commands
