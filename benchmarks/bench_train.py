@@ -143,8 +143,9 @@ def _stage_step(data_dir: str, backbone: str, image_size: int, batch: int, feed:
     import keras
     import tensorflow as tf
     from tfcdisc.learn import input_pipeline as ip, training
+    from tfcdisc.prepare import metadata
     builder = ip.load_builder(data_dir)
-    info = training.dataset_info(builder)
+    info = metadata.read(builder, data_dir).model_info()
     cfg = training.TrainConfig(data_dir=data_dir, model_dir="", backbone=backbone,
                                image_size=image_size, global_batch_size=batch,
                                optimizer="adamw", learning_rate=1e-3, bn_momentum=0.9)

@@ -125,3 +125,13 @@ def test_no_tracked_source_file_is_ignored_by_git():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=root,
                              input="\n".join(probes), capture_output=True, text=True).stdout
     assert not ignored.split(), f"ignored by .gitignore: {ignored.split()[:5]}"
+
+
+def test_only_the_metadata_module_reads_the_datasets_metadata():
+    """Five readers once kept their own keys and defaults (one raised a bare KeyError):
+    `prepare.metadata` writes and reads it, everything else asks it."""
+    owner = PACKAGE / "prepare" / "metadata.py"
+    sources = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tfds_builder").rglob("*.py")]
+    readers = [str(p.relative_to(PACKAGE.parent)) for p in sources
+               if p != owner and "info.metadata" in p.read_text()]
+    assert not readers, f"info.metadata read outside tfcdisc/prepare/metadata.py: {readers}"

@@ -21,6 +21,7 @@ from conftest import (REPO, build_dataset, doc, jpeg_bytes, last_json, run_train
 from tfcdisc.catalogue import bsonfile, index as index_lib
 from tfcdisc.learn import training
 from tfcdisc.learn import rundir
+from tfcdisc.prepare import metadata
 from tfcdisc.serve import exporting, inference
 
 
@@ -127,7 +128,7 @@ def test_garbled_images_in_a_built_dataset_are_masked_and_counted(tmp_path, monk
     garbled_in = {split: sum(j in bad for ex in read_split(builder, split).values()
                              for j in ex["images"]) for split in ("train", "validation")}
     assert sum(garbled_in.values()) == 4  # all kept by the headers-only build
-    images = builder.info.metadata["build_stats"]["splits"]["train"]["images"]
+    images = metadata.read(builder).images["train"]
     cfg = train_config(builder, tmp_path / "run", global_batch_size=8,
                        steps_per_epoch=math.ceil(images / 8), shuffle_buffer=1024)
     result = training.train(cfg)  # each image drawn once before any twice
@@ -306,7 +307,7 @@ def test_the_build_skips_unreadable_documents_when_configured(tmp_path):
     builder = build_dataset(folder, tmp_path / "data", bad_documents="skip")
     splits = builder.info.splits
     assert splits["train"].num_examples + splits["validation"].num_examples == 11
-    lost = builder.info.metadata["build_stats"]["unreadable"][str(folder / "train.bson")]
+    lost = metadata.read(builder).build_stats["unreadable"][str(folder / "train.bson")]
     assert lost["skipped_bytes"] == int(index.lengths[3]) and lost["lost"][0][0] == at
 
 

@@ -108,12 +108,13 @@ def main(s: settings.PreflightSettings) -> None:
         # that holds this VM's TPU (the notebook's) or another preflight.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from tfcdisc.learn import input_pipeline, preflight, training
+    from tfcdisc.learn import input_pipeline, preflight
+    from tfcdisc.prepare import metadata
     problem = preflight.tpu_compiler_problem()
     if problem and any(t is not None for t in chosen):
         raise ValueError(problem)
-    info = training.dataset_info(input_pipeline.load_builder(s.data_dir, s.dataset_config)) \
-        if s.data_dir else None
+    info = metadata.read(input_pipeline.load_builder(s.data_dir, s.dataset_config),
+                         s.data_dir).model_info() if s.data_dir else None
     cfg = settings.TrainConfig(**{**{f: getattr(s, f) for f in
                                      settings.TrainConfig.__dataclass_fields__},
                                   "data_dir": s.data_dir or "-", "model_dir": "-"})

@@ -9,6 +9,7 @@ from conftest import build_dataset, doc, jpeg_bytes, serve_without_tfcdisc, writ
 from tfcdisc.learn import duplicates, training
 from tfcdisc.serve import inference, scoring
 from tfcdisc.serve import exporting
+from tfcdisc.prepare import metadata
 
 
 def test_the_table_keeps_each_image_top_category_and_its_share():
@@ -112,7 +113,7 @@ def test_an_export_with_duplicates_blends_where_images_recur(tmp_path):
     assert info["unique_images"] == 12 and info["weight"] > 0  # chosen: it helped
     # The submission's table knows the validation split's images too (its weight was
     # chosen with the train split's table, on validation).
-    stats = builder.info.metadata["build_stats"]["splits"]
+    stats = metadata.read(builder).build_stats["splits"]
     assert info["labelled_images"] == stats["train"]["images"] + stats["validation"]["images"]
     accuracy = info["validation_accuracy_by_weight"]
     assert accuracy[str(info["weight"])] > accuracy["0.0"]

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from conftest import jpeg_bytes, product_batches
 from tfcdisc.learn import input_pipeline as ip
+from tfcdisc.prepare import metadata
 
 
 def _ops(dataset) -> set:
@@ -43,7 +44,7 @@ def test_a_resumed_pipeline_does_not_replay_epoch_0(dataset):
 
 
 def test_one_training_example_per_image(dataset):
-    images = dataset.info.metadata["build_stats"]["splits"]["train"]["images"]
+    images = metadata.read(dataset).images["train"]
     options = ip.PipelineOptions(decode_size=32, shuffle_buffer=16)
     ds = ip.train_dataset(dataset, 1, options, repeat=False)
     assert sum(1 for _ in ds) == images
@@ -57,7 +58,7 @@ def test_whole_decode_groups_make_a_batch(batch, group):
 def test_batches_of_whole_groups_keep_every_image_with_its_labels(dataset):
     """A batch is made of whole decoded groups (no image-by-image rebatching): each image
     keeps its own labels and weight, and one pass yields every image but the remainder."""
-    images = dataset.info.metadata["build_stats"]["splits"]["train"]["images"]
+    images = metadata.read(dataset).images["train"]
     options = ip.PipelineOptions(decode_size=32, shuffle_buffer=16, seed=0, deterministic=True)
     grouped = list(ip.train_dataset(dataset, 48, options, repeat=False))  # groups of 24
     assert len(grouped) == images // 48

@@ -12,6 +12,7 @@ from tfcdisc.prepare import plan as build_plan, records
 from tfcdisc.catalogue import bsonfile
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 from tfcdisc.catalogue.bsonfile import BsonFormatError
+from tfcdisc.prepare import metadata
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +65,29 @@ def test_validation_is_stratified_and_not_a_slice(built):
 def test_metadata_carries_taxonomy_and_counts(built):
     folder, builder, _ = built
     reread = __import__("tensorflow_datasets").builder_from_directory(builder.data_dir)
-    meta = reread.info.metadata
-    tax = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
+    facts = metadata.read(reread)
+    tax = facts.taxonomy
     assert tax.to_dict() == taxonomy_lib.load(str(folder / "category_names.csv")).to_dict()
-    stats = meta["build_stats"]
+    stats = facts.build_stats
     assert stats["dropped_images"] == {} and stats["dropped_products"] == 0
-    assert stats["splits"]["test"]["products"] == 60
+    assert stats["splits"]["test"]["products"] == 60 == facts.products["test"]
+    assert facts.images["train"] == stats["splits"]["train"]["images"] > 0
+    assert facts.class_counts.sum() == stats["splits"]["train"]["products"]
+    assert facts.fallback_class == int(np.argmax(facts.class_counts))
     assert reread.info.features["label"].names == [str(c) for c in tax.category_ids]
+    info = facts.model_info()
+    assert (info["num_level1"], info["num_level2"]) == (
+        reread.info.features["label_level1"].num_classes,
+        reread.info.features["label_level2"].num_classes)
+
+
+def test_metadata_without_a_taxonomy_names_the_data_dir_and_the_rebuild():
+    class Old:  # a build by a version that recorded no taxonomy
+        data_dir = "/data/cdiscount/default/0.9.0"
+        info = type("Info", (), {"metadata": {"class_counts": [1, 2]}, "splits": {}})()
+    with pytest.raises(ValueError, match=r"^/data/cdiscount/default/0.9.0: the dataset's "
+                       r"metadata has no 'taxonomy'.*rebuild it \(python -m tfcdisc.build"):
+        metadata.read(Old())
 
 
 def test_validation_quota():
@@ -131,7 +148,7 @@ def test_bad_images_are_dropped_and_counted(tmp_path, monkeypatch, decode_images
     assert got[1]["images"] == [good] and got[4]["images"] == [cmyk, prog]
     test_split = read_split(builder, "test")
     assert test_split[10]["num_images"] == 0 and test_split[11]["images"] == [good, gray]
-    stats = builder.info.metadata["build_stats"]
+    stats = metadata.read(builder).build_stats
     dropped = {"not_jpeg": 3, "truncated": 1, "wrong_size": 1}
     if decode_images:  # headers intact, scan garbage: dropped, counted
         assert got[9]["images"] == [good] and test_split[12]["num_images"] == 0
@@ -193,8 +210,8 @@ def test_parallel_and_sequential_builds_write_the_same_shards(catalogue, tmp_pat
         # in a serialized tf.train.Example may differ between processes.
         a, b = (_records(pathlib.Path(b.data_dir) / name) for b in (one, two))
         assert a == b, name
-    assert json.dumps(one.info.metadata["build_stats"], sort_keys=True) == json.dumps(
-        two.info.metadata["build_stats"], sort_keys=True)
+    assert json.dumps(metadata.read(one).build_stats, sort_keys=True) == json.dumps(
+        metadata.read(two).build_stats, sort_keys=True)
 
 
 def _records(path):

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 
 from tfcdisc.catalogue import jpeg as jpeg_lib
 from tfcdisc.learn import duplicates
-from tfcdisc.prepare import records
+from tfcdisc.prepare import metadata, records
 from tfcdisc.prepare.records import LABEL_KEYS
 
 MAX_IMAGES = 4
@@ -258,11 +258,7 @@ def fingerprint(builder) -> dict:
     """What makes a built dataset the one a run learned: its taxonomy (as a digest) and
     split sizes. A data dir rebuilt from another catalogue with the same class count
     would otherwise give an export the new taxonomy's names, without a word."""
-    import hashlib
-    import json
-    taxonomy = (builder.info.metadata or {}).get("taxonomy")
-    digest = hashlib.sha256(json.dumps(taxonomy, sort_keys=True).encode()).hexdigest()
-    return {"taxonomy_sha256": digest[:16],
+    return {"taxonomy_sha256": metadata.taxonomy_sha256(builder),
             "classes": builder.info.features["label"].num_classes,
             "splits": {name: split.num_examples
                        for name, split in sorted(builder.info.splits.items())}}

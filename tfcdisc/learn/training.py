@@ -36,11 +36,12 @@ import tensorflow as tf
 from tfcdisc.catalogue import atomic, folder_lock
 from tfcdisc.learn import distribute, input_pipeline, models, product_eval, rundir, runtime
 from tfcdisc.learn import backend as backend_lib
+from tfcdisc.prepare import metadata
 from tfcdisc import settings
 from tfcdisc.settings import TrainConfig
 
 __all__ = ["TrainConfig", "TrainResult", "train", "image_model", "build_and_compile",
-           "dataset_info", "EpochTimeEstimate", "eval_batch_size", "jit_compile_for"]
+           "EpochTimeEstimate", "eval_batch_size", "jit_compile_for"]
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -339,21 +340,6 @@ def build_and_compile(cfg: TrainConfig, info: dict, total_steps: int, steps_per_
     return model
 
 
-def dataset_info(builder) -> dict:
-    """Class counts and image count of a built dataset, from its features and metadata."""
-    features = builder.info.features
-    meta = builder.info.metadata or {}
-    stats = meta.get("build_stats", {})
-    images = stats.get("splits", {}).get("train", {}).get("images")
-    counts = meta.get("class_counts") or []
-    return {"num_classes": features["label"].num_classes,
-            "num_level1": features["label_level1"].num_classes,
-            "num_level2": features["label_level2"].num_classes,
-            "train_images": images or builder.info.splits["train"].num_examples,
-            "fallback_class": int(max(range(len(counts)), key=counts.__getitem__))
-            if counts else 0}
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -497,7 +483,7 @@ def _set_up(cfg: TrainConfig) -> _Setup:
     if cfg.seed is not None:
         keras.utils.set_random_seed(cfg.seed)
     builder = input_pipeline.load_builder(cfg.data_dir, cfg.dataset_config)
-    info = dataset_info(builder)
+    info = metadata.read(builder, cfg.data_dir).model_info()
     _check_dataset(builder, cfg.data_dir)
     batch = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
                                          strategy.num_replicas_in_sync)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 from tfcdisc import settings
 from tfcdisc.learn import duplicates, input_pipeline, models, product_eval, rundir
+from tfcdisc.prepare import metadata
 from tfcdisc.serve import export_format
 
 
@@ -65,17 +66,11 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
     cfg = rundir.train_settings(model_dir)
     builder = input_pipeline.load_builder(cfg.data_dir, cfg.dataset_config)
     rundir.check_dataset(model_dir, cfg.data_dir, input_pipeline.fingerprint(builder))
-    meta = builder.info.metadata or {}
-    if "taxonomy" not in meta:
-        raise ValueError(f"{cfg.data_dir}: the dataset's metadata has no taxonomy; rebuild "
-                         "it with this version's tfds_builder/cdiscount")
-    taxonomy = taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"])
-    counts = np.asarray(meta.get("class_counts") or [], np.int64)
-    if counts.size != taxonomy.num_classes:
+    facts = metadata.read(builder, cfg.data_dir)
+    taxonomy = facts.taxonomy
+    if not facts.class_counts.size:
         logging.warning("no class counts in the dataset metadata: falling back to class 0 for "
                         "products without images")
-        counts = np.zeros(taxonomy.num_classes)
-    built_size = (meta.get("build_options") or {}).get("image_size")
     fusion_head = None
     if fusion_dir:
         from tfcdisc.learn import fusion
@@ -95,8 +90,8 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
         table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size,
                                 fusion=fusion_head)
     summary = export_format.write(export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
-                    fallback_class=int(np.argmax(counts)),
-                    max_image_pixels=int(np.prod(built_size)) if built_size else None,
+                    fallback_class=facts.fallback_class,
+                    max_image_pixels=int(np.prod(facts.image_size)) if facts.image_size else None,
                     duplicate_table=table, fusion_model=fusion_head, tta=tta)
     return {**summary, "checkpoint": checkpoint}
 
@@ -127,9 +122,8 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
     weight is chosen by the table that leaves validation out, and the submission's table
     then knows every labelled image and how often each was seen in each category."""
     builder = input_pipeline.load_builder(data_dir)
-    theirs = (builder.info.metadata or {}).get("taxonomy")
-    if theirs is None or not np.array_equal(
-            taxonomy_lib.Taxonomy.from_dict(theirs).category_ids, taxonomy.category_ids):
+    if not np.array_equal(metadata.read(builder, data_dir).taxonomy.category_ids,
+                          taxonomy.category_ids):
         raise ValueError(f"--duplicates_from={data_dir}: not built with the run's taxonomy")
     # Each split read once (the train split is most of the catalogue's bytes): the table
     # that chooses the weight and the submission's are made from the same sightings.

@@ -16,6 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from tfcdisc.learn import input_pipeline
+from tfcdisc.prepare import metadata
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 
 _CELL = 180  # pixels of one image in the picture
@@ -84,7 +85,7 @@ def split_samples(data_dir: str, split: str = "train", n: int = 16, seed: int = 
                   dataset_config: str | None = None) -> list[dict]:
     """``n`` products drawn at random from a built split, titled with their categories."""
     builder = input_pipeline.load_builder(data_dir, dataset_config)
-    taxonomy = taxonomy_lib.Taxonomy.from_dict(builder.info.metadata["taxonomy"])
+    taxonomy = metadata.read(builder, data_dir).taxonomy
     ds = input_pipeline.split_products(builder, split, category_ids=True).shuffle(
         4096, seed=seed).take(n)
     return [{"images": [bytes(j) for j in p["images"]],

@@ -31,6 +31,7 @@ import tensorflow as tf
 from tfcdisc.catalogue import atomic, paths, problems, screen
 from tfcdisc import settings
 from tfcdisc.learn import distribute, input_pipeline, product_eval
+from tfcdisc.prepare import metadata
 from tfcdisc.serve import export_format
 
 
@@ -158,8 +159,7 @@ def open_products(*, bson: str | None, data_dir: str | None, split: str,
     def products():
         return input_pipeline.split_products(builder, split, category_ids=True)
 
-    stats.images = int((builder.info.metadata or {}).get("build_stats", {}).get(
-        "splits", {}).get(split, {}).get("images", 0))
+    stats.images = metadata.read(builder, data_dir).images.get(split, 0)
     return products, total
 
 

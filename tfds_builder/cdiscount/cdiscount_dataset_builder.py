@@ -25,7 +25,7 @@ from tensorflow_datasets.core import splits as splits_lib
 
 from tfcdisc import cli
 from tfcdisc.catalogue import beam_index, folder_lock
-from tfcdisc.prepare import plan as build_plan, records, shards
+from tfcdisc.prepare import metadata, plan as build_plan, records, shards
 
 _HOMEPAGE = "https://www.kaggle.com/c/cdiscount-image-classification-challenge"
 
@@ -176,9 +176,7 @@ class Builder(tfds.core.ShardBasedBuilder):
                                          download_config)
             plan = build_plan.plan(kaggle, work_dir, options, indexes)
             records.set_label_names(self.info.features, plan.taxonomy)
-            self.info.metadata["taxonomy"] = plan.taxonomy.to_dict()
-            self.info.metadata["class_counts"] = plan.class_counts.tolist()  # train split
-            self.info.metadata["build_options"] = options.metadata()
+            metadata.record_plan(self.info, plan.taxonomy, plan.class_counts, options.metadata())
             self._build_plan = plan
         return self._build_plan
 
@@ -205,7 +203,7 @@ class Builder(tfds.core.ShardBasedBuilder):
         else:
             self._write_locally(plan.specs)
         stats = shards.collect_stats(plan.specs, plan.unreadable)
-        self.info.metadata["build_stats"] = stats
+        metadata.record_stats(self.info, stats)
         logging.info("cdiscount build: %s", {k: v for k, v in stats.items() if k != "examples"})
         if stats["dropped_images"] or stats["dropped_products"]:
             logging.warning("cdiscount build dropped images %s and %d products; first: %s",
