@@ -90,11 +90,11 @@ def _stage_predict(saved_model: str, bson: str, warmup: str, variant: str) -> di
 def _stage_forward(saved_model: str, bson: str, n: int) -> dict:
     """The same product step as predict, on batches decoded beforehand and held in memory."""
     from tfcdisc.serve import export_format, inference
-    from tfcdisc.learn import input_pipeline, product_eval
+    from tfcdisc.learn import input_pipeline, product_predictor
     export = export_format.load(saved_model)
     products = inference.bson_products(bson, inference.PredictStats()).take(n)
     batches = list(input_pipeline.batch_products(products, 256, export.image_size, n))
-    step = product_eval.ProductPredictor(export.image_model, export.top_k).step
+    step = product_predictor.ProductPredictor(export.image_model, export.top_k).step
     step(batches[0])  # warm-up
     with common.Timer() as t:
         for batch in batches:
@@ -266,7 +266,7 @@ def run() -> None:
 `python -m benchmarks.run predict` on {common.machine()}, CPU only (`--strategy=default`),
 every contender in its own process, one after the other in this run. Synthetic test.bson
 of 20,000 products (1.75 images each); EfficientNetV2-B0 on its first 2,000. Forward pass:
-the export's image model in predict's own product step (`product_eval.ProductPredictor`,
+the export's image model in predict's own product step (`product_predictor.ProductPredictor`,
 padded slots skipped off-TPU) on batches decoded beforehand and held in memory, 256
 products each, after its first call.
 

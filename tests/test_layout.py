@@ -4,6 +4,7 @@ Read from the source (ast), so nothing is imported."""
 
 import ast
 import pathlib
+import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tfcdisc"
 WINGS = ("settings", "catalogue", "prepare", "learn", "serve")  # floors, ground first
@@ -135,3 +136,18 @@ def test_only_the_metadata_module_reads_the_datasets_metadata():
     readers = [str(p.relative_to(PACKAGE.parent)) for p in sources
                if p != owner and "info.metadata" in p.read_text()]
     assert not readers, f"info.metadata read outside tfcdisc/prepare/metadata.py: {readers}"
+
+
+def test_commands_are_peers_and_wings_run_no_command():
+    """evaluate once imported predict (for a path check) and the export library ran
+    ``python -m tfcdisc.export`` and parsed its stdout: a command imports only cli and
+    the floors below it, and no wing module starts a command."""
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        if _wing(name) is None and name not in ("tfcdisc", "tfcdisc.cli"):
+            wrong += [f"{name} imports {i}" for i in _imports(path, modules)
+                      if i.startswith("tfcdisc.") and _wing(i) is None and i != "tfcdisc.cli"]
+        elif _wing(name) is not None and re.search(r'"-m",\s*f?"tfcdisc\.', path.read_text()):
+            wrong.append(f"{name} runs a tfcdisc command in a subprocess")
+    assert not wrong, "\n".join(wrong)

@@ -101,7 +101,6 @@ def test_a_flagfile_names_another_beside_it_from_any_folder(tmp_path, monkeypatc
     """experiments/*_ft224.cfg name their recipe's flagfile by its bare name: found beside
     them, whatever the working folder (a notebook runs from experiments/); later flags
     override earlier ones, as in absl."""
-    from tfcdisc import cli
     from tfcdisc import settings
     monkeypatch.chdir(tmp_path)
     cfg = settings.parse(settings.TrainConfig, [f"--flagfile={REPO}/experiments/xception_tpu_ft224.cfg",

@@ -530,7 +530,6 @@ def test_inputs_that_used_to_be_wrong_without_an_error_are_named(tmp_path):
     BSON: each was silently ignored or misreported."""
     import gzip
     import zipfile
-    from tfcdisc import cli
     from tfcdisc import settings
     flagfile = tmp_path / "run.cfg"
     flagfile.write_text("# comment\n--epochs=2\n\nimage_size=48\n")

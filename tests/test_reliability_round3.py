@@ -37,7 +37,6 @@ def _one_line(done, *words):
 def test_meaningless_float_flags_are_refused(flag):
     from absl import flags
     with pytest.raises(flags.IllegalFlagValueError, match=flag.split("=")[0][2:]):
-        from tfcdisc import cli
         settings.parse(settings.TrainConfig, ["--data_dir=d", "--model_dir=m", flag])
     name, value = flag[2:].split("=")
     config = settings.TrainConfig(data_dir="d", model_dir="m")

@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-from tfcdisc import cli
 from tfcdisc import settings
 from tfcdisc.learn import input_pipeline
 
@@ -212,22 +211,18 @@ def test_show_marks_predictions_right_or_wrong_with_their_top_3_and_finds_the_wo
     base = dict(output=str(tmp_path / "p.png"), saved_model=str(export),
                 bson=str(folder / "test.bson"), labels=str(folder / "test_labels.csv"),
                 num_products=6, columns=2)
-    from tfcdisc.serve import gallery, inference, scoring
+    from tfcdisc.serve import gallery, inference
     from tfcdisc.catalogue import labels as labels_lib
-    stats = inference.PredictStats()
-    products, _ = inference.open_products(bson=base["bson"], data_dir=None, split="test",
-                                          stats=stats)
-    products = scoring.with_labels(products, labels_lib.read(base["labels"]))
-    opened, strategy = inference.open_export(str(export), "default")
-    samples = gallery.prediction_samples(opened, products().as_numpy_iterator(), strategy, 6)
+    scoring = inference.open_scoring(str(export), strategy="default", bson=base["bson"],
+                                     label_map=labels_lib.read(base["labels"]))
+    samples = gallery.prediction_samples(scoring, 6)
     assert len(samples) == 6 and all(s["right"] in (True, False) for s in samples)
     for s in samples:
         lines = s["title"].splitlines()
         assert [line[:3] for line in lines[1:4]] == ["1. ", "2. ", "3. "]
         assert all(line.endswith("%") for line in lines[1:4])
         assert ("true: " in s["title"]) == (s["right"] is False)
-    worst = gallery.prediction_samples(opened, products().as_numpy_iterator(), strategy, 4,
-                                       scan=60)
+    worst = gallery.prediction_samples(scoring, 4, scan=60)
     assert worst and all(s["right"] is False for s in worst)
     confidence = [float(s["title"].splitlines()[1].rsplit(" ", 1)[1].rstrip("%").lstrip("<"))
                   for s in worst]

@@ -12,13 +12,14 @@ its ``product_accuracy`` is exactly the submission's score against the labels.
 from __future__ import annotations
 
 
-from tfcdisc import cli, predict
+from tfcdisc import cli
 from tfcdisc import settings
 
 
 def main(f: settings.EvaluateSettings) -> None:
     # Before TensorFlow starts: a wrong path is refused at once.
-    predict.check_paths(f, {"--output": f.output, "--plot": f.plot})
+    from tfcdisc.serve import export_layout
+    export_layout.check_paths(f, {"--output": f.output, "--plot": f.plot})
     from tfcdisc.catalogue import labels
     label_map = labels.read(f.labels) if f.labels else None
     from tfcdisc.catalogue import atomic

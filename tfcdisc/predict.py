@@ -29,7 +29,8 @@ from tfcdisc import settings
 
 
 def main(f: settings.PredictSettings) -> None:
-    check_paths(f)  # before TensorFlow starts: a wrong path is refused at once
+    from tfcdisc.serve import export_layout
+    export_layout.check_paths(f)  # before TensorFlow starts: a wrong path is refused at once
     from tfcdisc.serve import inference
     if f.beam_pipeline_options:
         stats = _predict_on_beam(f)
@@ -44,18 +45,6 @@ def main(f: settings.PredictSettings) -> None:
         print(f"predict: {stats.bad_documents} unreadable document(s) and "
               f"{stats.skipped_bytes} skipped byte(s) have no row in {f.output} "
               "(--allow_missing); see \"lost\" above", file=sys.stderr)
-
-
-def check_paths(f: settings.InferenceSettings, outputs: dict | None = None) -> None:
-    """What predict and evaluate can refuse before TensorFlow is imported."""
-    from tfcdisc.catalogue import paths
-    from tfcdisc.serve import export_layout
-    for flag, path in (outputs or {"--output": getattr(f, "output", None)}).items():
-        if path:
-            paths.check_output(path, flag)
-    if f.bson:
-        paths.check_input_file(f.bson)
-    export_layout.check(f.saved_model)
 
 
 def _predict_on_beam(f: settings.PredictSettings):

@@ -42,7 +42,7 @@ def _targets(names: list[str] | None) -> list:
 def _per_chip(cfg: settings.TrainConfig, chips: int) -> tuple[int, int]:
     """(images per chip per training step, products per chip per validation batch), by
     `training`'s own rules (a global eval batch is rounded up to a multiple of the chips,
-    as `product_eval.distribute_products` does)."""
+    as `product_predictor.distribute_products` does)."""
     from tfcdisc.learn import distribute, training
     train = distribute.global_batch_size(cfg.global_batch_size, cfg.per_replica_batch_size,
                                          chips) // chips

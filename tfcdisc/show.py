@@ -28,24 +28,20 @@ def main(f: settings.ShowSettings) -> None:
         raise ValueError("--worst and --labels judge an export's predictions: give "
                          "--saved_model")
     if f.saved_model:
-        stats = inference.PredictStats()
-        products, _ = inference.open_products(
-            bson=f.bson, data_dir=f.data_dir, split=f.split, stats=stats,
-            max_pixels=inference.max_image_pixels(f.saved_model),
-            dataset_config=f.dataset_config)
-        if f.labels:
-            from tfcdisc.catalogue import labels as labels_lib
-            from tfcdisc.serve import scoring
-            products = scoring.with_labels(products, labels_lib.read(f.labels))
-        export, strategy = inference.open_export(f.saved_model, "default")
-        samples = gallery.prediction_samples(export, products().as_numpy_iterator(),
-                                             strategy, f.num_products,
+        if not (f.bson or f.data_dir):
+            raise ValueError("--saved_model shows the predictions of --bson or --data_dir: "
+                             "give one")
+        from tfcdisc.catalogue import labels as labels_lib
+        scoring = inference.open_scoring(
+            f.saved_model, strategy="default", bson=f.bson, data_dir=f.data_dir,
+            split=f.split, dataset_config=f.dataset_config,
+            label_map=labels_lib.read(f.labels) if f.labels else None)
+        samples = gallery.prediction_samples(scoring, f.num_products,
                                              scan=f.scan if f.worst else None)
         if f.worst and not samples:  # still a picture: the first products, all right
             print(f"show: no mistake among the first {f.scan} products with known "
                   "categories; drawing the first ones instead")
-            samples = gallery.prediction_samples(export, products().as_numpy_iterator(),
-                                                 strategy, f.num_products)
+            samples = gallery.prediction_samples(scoring, f.num_products)
     elif f.data_dir:
         samples = gallery.split_samples(f.data_dir, f.split, f.num_products, f.seed,
                                         f.dataset_config)

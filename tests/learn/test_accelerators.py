@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from conftest import REPO, free_ports, last_json, run_training, train_config
-from tfcdisc import cli
 from tfcdisc.learn import distribute, runtime
 from tfcdisc import settings
 
@@ -240,7 +239,7 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
     flagfile's own backbone."""
     import keras
     import tensorflow as tf
-    from tfcdisc.learn import input_pipeline, product_eval, training
+    from tfcdisc.learn import input_pipeline, product_predictor, training
     cfg = _parse_flagfile(path)
     size = {"xception": 71}.get(cfg.backbone, 32)
     backbone = {"efficientnetv2": "efficientnetv2_b0", "convnext": "convnext_tiny"}.get(
@@ -257,7 +256,7 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
              (("label", 7), ("label_level1", 2), ("label_level2", 3)) if k in model.output}
         logs = model.train_on_batch(x, y, return_dict=True)
         assert np.isfinite(logs["loss"]), path.name
-        predictor = product_eval.ProductPredictor(model, 5, jit_compile=True)
+        predictor = product_predictor.ProductPredictor(model, 5, jit_compile=True)
         jpeg = tf.io.encode_jpeg(tf.constant(x[0])).numpy()
         images = tf.constant([[jpeg, jpeg, b"", b""], [jpeg, b"", b"", b""]])
         batch = {"images": input_pipeline.decode_products(images, size),

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from conftest import read_split, serve_without_tfcdisc, slots
 from tfcdisc.catalogue import bsonfile
-from tfcdisc.learn import fusion, input_pipeline, models, product_eval
+from tfcdisc.learn import fusion, input_pipeline, product_predictor
 from tfcdisc.serve import inference, export_format
 from tfcdisc.serve import exporting
 
@@ -32,7 +32,7 @@ def test_a_fusion_head_trains_exports_and_predicts(exported, dataset, catalogue,
     assert flip["tta"] == "flip" and flip["fusion"]
     tta = export_format.load(str(out))
     pixels = np.random.default_rng(0).integers(0, 255, (2, 4, 32, 32, 3), dtype="uint8")
-    outputs = models.image_outputs(tta.image_model, pixels)
+    outputs = product_predictor.image_outputs(tta.image_model, pixels)
     mask = np.ones((2, 4), "float32")
     served = tf.saved_model.load(str(out)).signatures["predict_decoded"](
         images=tf.constant(pixels), mask=tf.constant(mask))["category_id"].numpy()
@@ -84,13 +84,13 @@ def test_a_fusion_head_trains_exports_and_predicts(exported, dataset, catalogue,
     # shapes, every slot through the model) it gives the same answers.
     batch = next(iter(input_pipeline.batch_products(
         inference.bson_products(test, inference.PredictStats()), 16, export.image_size, 60)))
-    eager = product_eval.ProductPredictor(export.image_model, 5, fusion=export.fusion_model)
-    xla = product_eval.ProductPredictor(export.image_model, 5, fusion=export.fusion_model,
+    eager = product_predictor.ProductPredictor(export.image_model, 5, fusion=export.fusion_model)
+    xla = product_predictor.ProductPredictor(export.image_model, 5, fusion=export.fusion_model,
                                         jit_compile=True)
     ds = tf.data.Dataset.from_tensors(batch)
     a, b = (p(ds)["top_k_classes"][:, 0] for p in (eager, xla))
     np.testing.assert_array_equal(a, b)
-    outputs = models.image_outputs(export.image_model, batch["images"])
+    outputs = product_predictor.image_outputs(export.image_model, batch["images"])
     logits = export.fusion_model({"embedding": outputs["embedding"], "mask": batch["mask"]})
     by_hand = np.argmax(logits["label"].numpy(), axis=-1)[batch["valid"].numpy() > 0]
     np.testing.assert_array_equal(a, by_hand)

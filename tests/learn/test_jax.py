@@ -14,7 +14,6 @@ import pytest
 
 from conftest import (REPO, free_ports, last_json, once_per_run, run_training,
                       serve_without_tfcdisc, slots, train_config)
-from tfcdisc import cli
 from tfcdisc import settings
 
 _DEVICES = "--xla_force_host_platform_device_count=2"
@@ -148,12 +147,12 @@ _JAX_SCORES = """
 import json, sys
 sys.path.insert(0, {repo!r})
 import numpy as np, tensorflow as tf
-from tfcdisc.learn import input_pipeline, product_eval, rundir
+from tfcdisc.learn import input_pipeline, product_predictor, rundir
 images = [[bytes.fromhex(b) for b in p] for p in json.loads(sys.stdin.read())]
 model = rundir.float32_model(sys.argv[1])
 batches = input_pipeline.batch_products(tf.data.Dataset.from_tensor_slices(
     {{"images": tf.constant(images)}}), 4, 32, len(images))
-out = product_eval.ProductPredictor(model, 5)(batches)
+out = product_predictor.ProductPredictor(model, 5)(batches)
 print(json.dumps({{k: out[k].tolist() for k in ("top_k_classes", "top_k_probabilities")}}))
 """
 

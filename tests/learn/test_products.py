@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import epoch_scalars, last_json, product_batches, run_training, train_config
-from tfcdisc.learn import input_pipeline, models, product_eval, training
+from tfcdisc.learn import input_pipeline, models, product_predictor, training
 
 
 def test_product_batches_hold_one_image_count_and_every_product_once(dataset):
@@ -81,7 +81,7 @@ def test_a_product_phase_learns_its_pooling_and_exports_through_the_same_rule(
     import tensorflow as tf
     served = tf.saved_model.load(str(tmp_path / "export")).signatures["predict_decoded"]
     names = dataset.info.features["label"].names
-    plain = product_eval.ProductPredictor(models.with_tta(image_model, "flip"))
+    plain = product_predictor.ProductPredictor(models.with_tta(image_model, "flip"))
     for batch in product_batches(dataset, "validation", 16, 32).take(2):
         ids = served(images=batch["images"], mask=batch["mask"])["category_id"].numpy()
         top = plain.step(batch)["top_k_classes"].numpy()[:, 0]

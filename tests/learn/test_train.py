@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (REPO, epoch_scalars, last_json, product_batches, run_training,
                       train_config)
-from tfcdisc.learn import distribute, product_eval, training
+from tfcdisc.learn import distribute, product_predictor, training
 
 
 # Longer runs than conftest's default: a larger batch, warm-up, decay, smoothing.
@@ -28,7 +28,7 @@ def _config(dataset, model_dir, **overrides):
 def _inference_accuracy(dataset, model, image_size):
     """Image accuracy on the training split, in inference mode (moving BN statistics)."""
     ds = product_batches(dataset, "train", 32, image_size)
-    return product_eval.accuracy_report(product_eval.ProductPredictor(model)(ds))
+    return product_predictor.accuracy_report(product_predictor.ProductPredictor(model)(ds))
 
 
 def test_short_run_evaluates_in_inference_mode_as_well_as_it_trains(dataset, tmp_path):

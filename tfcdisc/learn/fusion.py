@@ -25,7 +25,7 @@ from keras import layers, ops
 
 from tfcdisc.catalogue import atomic, folder_lock
 from tfcdisc import settings
-from tfcdisc.learn import input_pipeline, models, product_eval, rundir
+from tfcdisc.learn import input_pipeline, models, product_predictor, rundir
 
 EMBEDDING = "embedding"
 CACHE_KEY = "made_from.json"  # beside the cached embeddings: which run and data made them
@@ -92,16 +92,16 @@ def cache_features(image_model: keras.Model, builder, image_size: int, folder: s
     returns {split: products}. The embedding width is ``image_model``'s."""
     model = with_embedding(image_model)
     tf.io.gfile.makedirs(folder)
-    strategy = product_eval.default_strategy()
-    static = product_eval.static_shapes(strategy)
-    _, embed = product_eval.compile_step(lambda batch: {EMBEDDING: models.image_outputs(
+    strategy = product_predictor.default_strategy()
+    static = product_predictor.static_shapes(strategy)
+    _, embed = product_predictor.compile_step(lambda batch: {EMBEDDING: product_predictor.image_outputs(
         model, batch["images"], None if static else batch["mask"])[EMBEDDING]}, [model],
         strategy)
 
     counts = {}
     for split in splits:
         n = builder.info.splits[split].num_examples
-        batches = product_eval.distribute_products(
+        batches = product_predictor.distribute_products(
             strategy, lambda: input_pipeline.split_products(builder, split), batch_size,
             image_size, n)
         counts[split] = 0

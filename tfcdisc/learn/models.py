@@ -15,7 +15,7 @@ A product's images are combined by the masked mean of their log-probabilities
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable
 
 import keras
 import numpy as np
@@ -590,9 +590,9 @@ def copy_weights(source: keras.Model, target: keras.Model) -> None:
 
 
 # --------------------------------------------------------------------------- products
-# Written with keras.ops, so that one definition scores products under the JAX backend
-# (training's validation, predict and evaluate on a TPU) and the TensorFlow backend
-# (the same, and the SavedModel's graph).
+# A product's images pooled into one answer: the layers of a product phase's network, and
+# the pooling that the scoring rule (`product_predictor.product_scores`) applies to any
+# model's images. Written with keras.ops: one definition under JAX and TensorFlow.
 
 
 def slot_weights(mask, slot_scores=None):
@@ -655,7 +655,7 @@ def product_model(image_model: keras.Model) -> keras.Model:
     {images [P, N, H, W, 3] uint8, mask [P, N]} -> each head of ``image_model`` per
     product, as log-probabilities pooled over its images. ``image_model`` needs the
     ``slot_score`` output; it is what the export keeps (`image_model_of`), so a product
-    model is scored by the same rule as any other (`product_scores`)."""
+    model is scored by the same rule as any other (`product_predictor.product_scores`)."""
     images = keras.Input((None, None, None, 3), dtype="uint8", name="images")
     mask = keras.Input((None,), name="mask")
     per_image = image_model(ImageSlots(name="slots")(images))
@@ -671,120 +671,3 @@ def image_model_of(model: keras.Model) -> keras.Model:
     if model.name.endswith(PRODUCTS_SUFFIX):
         return model.get_layer(model.name[:-len(PRODUCTS_SUFFIX)])
     return model
-
-
-def image_outputs(image_model: keras.Model, images, mask=None) -> dict:
-    """[B, N, H, W, 3] uint8 -> every output of the model per image slot, [B, N, ...]
-    float32, in inference mode; ``label`` as log-probabilities.
-
-    With a ``mask`` (TensorFlow backend only), the model runs only on the real images
-    (padding is ~55% of the slots at 1.75 images a product) and padded slots get zeros.
-    That shape is dynamic: leave ``mask`` out where XLA compiles (a TPU, the JAX
-    backend).
-    """
-    batch, slots = images.shape[0] or ops.shape(images)[0], images.shape[1]
-    flat = ops.reshape(images, (-1, *images.shape[2:]))  # static image size for the view
-
-    def run(x):
-        out = {key: ops.cast(value, "float32")
-               for key, value in image_model(x, training=False).items()}
-        out["label"] = ops.log_softmax(out["label"], axis=-1)
-        return out
-
-    per_image = run(flat) if mask is None else _run_on_real_images(image_model, run, flat,
-                                                                    mask)
-    return {key: ops.reshape(value, (batch, slots, value.shape[-1]))
-            for key, value in per_image.items()}
-
-
-def _run_on_real_images(image_model, run, flat, mask):
-    """``run`` on the slots ``mask`` marks, zeros elsewhere (TensorFlow: dynamic shapes)."""
-    widths = {key: out.shape[-1] for key, out in image_model.output.items()}
-    where = tf.where(tf.reshape(mask > 0, [-1]))
-    scored = tf.cond(  # a batch of only padding: a replica's share of the filler
-        tf.size(where) > 0, lambda: run(tf.gather_nd(flat, where)),
-        lambda: {key: tf.zeros([0, width]) for key, width in widths.items()})
-    rows = tf.shape(flat, out_type=tf.int64)[0]
-    return {key: tf.scatter_nd(where, value, tf.stack(
-        [rows, tf.constant(widths[key], tf.int64)])) for key, value in scored.items()}
-
-
-def fused_logits(fusion: keras.Model | None, outputs: dict, mask):
-    """The fusion model's product logits from `image_outputs`, or None without one."""
-    if fusion is None:
-        return None
-    return ops.cast(fusion({"embedding": outputs["embedding"], "mask": mask},
-                           training=False)["label"], "float32")
-
-
-def top_k_of(per_image, mask, k: int = 5, product_log_probs=None,
-             slot_scores=None) -> dict:
-    """Top-k classes and probabilities of each product, and each image's own top class,
-    from per-image log-probabilities [B, N, C] (their masked mean, weighted by
-    ``slot_scores`` where the model learned them), or from ``product_log_probs`` [B, C]
-    where a fusion model gave them."""
-    combined = (combine_log_probs(per_image, mask, slot_scores) if product_log_probs is None
-                else ops.log_softmax(product_log_probs, axis=-1))
-    k = min(k, combined.shape[-1])  # a catalogue may have fewer categories than k
-    top_log_probs, top_classes = ops.top_k(combined, k=k)
-    # exp of the mean log-probability is a geometric mean; renormalise over classes.
-    log_norm = ops.logsumexp(combined, axis=-1, keepdims=True)
-    return {"top_k_classes": ops.cast(top_classes, "int32"),
-            "top_k_probabilities": ops.exp(top_log_probs - log_norm),
-            "image_top1": ops.cast(ops.argmax(per_image, axis=-1), "int32")}
-
-
-def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
-                   fusion: keras.Model | None = None, duplicate_class=None,
-                   duplicate_share=None, duplicate_weight: float = 0.0,
-                   weight_grid: Sequence[float] = ()) -> dict:
-    """The product scoring rule, the one that validation, evaluate, predict and the
-    SavedModel all run, from `image_outputs` and the padding ``mask`` [B, N]:
-
-    - a product's images are combined by the masked mean of their log-probabilities
-      (weighted by the model's ``slot_score`` where a product phase learned one), or by
-      the ``fusion`` head over their embeddings;
-    - where the duplicate table found an image (``duplicate_class`` >= 0, from
-      `tfcdisc.learn.duplicates.features`) the table's answer is blended in with
-      ``duplicate_weight``: per image, or with a fusion head per product;
-    - a product with no usable image gets ``fallback_class`` with probability 0, and
-      padded slots get image class -1.
-
-    Returns top_k_classes [B, k] int32, top_k_probabilities [B, k], image_top1 [B, N]
-    int32; with the table's features also duplicate_hits [B] (images found) and, for a
-    ``weight_grid``, top1_by_weight [B, len(grid)] (to choose the weight on validation).
-    """
-    from tfcdisc.learn import duplicates
-    mask = ops.cast(mask, "float32")
-    per_image = outputs["label"]
-    slots = outputs[SLOT_SCORE][..., 0] if SLOT_SCORE in outputs else None
-    fused = fused_logits(fusion, outputs, mask)
-    lookup = duplicate_class is not None
-
-    def blended(weight):  # per image; with a fusion head, its product log-probabilities
-        if fused is None:
-            return duplicates.blend(per_image, duplicate_class, duplicate_share, weight)
-        return duplicates.blend_product(ops.log_softmax(fused, axis=-1), duplicate_class,
-                                        duplicate_share, mask, weight)
-
-    if lookup and duplicate_weight:
-        out = (top_k_of(blended(duplicate_weight), mask, k, slot_scores=slots)
-               if fused is None else top_k_of(per_image, mask, k, blended(duplicate_weight)))
-    else:
-        out = top_k_of(per_image, mask, k, fused, slots)
-    has_image = (ops.sum(mask, axis=1) > 0)[:, None]
-    result = {
-        "top_k_classes": ops.where(has_image, out["top_k_classes"],
-                                   ops.cast(fallback_class, "int32")),
-        "top_k_probabilities": ops.where(has_image, out["top_k_probabilities"], 0.0),
-        "image_top1": ops.where(mask > 0, out["image_top1"], -1),
-    }
-    if lookup:
-        found = ops.cast((duplicate_class >= 0) & (mask > 0), "int32")
-        result["duplicate_hits"] = ops.sum(found, axis=1)
-        if weight_grid:
-            result["top1_by_weight"] = ops.stack(
-                [ops.cast(ops.argmax(combine_log_probs(blended(w), mask, slots)
-                                     if fused is None else blended(w), axis=-1), "int32")
-                 for w in weight_grid], axis=1)
-    return result

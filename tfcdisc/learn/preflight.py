@@ -13,7 +13,7 @@ Steps:
 - ``train``: `keras.Model.train_step`, exactly what Keras's JAX trainer jits (its
   ``steps_per_execution`` loops over that one compiled step on the host), global batch
   = per-replica batch x chips, state replicated, the batch split over the chips;
-- ``validation``: training's product validation (`product_eval.scores_fn`: 4 image slots
+- ``validation``: training's product validation (`product_predictor.scores_fn`: 4 image slots
   per product, all of them computed under XLA) with the training model and policy;
 - ``predict``: the same scoring with the export's model (float32, with flip TTA when
   ``tta`` asks), as predict and evaluate run it on the chips.
@@ -184,12 +184,12 @@ def train_program(cfg: TrainConfig, info: dict, batch_per_chip: int, devices: Se
 
 
 def scoring_program(image_model, batch_per_chip: int, image_size: int, devices: Sequence):
-    """Product scoring (`product_eval.scores_fn`, static shapes) of ``image_model``,
+    """Product scoring (`product_predictor.scores_fn`, static shapes) of ``image_model``,
     lowered for ``devices``: ``batch_per_chip`` products of 4 image slots per chip."""
     import jax
-    from tfcdisc.learn import product_eval
-    pure, variables = product_eval.stateless(
-        product_eval.scores_fn(image_model, 5, static=True), [image_model])
+    from tfcdisc.learn import product_predictor
+    pure, variables = product_predictor.stateless(
+        product_predictor.scores_fn(image_model, 5, static=True), [image_model])
     replicated, split = _mesh(devices)
     products = batch_per_chip * len(devices)
     batch = {"images": jax.ShapeDtypeStruct(

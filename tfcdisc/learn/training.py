@@ -15,7 +15,7 @@ only when complete (`WholeCheckpoint`). The same code trains on Keras's JAX back
 
 Validation reports the competition metric, product accuracy (a product's images
 combined by the masked mean of log-probabilities), with image accuracy and top-5, over
-the whole validation split on every worker (`product_eval`).
+the whole validation split on every worker (`product_predictor`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 
 from tfcdisc.catalogue import atomic, folder_lock
-from tfcdisc.learn import distribute, input_pipeline, models, product_eval, rundir, runtime
+from tfcdisc.learn import distribute, input_pipeline, models, product_predictor, rundir, runtime
 from tfcdisc.learn import backend as backend_lib
 from tfcdisc.prepare import metadata
 from tfcdisc import settings
@@ -60,9 +60,9 @@ class ProductEvaluation(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._predict is None:
-            self._predict = product_eval.ProductPredictor(models.image_model_of(self.model), 5,
+            self._predict = product_predictor.ProductPredictor(models.image_model_of(self.model), 5,
                                                           self.strategy, self.fallback_class)
-        report = product_eval.accuracy_report(self._predict(self.dataset, self.max_batches))
+        report = product_predictor.accuracy_report(self._predict(self.dataset, self.max_batches))
         self.last = report
         if logs is not None:
             for key in ("product_accuracy", "image_accuracy", "top5_accuracy",
@@ -627,7 +627,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             # failed, when there is none) are redone: one row per epoch
             rundir.keep_history_before(model_dir + "/history.csv", epoch)
         train_data = _train_data(cfg, run, tuple(model.output))
-        val_ds = product_eval.distribute_products(
+        val_ds = product_predictor.distribute_products(
             strategy, lambda: input_pipeline.split_products(run.builder, "validation"),
             eval_batch_size(cfg, strategy.num_replicas_in_sync), cfg.image_size,
             run.builder.info.splits["validation"].num_examples)

@@ -18,7 +18,6 @@ per product, file order), written atomically once every product has its row.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -30,7 +29,7 @@ import tensorflow as tf
 
 from tfcdisc.catalogue import atomic, beam_index, bsonfile, paths, problems
 from tfcdisc.serve import inference, export_format
-from tfcdisc.learn import input_pipeline, product_eval
+from tfcdisc.learn import input_pipeline, product_predictor
 from tfcdisc.catalogue import index as index_lib
 
 RANGE_BYTES = 64 << 20  # one Beam element: about 8,000 real products
@@ -104,21 +103,18 @@ class ExportHandler(ModelHandler):
         super().__init__()
         self._saved_model, self._batch_size = saved_model, batch_size
 
-    def load_model(self) -> "_Scorer":
-        export = export_format.load(self._saved_model)
-        strategy = product_eval.default_strategy()
-        return _Scorer(export, strategy, inference.predictor_for(export, strategy))
+    def load_model(self) -> inference.Scoring:
+        return inference.open_scoring(self._saved_model, with_products=False,
+                                      strategy=product_predictor.default_strategy())
 
     def run_inference(self, batch: Sequence[list[bytes]], model: Any,
                       inference_args=None) -> Iterable[PredictionResult]:
-        export, strategy, predictor = model.export, model.strategy, model.predictor
         n = len(batch)
         products = {"images": np.array(list(batch), object), "product_id": np.arange(n),
                     "category_id": np.full(n, -1, np.int64)}
-        rows = inference.run_predictions(
-            export, lambda: tf.data.Dataset.from_tensor_slices(products), n, strategy,
-            inference.PredictStats(), self._batch_size, progress=False, predictor=predictor)
-        rows = list(rows)
+        rows = list(model.predictions(
+            self._batch_size, progress=False, total=n,
+            products=lambda: tf.data.Dataset.from_tensor_slices(products)))
         ids = np.concatenate([r["category_id"] for r in rows]).tolist()
         failed = np.concatenate([r["undecodable"] for r in rows])
         decoded = np.concatenate([r["num_images"] for r in rows]).tolist()
@@ -128,15 +124,6 @@ class ExportHandler(ModelHandler):
 
     def batch_elements_kwargs(self) -> dict:
         return {"max_batch_size": self._batch_size}
-
-
-@dataclasses.dataclass
-class _Scorer:
-    """What a worker loads once (Beam shares it by weak reference: not a tuple)."""
-
-    export: export_format.Export
-    strategy: Any
-    predictor: product_eval.ProductPredictor
 
 
 def _read_range(element: tuple, bson: str, labeled: bool, max_pixels: int | None,

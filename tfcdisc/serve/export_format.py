@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import shutil
 
@@ -46,7 +45,7 @@ import tensorflow as tf
 
 from tfcdisc.catalogue import atomic, folder_lock, paths
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
-from tfcdisc.learn import duplicates, input_pipeline, models, product_eval
+from tfcdisc.learn import duplicates, input_pipeline, models, product_predictor
 from tfcdisc.serve import export_layout, graph_check
 
 from tfcdisc.serve.export_layout import DUPLICATES, FUSION, KERAS_MODEL, METADATA  # noqa: F401
@@ -92,8 +91,8 @@ class ProductClassifier(tf.Module):
         return self._predict(decoded, input_pipeline.padding_mask(images), **found)
 
     def _predict(self, images, mask, duplicate_class=None, duplicate_share=None):
-        out = models.product_scores(
-            models.image_outputs(self.image_model, images, mask), mask, self.top_k,
+        out = product_predictor.product_scores(
+            product_predictor.image_outputs(self.image_model, images, mask), mask, self.top_k,
             fallback_class=self.fallback_class, fusion=self.fusion_model,
             duplicate_class=duplicate_class, duplicate_share=duplicate_share,
             duplicate_weight=self._duplicates[3] if self._duplicates else 0.0)
@@ -299,7 +298,7 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
     verify(export_dir, meta)
     path = f"{export_dir.rstrip('/')}/{KERAS_MODEL}"
     fusion_model = None
-    with (strategy or product_eval.default_strategy()).scope():
+    with (strategy or product_predictor.default_strategy()).scope():
         with atomic.local_copy(path) as local:
             model = models.load_model(local)
         if meta.get("fusion"):

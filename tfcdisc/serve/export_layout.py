@@ -1,7 +1,8 @@
-"""The files of an export, and the check that a folder is one, without TensorFlow.
+"""The files of an export, and what an inference command can refuse without TensorFlow.
 
-`export_format` writes and reads these files; the commands check a ``--saved_model``
-here first, so that a wrong folder is refused at once, before TensorFlow starts.
+`export_format` writes and reads these files; predict and evaluate check their paths
+here first (`check_paths`: the export is one, the BSON file is there, the outputs can be
+written), so that a wrong path is refused at once, before TensorFlow starts.
 """
 
 from __future__ import annotations
@@ -20,3 +21,14 @@ def check(export_dir: str) -> None:
     if not paths.exists(f"{root}/{KERAS_MODEL}") or not paths.exists(f"{root}/{METADATA}"):
         raise FileNotFoundError(f"{export_dir}: not a tfcdisc export (no {KERAS_MODEL}); give "
                                 "the --export_dir of `python -m tfcdisc.export`")
+
+
+def check_paths(f, outputs: dict[str, str | None] | None = None) -> None:
+    """Refuses the paths of an inference command's settings (``settings.InferenceSettings``)
+    that cannot work; ``outputs``: ``{"--flag": path}`` written (default: its --output)."""
+    for flag, path in (outputs or {"--output": getattr(f, "output", None)}).items():
+        if path:
+            paths.check_output(path, flag)
+    if f.bson:
+        paths.check_input_file(f.bson)
+    check(f.saved_model)

@@ -3,17 +3,15 @@
 From a run folder (`learn.rundir`: the checkpoint's own model in float32, the dataset its
 config names), with flip TTA, a fusion head, or a duplicate-image table whose blend
 weight is chosen on the validation split (the table stays off unless it helped). A JAX
-process exports through a TensorFlow-backend subprocess: the SavedModel is always
-TensorFlow's own graph. The commands are `tfcdisc.export` and `tfcdisc.ensemble`.
+process runs `export` in a TensorFlow-backend process (`in_tensorflow_process`): the
+SavedModel is always TensorFlow's own graph. The commands are `tfcdisc.export` and `tfcdisc.ensemble`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -21,7 +19,7 @@ import tensorflow as tf
 
 from tfcdisc.catalogue import taxonomy as taxonomy_lib
 from tfcdisc import settings
-from tfcdisc.learn import duplicates, input_pipeline, models, product_eval, rundir
+from tfcdisc.learn import duplicates, input_pipeline, models, product_predictor, rundir
 from tfcdisc.prepare import metadata
 from tfcdisc.serve import export_format
 
@@ -51,10 +49,10 @@ def export(model_dir: str, export_dir: str, *, top_k: int = _EXPORT.top_k,
     if phase:
         model_dir = rundir.phase_dir(model_dir, phase)
     if keras.backend.backend() != "tensorflow":
-        return _in_tensorflow_process("export", model_dir=model_dir, export_dir=export_dir,
-                                      top_k=top_k, checkpoint=checkpoint, tta=tta,
-                                      duplicates_from=duplicates_from, fusion_dir=fusion_dir,
-                                      lock_lease_minutes=lock_lease_minutes)
+        return in_tensorflow_process(export, model_dir, export_dir, top_k=top_k,
+                                     checkpoint=checkpoint, tta=tta,
+                                     duplicates_from=duplicates_from, fusion_dir=fusion_dir,
+                                     lock_lease_minutes=lock_lease_minutes)
     # A busy or read-only export dir is refused before the work.
     with export_format.writer(export_dir, lock_lease_minutes):
         return _export(model_dir, export_dir, top_k=top_k, checkpoint=checkpoint, tta=tta,
@@ -96,21 +94,21 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
     return {**summary, "checkpoint": checkpoint}
 
 
-def _in_tensorflow_process(command: str, **flags) -> dict:
-    """Runs ``python -m tfcdisc.<command>`` (TensorFlow backend) and returns its JSON
-    summary: a SavedModel is TensorFlow's graph, which a process whose Keras runs on
-    JAX cannot trace (Keras's own JAX export would wrap it in XlaCallModule ops, which
-    TF Serving and TF.js may not run)."""
-    import subprocess
-    import sys
-    args = [sys.executable, "-m", f"tfcdisc.{command}",
-            *(f"--{name}={value}" for name, value in flags.items() if value is not None)]
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    done = subprocess.run(args, capture_output=True, text=True, env=env)
-    if done.returncode:
-        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
-        raise ValueError(f"{command} (in a TensorFlow-backend process) failed: {last}")
-    return json.loads(done.stdout[done.stdout.index("{"):])
+def in_tensorflow_process(fn: Callable[..., dict], *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)`` (a library function of this module) in a fresh process whose
+    Keras runs on TensorFlow: a SavedModel is TensorFlow's graph, which a process whose
+    Keras runs on JAX cannot trace (Keras's own JAX export would wrap it in XlaCallModule
+    ops, which TF Serving and TF.js may not run). The function's own exception comes
+    back as it was raised (a ValueError's one line included)."""
+    import concurrent.futures
+    import multiprocessing
+    from tfcdisc.learn import backend
+    # spawn: a fork would inherit the JAX runtime and this process's Keras; the
+    # initializer chooses the backend before the function's module imports Keras.
+    with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=backend.select, initargs=("tensorflow",)) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model: keras.Model,
@@ -131,10 +129,10 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
     validation = duplicates.sightings(input_pipeline.image_labels(builder, "validation"))
     train_only = duplicates.table_of(*train)
     grid = duplicates.WEIGHT_GRID
-    predictor = product_eval.ProductPredictor(image_model, 1, weight_grid=grid, fusion=fusion)
+    predictor = product_predictor.ProductPredictor(image_model, 1, weight_grid=grid, fusion=fusion)
     hits = np.zeros(len(grid))
     n = builder.info.splits["validation"].num_examples
-    batches = product_eval.distribute_products(
+    batches = product_predictor.distribute_products(
         tf.distribute.get_strategy(), lambda: input_pipeline.split_products(builder, "validation"),
         batch_size, image_size, n, duplicate_table=train_only)
     for out in predictor.batches(batches):

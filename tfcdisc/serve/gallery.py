@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import itertools
 import textwrap
-from typing import Iterable
 
 import numpy as np
 
@@ -94,30 +93,24 @@ def split_samples(data_dir: str, split: str = "train", n: int = 16, seed: int = 
             for p in ds.as_numpy_iterator()]
 
 
-def prediction_samples(export, products: Iterable[dict], strategy=None, n: int = 16,
-                       scan: int | None = None) -> list[dict]:
-    """The first ``n`` of ``products`` (padded product dicts, e.g. from
-    `inference.bson_products`), scored by an opened export, titled with their top 3
-    categories and probabilities, ``right`` where the truth is known. With ``scan``: the
-    ``n`` most confident mistakes among the first ``scan`` products."""
+def prediction_samples(scoring, n: int = 16, scan: int | None = None) -> list[dict]:
+    """The first ``n`` products of an opened export's (`inference.open_scoring`), titled
+    with their top 3 categories and probabilities, ``right`` where the truth is known.
+    With ``scan``: the ``n`` most confident mistakes among the first ``scan`` products."""
     import tensorflow as tf
-    from tfcdisc.serve import inference
-    from tfcdisc.learn import product_eval
-    chosen = list(itertools.islice(iter(products), scan or n))
+    chosen = list(itertools.islice(scoring.products().as_numpy_iterator(), scan or n))
     if not chosen:
         return []
-    stats = inference.PredictStats()
     ds = lambda: tf.data.Dataset.from_tensor_slices(  # noqa: E731
         {k: np.stack([p[k] for p in chosen]) for k in ("images", "product_id", "category_id")})
-    outs = list(inference.run_predictions(export, ds, len(chosen),
-                                          strategy or product_eval.default_strategy(), stats,
-                                          batch_size=min(len(chosen), 256), progress=False))
+    outs = list(scoring.predictions(min(len(chosen), 256), progress=False, products=ds,
+                                    total=len(chosen)))
     out = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     order = range(len(chosen))
     if scan:
         wrong = [i for i in order if 0 <= out["label_category_id"][i] != out["category_id"][i]]
         order = sorted(wrong, key=lambda i: -out["probability"][i])
-    return [_titled(chosen[i], out, i, export.taxonomy) for i in list(order)[:n]]
+    return [_titled(chosen[i], out, i, scoring.export.taxonomy) for i in list(order)[:n]]
 
 
 def _percent(p: float) -> str:

@@ -5,7 +5,7 @@ through tf.data: image headers are checked in the reader (`tfcdisc.catalogue.scr
 TensorFlow a whole batch of products at a time,
 decoding runs in parallel map calls into static uint8 batches (the last one filled with
 masked dummies), and the export's image model runs on them under the chosen strategy
-(`product_eval.ProductPredictor`: the CPU, one or several GPUs, a TPU), the same path as
+(`product_predictor.ProductPredictor`: the CPU, one or several GPUs, a TPU), the same path as
 validation during training. Only one batch of predictions is held at a time; rows are
 written as they come, to a temporary file that is renamed to the output only when every
 product has its row, so an interrupted run leaves no partial submission.
@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tfcdisc.catalogue import atomic, paths, problems, screen
 from tfcdisc import settings
-from tfcdisc.learn import distribute, input_pipeline, product_eval
+from tfcdisc.learn import distribute, input_pipeline, product_predictor
 from tfcdisc.prepare import metadata
 from tfcdisc.serve import export_format
 
@@ -172,11 +172,11 @@ def _used_table(export: export_format.Export):
 
 
 def predictor_for(export: export_format.Export, strategy: tf.distribute.Strategy
-                  ) -> product_eval.ProductPredictor:
+                  ) -> product_predictor.ProductPredictor:
     """The export's scoring (its model, fusion head and duplicate table's weight),
     compiled once: what local predict, evaluate and each Beam worker run."""
     table = _used_table(export)
-    return product_eval.ProductPredictor(export.image_model, export.top_k, strategy,
+    return product_predictor.ProductPredictor(export.image_model, export.top_k, strategy,
                                          export.fallback_class,
                                          duplicate_weight=table.weight if table else 0.0,
                                          fusion=export.fusion_model)
@@ -185,14 +185,14 @@ def predictor_for(export: export_format.Export, strategy: tf.distribute.Strategy
 def run_predictions(export: export_format.Export, products: Callable[[], tf.data.Dataset],
                     total: int | None, strategy: tf.distribute.Strategy, stats: PredictStats,
                     batch_size: int = 256, progress: bool = True,
-                    predictor: product_eval.ProductPredictor | None = None
+                    predictor: product_predictor.ProductPredictor | None = None
                     ) -> Iterator[dict[str, np.ndarray]]:
     """Yields one batch of predictions (numpy, category ids) at a time, with a progress bar
     (``predictor``: one `predictor_for` made earlier, reused)."""
     from tqdm import tqdm
     table = _used_table(export)
     predictor = predictor or predictor_for(export, strategy)
-    batches = product_eval.distribute_products(strategy, products, batch_size,
+    batches = product_predictor.distribute_products(strategy, products, batch_size,
                                                export.image_size, total, table)
     ids = export.category_ids
     stats.strategy = type(strategy).__name__
@@ -264,6 +264,68 @@ def max_image_pixels(saved_model: str | export_format.Export) -> int | None:
     return export_format.read_metadata(saved_model).get("max_image_pixels")
 
 
+@dataclasses.dataclass
+class Scoring:
+    """An export opened for scoring, with the products to score: the one set-up that
+    predict, evaluate, show and Beam's workers share (`open_scoring`)."""
+
+    export: export_format.Export
+    strategy: tf.distribute.Strategy
+    stats: PredictStats
+    products: Callable[[], tf.data.Dataset] | None = None  # None: the caller brings its own
+    total: int | None = None
+    _predictor: product_predictor.ProductPredictor | None = None
+
+    def predictions(self, batch_size: int = _DEFAULT.batch_size, progress: bool = True,
+                    products: Callable[[], tf.data.Dataset] | None = None,
+                    total: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """`run_predictions` over ``products`` (default: the opened ones), with the
+        export's scoring compiled once for every call."""
+        if self._predictor is None:
+            self._predictor = predictor_for(self.export, self.strategy)
+        if products is None:
+            products, total = self.products, self.total
+        return run_predictions(self.export, products, total, self.strategy, self.stats,
+                               batch_size, progress, self._predictor)
+
+
+def open_scoring(saved_model: str | export_format.Export, *,
+                 strategy: str | tf.distribute.Strategy = _DEFAULT.strategy,
+                 tpu: str | None = None, bson: str | None = None,
+                 data_dir: str | None = None, split: str = _DEFAULT.split,
+                 errors: str = _DEFAULT.errors, dataset_config: str | None = None,
+                 index=None, label_map: dict[int, int] | None = None,
+                 allow_missing: bool = True, with_products: bool = True) -> Scoring:
+    """The export (a folder, or one opened before) under the strategy (a name of
+    `settings.INFERENCE_STRATEGIES`, or a strategy), with the products of ``bson`` or
+    ``data_dir`` (`open_products`; ``with_products=False``: none, the caller brings its
+    own to `Scoring.predictions`), their ``category_id`` from
+    ``label_map`` where given. What can be refused without the model (an empty or
+    unreadable file, products that could get no row unless ``allow_missing``) is refused
+    before the model loads."""
+    stats = PredictStats()
+    products = total = None
+    if with_products:
+        products, total = open_products(bson=bson, data_dir=data_dir, split=split,
+                                        stats=stats, errors=errors,
+                                        max_pixels=max_image_pixels(saved_model), index=index,
+                                        dataset_config=dataset_config)
+        refuse_missing(stats, bson, allow_missing)
+        if label_map is not None:
+            products = with_labels(products, label_map)
+    export, strategy = open_export(saved_model, strategy, tpu)
+    return Scoring(export, strategy, stats, products, total)
+
+
+def with_labels(products: Callable[[], tf.data.Dataset], labels: dict[int, int]
+                ) -> Callable[[], tf.data.Dataset]:
+    """Products with ``category_id`` from the labels; -2 marks an id the file lacks."""
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(list(labels), tf.int64), tf.constant(list(labels.values()), tf.int64)),
+        default_value=-2)
+    return lambda: products().map(lambda p: {**p, "category_id": table.lookup(p["product_id"])})
+
+
 def predict(saved_model: str | export_format.Export, output: str, *, bson: str | None = None,
             data_dir: str | None = None, split: str = _DEFAULT.split,
             batch_size: int = _DEFAULT.batch_size, top_k_output: str | None = None,
@@ -282,26 +344,22 @@ def predict(saved_model: str | export_format.Export, output: str, *, bson: str |
     paths.check_output(output)
     if top_k_output:
         paths.check_output(top_k_output, "--top_k_output")
-    stats = PredictStats()
-    products, total = open_products(bson=bson, data_dir=data_dir, split=split, stats=stats,
-                                    errors=errors, max_pixels=max_image_pixels(saved_model),
-                                    dataset_config=dataset_config)
-    refuse_missing(stats, bson, allow_missing)
-    export, strategy = open_export(saved_model, strategy, tpu)
+    scoring = open_scoring(saved_model, strategy=strategy, tpu=tpu, bson=bson,
+                           data_dir=data_dir, split=split, errors=errors,
+                           dataset_config=dataset_config, allow_missing=allow_missing)
     top_rows = [] if top_k_output else None
     # Rows go to a local temporary file, copied over the output only when complete: a run
     # killed at any moment leaves neither a partial submission nor a stray file beside it.
     with atomic.via_local(output) as local, open(local, "w") as f:
         f.write("_id,category_id\n")
-        for out in run_predictions(export, products, total, strategy, stats, batch_size,
-                                   progress):
+        for out in scoring.predictions(batch_size, progress):
             f.write("".join(f"{i},{c}\n" for i, c in zip(out["product_id"].tolist(),
                                                          out["category_id"].tolist())))
             if top_rows is not None:
                 top_rows.append(out)
         if top_rows is not None:
             write_top_k(top_rows, top_k_output)
-    return stats
+    return scoring.stats
 
 
 class MissingProductsError(ValueError):

@@ -23,14 +23,6 @@ _TOP = 20
 MIN_SUPPORT = 5  # products a category needs to be ranked among the worst
 
 
-def with_labels(products, labels: dict[int, int]):
-    """Products with ``category_id`` from the labels; -2 marks an id the file lacks."""
-    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        tf.constant(list(labels), tf.int64), tf.constant(list(labels.values()), tf.int64)),
-        default_value=-2)
-    return lambda: products().map(lambda p: {**p, "category_id": table.lookup(p["product_id"])})
-
-
 _DEFAULT = settings.EvaluateSettings  # one default per setting (its flag's)
 
 
@@ -47,7 +39,6 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
     `inference.predict`; ``label_map``: the ``labels`` file already read
     (`catalogue.labels.read`: the command reads it before TensorFlow starts).
     """
-    stats = inference.PredictStats()
     if label_map is None and labels:
         label_map = labels_lib.read(labels)
     index = None
@@ -63,16 +54,12 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
                 raise ValueError(f"{labels}: no label for product _id "
                                  f"{int(index.product_ids[lacking[0]])} of {bson} "
                                  f"({len(lacking)} products lack one)")
-    products, total = inference.open_products(
-        bson=bson, data_dir=data_dir, split=split, stats=stats, errors=errors,
-        max_pixels=inference.max_image_pixels(saved_model), index=index,
-        dataset_config=dataset_config)
-    export, strategy = inference.open_export(saved_model, strategy, tpu)
-    if label_map is not None:
-        products = with_labels(products, label_map)
+    opened = inference.open_scoring(
+        saved_model, strategy=strategy, tpu=tpu, bson=bson, data_dir=data_dir, split=split,
+        errors=errors, dataset_config=dataset_config, index=index, label_map=label_map)
+    export, stats = opened.export, opened.stats
     cols = collections.defaultdict(list)
-    for out in inference.run_predictions(export, products, total, strategy, stats, batch_size,
-                                         progress):
+    for out in opened.predictions(batch_size, progress):
         for key in ("label_category_id", "top_k_category_id", "image_category_id",
                     "num_images", "product_id", "duplicate_hits"):
             cols[key].append(out[key])
