@@ -10,7 +10,7 @@ DEMO_TRAIN ?= 4000
 DEMO_TEST ?= 1000
 DEMO_CATEGORIES ?= 40
 
-.PHONY: setup demo test bench bench-scale clean-demo wheel
+.PHONY: setup demo test bench bench-scale clean-demo wheel docs
 .DELETE_ON_ERROR:
 
 $(STAMP): pyproject.toml
@@ -85,6 +85,10 @@ clean-demo:
 # access: upload it as a Kaggle dataset, to Drive or to gs:// and set the notebook's WHEEL.
 wheel: $(STAMP)
 	$(PY) -m build --wheel --outdir dist .
+
+# docs/flags.md from the settings dataclasses (a test fails while it is stale)
+docs: $(STAMP)
+	$(PY) docs/generate_flags.py
 
 # ---------------------------------------------------------------------------- checks
 test: $(STAMP)

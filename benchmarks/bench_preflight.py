@@ -6,7 +6,7 @@ Each flagfile runs through the user's own command, `python -m tfcdisc.preflight
 --flagfile=... --target=... --output=...`, on this machine (no TPU): the TPU flagfiles for
 v5e-1 (Colab), v5e-8 (Kaggle) and v6e-8; the GPU flagfile for 16, 40 and 80 GiB (an
 estimate, compiled on one TPU chip's description). The table is written into
-RESULTS.md and quoted by the README and the flagfiles' headers. Also how much libtpu,
+RESULTS.md and quoted by docs/tpus_and_backends.md and the flagfiles' headers. Also how much libtpu,
 installed beside JAX for the compiler, costs JAX's start-up on a CPU machine.
 """
 

@@ -1,7 +1,7 @@
 """Faults and ordinary mistakes at every stage: nothing stops a run that should go on,
 nothing is lost or corrupted silently, and every mistake gets one line and exit status 2.
 
-The README's reliability table lists these cases.
+docs/reliability.md's table lists these cases.
 """
 
 import csv

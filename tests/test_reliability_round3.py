@@ -1,4 +1,4 @@
-"""The third fault audit's cases (README, "Reliability"): outputs that never overwrite
+"""The third fault audit's cases (docs/reliability.md): outputs that never overwrite
 inputs, diverging runs that never ship, a graph allow-list that holds, locks that survive
 recycled VMs, and one line for every refusal."""
 

@@ -81,10 +81,10 @@ def test_the_demo_ends_with_the_readmes_six_commands(tmp_path):
 
 
 def test_each_recipes_expected_accuracy_is_the_readmes():
-    """A flagfile's header and the README's recipe table give one range."""
+    """A flagfile's header and the recipe table (docs/recipes.md) give one range."""
     import re
     from conftest import REPO
-    readme = (REPO / "README.md").read_text().split("What to expect on the real data", 1)[1]
+    readme = (REPO / "docs" / "recipes.md").read_text().split("What to expect on the real data", 1)[1]
     for name in ("efficientnetv2_b0_gpu", "xception_tpu", "efficientnetv2_s_tpu",
                  "convnext_small_tpu"):
         header = (REPO / "experiments" / f"{name}.cfg").read_text()

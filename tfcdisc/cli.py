@@ -41,7 +41,8 @@ def _help(program: str, doc: str | None) -> str:
         default = "" if f.default is None else f" (default: {f.default_as_str})"
         req = " (required)" if f.name in _REQUIRED else ""
         lines.append(f"  --{f.name}: " + textwrap.fill(
-            f.help + default + req, width=92, subsequent_indent="    "))
+            f.help + default + req, width=92, subsequent_indent="    ",
+            break_long_words=False, break_on_hyphens=False))  # copyable choices and paths
     lines.append("  --flagfile: read flags from a file (experiments/*.cfg)")
     lines.append("  --verbosity: 0 shows TensorFlow's start-up messages and INFO logs, 1 DEBUG")
     return "\n".join(lines) + "\n"
@@ -178,7 +179,28 @@ def command(name: str, cls: type, main: Callable[[Any], None], doc: str | None, 
             said = after_os_error.format(**dataclasses.asdict(settings)) if settings else ""
             fail(name, f"{reason}; {said}" if said else reason)
 
-    return lambda: run(lambda: define_settings(cls), main_argv, doc, backend)
+    def entry() -> None:
+        run(lambda: define_settings(cls), main_argv, doc, backend)
+
+    entry.settings_class, entry.backend, entry.doc = cls, backend, doc  # for `flag_entries`
+    return entry
+
+
+def flag_entries(entry: Callable[[], None]) -> list[dict]:
+    """The flags of a command's ``run`` (`command`), as its ``--help`` lists them: name,
+    help (an enum's choices first, as absl writes them), default as absl prints it
+    (None: no default), required. Defined on fresh flags: the process's are untouched."""
+    from absl import flags
+    fv = flags.FlagValues()
+    define_settings(entry.settings_class, fv)
+    if entry.backend == "flag" and "backend" not in fv:  # as `run` defines it
+        from tfcdisc.settings import BACKEND_HELP, BACKENDS
+        flags.DEFINE_enum("backend", "auto", list(BACKENDS), BACKEND_HELP, flag_values=fv)
+    required = {f.name for f in dataclasses.fields(entry.settings_class)
+                if f.metadata["required"]}
+    return [{"name": name, "help": fv[name].help,
+             "default": None if fv[name].default is None else fv[name].default_as_str,
+             "required": name in required} for name in fv if fv[name].name == name]
 
 
 # TensorFlow's own errors for what an OSError says in Python: a full disk

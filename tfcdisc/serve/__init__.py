@@ -2,5 +2,5 @@
 
 The export format (write, load, checksums, graph check, signatures), exporting (from a
 run, an ensemble, with the duplicate table weighed), batch inference locally and on
-Beam, scoring, pictures. Imports any earlier wing.
+Beam (one entry: `inference.open_scoring`), scoring, pictures. Imports any earlier floor.
 """

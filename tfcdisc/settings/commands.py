@@ -132,7 +132,7 @@ class TrainConfig:
     jit_compile: bool | None = setting(
         None, "TensorFlow backend: compile the training step with XLA. Default: Keras's "
         "choice, which turns XLA off under any tf.distribute strategy (GPUs: not measured "
-        "here, see README). The JAX backend always compiles.")
+        "here, see docs/tpus_and_backends.md). The JAX backend always compiles.")
     log_every_steps: int = setting(100, "Write TensorBoard scalars every N steps.",
                                    lower_bound=1)
     seed: int | None = setting(None, "Random seed (weights, shuffling, crops).")
