@@ -122,9 +122,11 @@ def test_product_combination_is_the_masked_mean_of_log_probabilities():
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     log_probs = log_probs.reshape(3, 4, 6)
     expected = (log_probs * mask[..., None]).sum(1) / mask.sum(1)[:, None]
-    combined = models.combine_log_probs(product_predictor.image_outputs(model, images)["label"], mask)
+    combined = models.combine_log_probs(
+        product_predictor.image_outputs(model, images)["label"], mask)
     np.testing.assert_allclose(combined, expected, rtol=1e-4, atol=1e-5)
-    out = product_predictor.product_scores(product_predictor.image_outputs(model, images), mask, 3)
+    out = product_predictor.product_scores(
+        product_predictor.image_outputs(model, images), mask, 3)
     assert out["top_k_classes"].numpy()[:, 0].tolist() == expected.argmax(1).tolist()
     probs = np.exp(expected) / np.exp(expected).sum(1, keepdims=True)
     np.testing.assert_allclose(out["top_k_probabilities"][:, 0], probs.max(1), rtol=1e-4)
@@ -150,8 +152,10 @@ def test_skipping_padded_slots_changes_no_answer():
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (4, 4, 32, 32, 3), dtype=np.uint8)
     mask = np.array([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], np.float32)
-    full = product_predictor.product_scores(product_predictor.image_outputs(model, images), mask, 3)
-    skip = product_predictor.product_scores(product_predictor.image_outputs(model, images, mask), mask, 3)
+    full = product_predictor.product_scores(
+        product_predictor.image_outputs(model, images), mask, 3)
+    skip = product_predictor.product_scores(
+        product_predictor.image_outputs(model, images, mask), mask, 3)
     for key in ("top_k_classes", "image_top1"):
         valid = mask.sum(1) > 0 if key == "top_k_classes" else mask > 0
         np.testing.assert_array_equal(full[key].numpy()[valid], skip[key].numpy()[valid])

@@ -34,7 +34,8 @@ def test_savedmodel_runs_without_tfcdisc_and_matches_keras(catalogue, exported, 
     # The export's own computation: uint8 decoding, padded slots skipped.
     decoded = input_pipeline.decode_products(tf.constant(images), 32)
     mask = tf.constant([[1.0 if b else 0.0 for b in i] for i in images])
-    expected = product_predictor.product_scores(product_predictor.image_outputs(model, decoded, mask), mask, 5)
+    expected = product_predictor.product_scores(
+        product_predictor.image_outputs(model, decoded, mask), mask, 5)
     got = serve_without_tfcdisc(saved, images)
     taxonomy = json.loads(got["taxonomy"])
     ids = np.array(taxonomy["category_ids"])
@@ -286,7 +287,8 @@ def test_an_efficientnet_trained_from_imagenet_weights_exports_what_it_computes(
     images = [[jpeg_bytes(seed=i), jpeg_bytes(seed=i + 10), b"", b""] for i in range(3)]
     decoded = input_pipeline.decode_products(tf.constant(images), 32)
     mask = tf.constant([[1.0, 1.0, 0.0, 0.0]] * 3)
-    expected = product_predictor.product_scores(product_predictor.image_outputs(model, decoded, mask), mask, 5)
+    expected = product_predictor.product_scores(
+        product_predictor.image_outputs(model, decoded, mask), mask, 5)
     got = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(got["top_k_probability"].numpy(),
                                expected["top_k_probabilities"].numpy(), rtol=1e-4, atol=1e-6)
@@ -313,7 +315,8 @@ def test_flip_tta_averages_the_mirrored_view_in_log_probability_space(exported, 
     images = [[jpeg_bytes(seed=i), b"", b"", b""] for i in range(3)]
     decoded = input_pipeline.decode_products(tf.constant(images), 32)
     mask = tf.constant([[1.0, 0.0, 0.0, 0.0]] * 3)
-    expected = product_predictor.product_scores(product_predictor.image_outputs(tta, decoded, mask), mask, 5)
+    expected = product_predictor.product_scores(
+        product_predictor.image_outputs(tta, decoded, mask), mask, 5)
     got = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(got["top_k_probability"], expected["top_k_probabilities"],
                                rtol=1e-4, atol=1e-6)

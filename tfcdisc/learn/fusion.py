@@ -94,9 +94,10 @@ def cache_features(image_model: keras.Model, builder, image_size: int, folder: s
     tf.io.gfile.makedirs(folder)
     strategy = product_predictor.default_strategy()
     static = product_predictor.static_shapes(strategy)
-    _, embed = product_predictor.compile_step(lambda batch: {EMBEDDING: product_predictor.image_outputs(
-        model, batch["images"], None if static else batch["mask"])[EMBEDDING]}, [model],
-        strategy)
+    _, embed = product_predictor.compile_step(
+        lambda batch: {EMBEDDING: product_predictor.image_outputs(
+            model, batch["images"], None if static else batch["mask"])[EMBEDDING]},
+        [model], strategy)
 
     counts = {}
     for split in splits:

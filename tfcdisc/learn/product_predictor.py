@@ -4,8 +4,8 @@ its run over product batches under any strategy.
 The competition metric is product accuracy, scored by one rule (`product_scores`: a
 product's images combined, or an export's fusion head, the duplicate table's answers
 blended in where batches carry them), which the SavedModel also runs. Validation during
-training, `tfcdisc.evaluate`, `tfcdisc.predict` and its Beam pipeline all run this one path over `input_pipeline.batch_products` batches
-under the run's strategy (TensorFlow's default, mirrored, multi-worker or TPU; on JAX,
+training, `tfcdisc.evaluate`, `tfcdisc.predict` and its Beam pipeline all run this one
+path over `input_pipeline.batch_products` batches under the run's strategy (TensorFlow's default, mirrored, multi-worker or TPU; on JAX,
 data parallel over every device of every process), and keep only small arrays (top-k
 classes per product, top class per image), never the products-by-classes probabilities.
 """

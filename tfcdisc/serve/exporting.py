@@ -4,7 +4,8 @@ From a run folder (`learn.rundir`: the checkpoint's own model in float32, the da
 config names), with flip TTA, a fusion head, or a duplicate-image table whose blend
 weight is chosen on the validation split (the table stays off unless it helped). A JAX
 process runs `export` in a TensorFlow-backend process (`in_tensorflow_process`): the
-SavedModel is always TensorFlow's own graph. The commands are `tfcdisc.export` and `tfcdisc.ensemble`.
+SavedModel is always TensorFlow's own graph. The commands are `tfcdisc.export` and
+`tfcdisc.ensemble`.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
     if duplicates_from:
         table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size,
                                 fusion=fusion_head)
-    summary = export_format.write(export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
-                    fallback_class=facts.fallback_class,
-                    max_image_pixels=int(np.prod(facts.image_size)) if facts.image_size else None,
-                    duplicate_table=table, fusion_model=fusion_head, tta=tta)
+    summary = export_format.write(
+        export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
+        fallback_class=facts.fallback_class,
+        max_image_pixels=int(np.prod(facts.image_size)) if facts.image_size else None,
+        duplicate_table=table, fusion_model=fusion_head, tta=tta)
     return {**summary, "checkpoint": checkpoint}
 
 
