@@ -21,15 +21,23 @@ def test_notebook_is_stored_without_outputs():
     assert "parameters" in code[0].metadata.get("tags", []) and "SMOKE = False" in code[0].source
 
 
-# Each run is one host's branch (as its runtime's variables say) on one backend.
+# Each run is one host's branch (as its runtime's variables say) on one backend; "other"
+# is a plain VM or workstation (no host variable), whose defaults are under the home folder.
 @pytest.mark.parametrize("backend,host,variable", [("jax", "kaggle", "KAGGLE_KERNEL_RUN_TYPE"),
-                                                   ("tensorflow", "colab", "COLAB_RELEASE_TAG")])
+                                                   ("tensorflow", "colab", "COLAB_RELEASE_TAG"),
+                                                   ("tensorflow", "other", None)])
 def test_notebook_runs_in_smoke_mode(backend, host, variable, tmp_path, monkeypatch):
     from nbclient import NotebookClient
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # As papermill injects parameters; JAX on two CPU devices stands in for a TPU's chips.
     nb.cells.insert(2, nbformat.v4.new_code_cell(f"SMOKE = True\nBACKEND = {backend!r}"))
-    monkeypatch.setenv(variable, "Interactive")
+    for name in ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "COLAB_RELEASE_TAG",
+                 "COLAB_GPU", "TPU_NAME", "TPU_ACCELERATOR_TYPE"):
+        monkeypatch.delenv(name, raising=False)
+    if variable:
+        monkeypatch.setenv(variable, "Interactive")
+    else:  # a VM's defaults are under its home folder
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TFCDISC_REPO", str(REPO))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -46,16 +54,24 @@ def test_notebook_runs_in_smoke_mode(backend, host, variable, tmp_path, monkeypa
     if host == "kaggle":
         assert "'OUTPUT_DIR': '/kaggle/working'" in text
         assert "WARNING: /kaggle/working/runs/xception is on this Kaggle session's disk" in text
-    else:
+    elif host == "colab":
         assert "'RUN_DIR': '/content/drive/MyDrive/tfcdisc/runs/xception'" in text
         assert "will not outlive" not in text and "VM's disk" not in text
+    else:
+        assert f"'RUN_DIR': '{tmp_path}/home/tfcdisc/runs/xception'" in text
+        # This home is a test's temporary folder: the VM branch warns as for any host.
+        assert f"WARNING: {tmp_path}/home/tfcdisc/runs/xception is a temporary folder" in text
+    assert "is deprecated" not in text  # other libraries' notices (tfds's TensorInfo.dtype)
     assert f"backend: {backend}" in text
     assert "validation product accuracy:" in text and "60 rows in" in text
     assert f"replicas: {2 if backend == 'jax' else 1}" in text and "_id,category_id" in text
     assert "min per epoch of 3 steps" in text  # the epoch-time estimate
     # The preflight cell compiled the run for a v5e-1 with the TPU compiler, whatever
-    # backend the notebook trains on.
-    assert "v5e-1 | train | 128 |" in text and "v5e-1 | validation |" in text
+    # backend the notebook trains on (Colab and Kaggle are TPU runtimes; a CPU VM is not).
+    if host == "other":
+        assert "preflight: skipped on this cpu runtime" in text
+    else:
+        assert "v5e-1 | train | 128 |" in text and "v5e-1 | validation |" in text
     assert "kaggle competitions submit -c cdiscount-image-classification-challenge" in text
     zipped = tmp_path / "submission.csv.zip"
     import zipfile

@@ -8,13 +8,13 @@ them and the library's INFO logs back (absl's flag: 0 INFO, 1 DEBUG).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
 import textwrap
 from typing import Any, Callable, Sequence
 
+from tfcdisc.catalogue import stops
 from tfcdisc.settings.fields import (define_settings, expand_flagfiles, paths_by_role,
                                      settings_from_flags)
 
@@ -78,8 +78,7 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             absl_logging.set_verbosity(absl_logging.WARNING)
             logging.getLogger("tensorflow").setLevel(logging.ERROR)
-            for handler in logging.getLogger().handlers:  # absl's, installed by app.run
-                handler.addFilter(_no_library_deprecations)
+            quiet_library_notices()
         if backend is not None:
             from tfcdisc.learn import backend as backend_lib
             try:
@@ -106,35 +105,8 @@ def run(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None],
     app.run(quiet_main)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a preemption notice, `kill`, a notebook's stop button), raised where
-    Python runs next, so that it unwinds like Ctrl-C: locks released, temporary files
-    removed, nothing half-written kept."""
-
-
-@contextlib.contextmanager
-def stops_unwind():
-    """SIGTERM raises `Terminated` while the block runs (main thread only)."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    owner = os.getpid()
-
-    def terminate(signum, frame):
-        if os.getpid() != owner:  # a forked worker (a pool's): SIGTERM ends it, as ever
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+Terminated = stops.Terminated  # SIGTERM, unwinding like Ctrl-C
+stops_unwind = stops.handled  # Ctrl-C and SIGTERM as ordinary stops while a command runs
 
 
 def stopped(command: str, error: KeyboardInterrupt, kept: str) -> None:
@@ -224,6 +196,18 @@ def io_error(error: BaseException) -> str | None:
 def _no_library_deprecations(record) -> bool:
     """Drops other libraries' notices about their own APIs (tfds's TensorInfo.dtype...)."""
     return "deprecated" not in record.getMessage() or "tfcdisc" in record.pathname
+
+
+def quiet_library_notices() -> None:
+    """Other libraries' notices about their own deprecated APIs (tfds's `TensorInfo.dtype`
+    on every dataset it opens, TensorFlow's `map_fn` under Keras) dropped where absl,
+    TensorFlow or Python logging would print them: a command's output, a notebook's
+    cells. Called twice, filters once."""
+    import logging
+    for target in (logging.getLogger("absl"), logging.getLogger("tensorflow"),
+                   *logging.getLogger().handlers):
+        if _no_library_deprecations not in target.filters:
+            target.addFilter(_no_library_deprecations)
 
 
 def _required(fv) -> set[str]:

@@ -28,7 +28,7 @@ def main(f: settings.EvaluateSettings) -> None:
                               data_dir=f.data_dir, split=f.split, batch_size=f.batch_size,
                               strategy=f.strategy, tpu=f.tpu, errors=f.errors,
                               strict=f.strict, dataset_config=f.dataset_config,
-                              label_map=label_map)
+                              label_map=label_map, thumbnails=bool(f.plot))
     text = scoring.to_json(report)
     if f.output:  # whole or not at all: a full disk leaves the old report
         atomic.write(f.output, text + "\n")

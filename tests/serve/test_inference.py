@@ -148,8 +148,15 @@ def test_evaluate_equals_the_scored_submission(catalogue, exported, tmp_path):
     labels = pd.read_csv(folder / "test_labels.csv")
     scored = (pd.read_csv(out)["category_id"] == labels["category_id"]).mean()
     report = scoring.evaluate(str(exported[1]), bson=str(folder / "test.bson"),
-                               labels=str(folder / "test_labels.csv"), progress=False)
+                               labels=str(folder / "test_labels.csv"), progress=False,
+                               thumbnails=True)
     assert report["product_accuracy"] == pytest.approx(scored)
+    # Each plotted pair has a picture of its mistake (a JPEG of the test file) and, where
+    # the set has one, of the category it was taken for.
+    pairs = report["most_confused"][:scoring.PLOTTED_PAIRS]
+    assert pairs and list(report["_thumbnails"]) == [(p["true"], p["predicted"]) for p in pairs]
+    assert all(m[:2] == b"\xff\xd8" and (e is None or e[:2] == b"\xff\xd8")
+               for m, e in report["_thumbnails"].values())
     assert report["products"] == len(labels)
     assert 1.0 >= report["top5_accuracy"] >= report["product_accuracy"] > 0.0
     assert 1.0 >= report["level1_accuracy"] >= report["level2_accuracy"] >= \

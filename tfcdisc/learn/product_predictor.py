@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfcdisc.catalogue import stops
 from tfcdisc.learn import distribute, input_pipeline, models
 
 
@@ -53,12 +54,14 @@ class ProductPredictor:
         top_k_probabilities [n, k], image_top1 [n, 4] (-1 for padding), mask [n, 4], and
         the batch's own scalars (product_id, labels, ...).
         """
-        for i, batch in enumerate(dataset):
-            if max_batches is not None and i >= max_batches:
-                break
-            out = self._run(batch)
-            keep = out.pop("valid") > 0
-            yield {key: value[keep] for key, value in out.items()}
+        with stops.deferred():  # a Ctrl-C waits for the batch (`catalogue.stops`)
+            for i, batch in enumerate(dataset):
+                stops.check()
+                if max_batches is not None and i >= max_batches:
+                    break
+                out = self._run(batch)
+                keep = out.pop("valid") > 0
+                yield {key: value[keep] for key, value in out.items()}
 
     def __call__(self, dataset, max_batches: int | None = None) -> dict[str, np.ndarray]:
         """`batches` concatenated."""

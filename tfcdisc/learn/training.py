@@ -33,7 +33,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from tfcdisc.catalogue import atomic, folder_lock
+from tfcdisc.catalogue import atomic, folder_lock, stops
 from tfcdisc.learn import distribute, input_pipeline, models, product_predictor, rundir, runtime
 from tfcdisc.learn import backend as backend_lib
 from tfcdisc.prepare import metadata
@@ -112,6 +112,21 @@ def check_finite_weights(model: keras.Model, what: str) -> None:
     if bad:
         raise TrainingDiverged(f"weight {bad} is not finite: the run diverged and {what} was "
                                f"not written (the previous one is kept); {_DIVERGED_FIX}")
+
+
+class StopsBetweenSteps(keras.callbacks.Callback):
+    """Ctrl-C and SIGTERM take effect here, between steps (`catalogue.stops`): raised
+    wherever Python runs next they could land inside TensorFlow's own callbacks, and
+    crash the process or vanish. Last among the callbacks: a step's backup comes first."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        stops.check()
+
+    def on_test_batch_end(self, batch, logs=None):
+        stops.check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        stops.check()
 
 
 class StopOnNonFiniteLoss(keras.callbacks.TerminateOnNaN):
@@ -643,8 +658,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
             WholeCheckpoint(out_dir + "/checkpoints/last.keras"),
             keras.callbacks.CSVLogger(out_dir + "/history.csv", append=True),
             EpochCurves(out_dir + "/logs", update_freq=cfg.log_every_steps),
-            saver,  # last: a backup records a finished epoch only once everything above ran
+            saver,  # a backup records a finished epoch only once everything above ran
             *callbacks,
+            StopsBetweenSteps(),  # last: a stop comes after the step's own work
         ]
         verbose = cfg.verbose
         if verbose is None:
@@ -652,9 +668,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[keras.callbacks.Callback] = (),
         history: dict[str, list] = {}
 
         def fit(start_epoch: int, end_epoch: int, steps: int, start_step: int) -> None:
-            h = model.fit(train_data(start_step), initial_epoch=start_epoch, epochs=end_epoch,
-                          steps_per_epoch=steps, callbacks=all_callbacks, verbose=verbose,
-                          shuffle=False)  # the pipeline shuffles
+            with stops.deferred():  # a Ctrl-C waits for the end of its step
+                h = model.fit(train_data(start_step), initial_epoch=start_epoch,
+                              epochs=end_epoch, steps_per_epoch=steps,
+                              callbacks=all_callbacks, verbose=verbose,
+                              shuffle=False)  # the pipeline shuffles
             for key, values in h.history.items():
                 history.setdefault(key, []).extend(values)
 

@@ -31,9 +31,11 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
              batch_size: int = _DEFAULT.batch_size, progress: bool = True,
              strategy=_DEFAULT.strategy, tpu: str | None = None,
              errors: str = _DEFAULT.errors, dataset_config: str | None = None,
-             strict: bool = _DEFAULT.strict, label_map: dict[int, int] | None = None
-             ) -> dict:
+             strict: bool = _DEFAULT.strict, label_map: dict[int, int] | None = None,
+             thumbnails: bool = False) -> dict:
     """Predicts every product and compares with its category; returns the report dict.
+    ``thumbnails``: also a picture of each most confused pair (`pair_thumbnails`), for
+    `plot`.
 
     ``saved_model`` is an export folder or a `export_format.Export`; ``strategy`` as in
     `inference.predict`; ``label_map``: the ``labels`` file already read
@@ -94,7 +96,41 @@ def evaluate(saved_model, *, bson: str | None = None, labels: str | None = None,
             "accuracy_on_touched": float(hit[touched].mean()) if touched.any() else None}
     report["input"] = {"saved_model": export.path, "source": bson or f"{data_dir}[{split}]",
                        "labels": labels, **stats.as_dict()}
+    if thumbnails:
+        report["_thumbnails"] = pair_thumbnails(opened.products, report["most_confused"],
+                                                data["product_id"], truth,
+                                                data["top_k_category_id"][:, 0])
     return report
+
+
+PLOTTED_PAIRS = 6  # the most confused pairs `plot` draws with their pictures
+
+
+def pair_thumbnails(products, pairs: list[dict], product_ids: np.ndarray,
+                    truth: np.ndarray, predicted: np.ndarray) -> dict[tuple, tuple]:
+    """``{(true, predicted): (mistake, example)}`` for the first `PLOTTED_PAIRS` pairs: the
+    first image (JPEG bytes) of the first product of the true category taken for the other,
+    and of the first product truly of the other category (None where the set has none).
+    One more pass over the products, without the model, that stops at the last one needed
+    (the first of each kind, so it stops early)."""
+    wanted: dict[int, int] = {}  # position -> product id
+    plan = {}
+    for pair in pairs[:PLOTTED_PAIRS]:
+        t, p = pair["true"], pair["predicted"]
+        mistake = np.flatnonzero((truth == t) & (predicted == p))
+        example = np.flatnonzero(truth == p)
+        plan[(t, p)] = tuple(int(k[0]) if len(k) else None for k in (mistake, example))
+        wanted.update({k: int(product_ids[k]) for k in plan[(t, p)] if k is not None})
+    images: dict[int, bytes] = {}
+    if wanted:
+        last = max(wanted)
+        for position, product in enumerate(products().as_numpy_iterator()):
+            if position in wanted and int(product["product_id"]) == wanted[position]:
+                images[position] = next((bytes(j) for j in product["images"] if j), None)
+            if position >= last:
+                break
+    return {pair: tuple(images.get(k) if k is not None else None for k in where)
+            for pair, where in plan.items()}
 
 
 def score(truth: np.ndarray, top_k: np.ndarray, image_pred: np.ndarray,
@@ -172,17 +208,47 @@ def plot(report: dict, path: str) -> None:
           [report["level1_accuracy"], report["level2_accuracy"],
            report["product_accuracy"], report["image_accuracy"]])
     levels_ax.set_title("Accuracy by taxonomy level, and of single images")
-    confused_ax.axis("off")
-    pairs = report.get("most_confused", [])[:10]
-    lines = [f"{p['count']:>4}  {' > '.join((p['true_names'] or [str(p['true'])])[-2:])}\n"
-             f"      taken for {' > '.join((p['predicted_names'] or [str(p['predicted'])])[-2:])}"
-             for p in pairs]
-    confused_ax.text(0, 1, "Most confused pairs (products)\n\n" + "\n".join(lines)
-                     if lines else "No mistakes", va="top", family="monospace", fontsize=8)
+    _confused_pairs(confused_ax, report.get("most_confused", []),
+                    report.get("_thumbnails", {}))
     fig.tight_layout()
     with tf.io.gfile.GFile(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
+
+
+def _confused_pairs(ax, pairs: list[dict], thumbnails: dict) -> None:
+    """The most confused pairs, one per row: with `pair_thumbnails`, a product of the true
+    category that was taken for the other, beside a product of the other."""
+    ax.axis("off")
+    ax.set_title("Most confused pairs (products): a mistake | the category taken")
+    if not pairs:
+        ax.text(0, 1, "No mistakes", va="top", fontsize=9)
+        return
+    shown = pairs[:PLOTTED_PAIRS] if thumbnails else pairs[:10]
+    row = 1.0 / len(shown)
+    for i, pair in enumerate(shown):
+        top = 1.0 - i * row
+        pictures = thumbnails.get((pair["true"], pair["predicted"]), ())
+        for j, jpeg in enumerate(pictures):
+            inset = ax.inset_axes([0.11 * j, top - row * 0.95, 0.1, row * 0.9])
+            inset.set_xticks([])
+            inset.set_yticks([])
+            if jpeg:
+                inset.imshow(_pixels(jpeg))
+            else:
+                inset.text(0.5, 0.5, "none in\nthis set", ha="center", va="center",
+                           fontsize=6)
+        names = [" > ".join((pair[k] or [str(pair[k.split("_")[0]])])[-2:])
+                 for k in ("true_names", "predicted_names")]
+        ax.text(0.23 if thumbnails else 0.0, top - row * 0.5,
+                f"{pair['count']} x  {names[0][:48]}\n      taken for {names[1][:48]}",
+                va="center", fontsize=8, family="monospace")
+
+
+def _pixels(jpeg: bytes) -> np.ndarray:
+    import io
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
 
 
 def _bars(ax, labels: list[str], values: list[float], horizontal: bool = False) -> None:
