@@ -78,6 +78,14 @@ def test_imagenet_weights_from_a_file_need_no_network(dataset, tmp_path, monkeyp
     np.testing.assert_array_equal(np.asarray(loaded), np.asarray(first))
     training.train(train_config(dataset, tmp_path / "run", backbone="mobilenetv3_small",
                                 weights=str(path), steps_per_epoch=1))
+    # Without a network, --weights=imagenet is one line naming the file and both ways out
+    # (it was Keras's traceback ending in "URL fetch failure").
+    from keras.src.backend import config as keras_config
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras"))  # nothing cached
+    with pytest.raises(ValueError, match=r"^--weights=imagenet: Keras could not download "
+                       r"efficientnetv2-b0_notop.h5's ImageNet weights \(.*--weights=PATH.*"
+                       r"--weights=none"):
+        models.build_image_model("efficientnetv2_b0", 5, image_size=32, weights="imagenet")
     # Another backbone's file is named as such, in one line.
     with pytest.raises(ValueError, match="not the ImageNet weights of efficientnetv2_b0 .*"
                                          "Keras's file for --backbone=mobilenetv3_small"):

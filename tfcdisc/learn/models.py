@@ -509,7 +509,19 @@ def _backbone(name: str, spec: Backbone, shape: tuple, weights: str,
         if weights == "imagenet":
             raise ValueError("small_cnn has no ImageNet weights; use --weights=none")
         return _small_cnn(shape), scaling
-    return spec.make(**kwargs, weights="imagenet" if weights == "imagenet" else None), scaling
+    if weights != "imagenet":
+        return spec.make(**kwargs, weights=None), scaling
+    try:
+        return spec.make(**kwargs, weights="imagenet"), scaling
+    except Exception as e:  # noqa: BLE001 - Keras raises a bare Exception for a download
+        if "URL fetch failure" not in str(e):
+            raise
+        raise ValueError(
+            f"--weights=imagenet: Keras could not download {spec.imagenet_file or name}'s "
+            f"ImageNet weights ({str(e).rsplit(' -- ', 1)[-1]}); without access to "
+            "storage.googleapis.com, fetch that file where there is a network and give its "
+            "path, --weights=PATH (docs/troubleshooting.md), or start from none, "
+            "--weights=none (several points lower)") from None
 
 
 SLOT_SCALE = 10.0  # the slot score's pace: a fine-tune's low learning rate moved it too
