@@ -37,6 +37,7 @@ def test_notebook_runs_in_smoke_mode(backend, host, variable, tmp_path, monkeypa
     if variable:
         monkeypatch.setenv(variable, "Interactive")
     else:  # a VM's defaults are under its home folder
+        (tmp_path / "home").mkdir()
         monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TFCDISC_REPO", str(REPO))
     monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -213,6 +213,11 @@ def _write_bson_files(join, plans: dict[str, Plan], styles: list[CategoryStyle],
                                         documents(pool.imap(_encode_chunk, tasks), name),
                                         lambda _: bar.update(min(_CHUNK, bar.total - bar.n)))
             bar.close()
+        # Workers end on their sentinel: the `with`'s terminate() alone can hang for good
+        # when an idle worker holds the task queue's lock as it is signalled (seen once in
+        # a test run: a 40-product catalogue past 300 s).
+        pool.close()
+        pool.join()
     return sizes, jpeg_bytes, seen
 
 
