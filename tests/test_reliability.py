@@ -641,12 +641,12 @@ def test_a_fusion_cache_made_from_another_run_is_not_reused(exported, tmp_path):
     key_path = folder / "features" / fusion.CACHE_KEY
     key = json.loads(key_path.read_text())
     assert key["model_dir"] == str(run) and len(key["checkpoint_sha256"]) == 64
-    stamp = (folder / "features" / "train.tfrecord").stat().st_mtime_ns
+    stamp = (folder / "features" / "validation.tfrecord").stat().st_mtime_ns
     fusion.train(str(run), str(folder), epochs=1)  # the same run: the cache is reused
-    assert (folder / "features" / "train.tfrecord").stat().st_mtime_ns == stamp
+    assert (folder / "features" / "validation.tfrecord").stat().st_mtime_ns == stamp
     key_path.write_text(json.dumps({**key, "checkpoint_sha256": "0" * 64}))  # another run's
     fusion.train(str(run), str(folder), epochs=1)
-    assert (folder / "features" / "train.tfrecord").stat().st_mtime_ns != stamp
+    assert (folder / "features" / "validation.tfrecord").stat().st_mtime_ns != stamp
     assert json.loads(key_path.read_text()) == key
 
 

@@ -48,30 +48,6 @@ def test_the_blend_matches_a_hand_computation():
             np.testing.assert_allclose(got[i, j], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_the_product_blend_for_a_fusion_head_matches_a_hand_computation():
-    """A fusion head has no per-image log-probabilities: its product's are blended with
-    the mean of the table's distributions over the images found (padding never counts)."""
-    rng = np.random.default_rng(1)
-    log_probs = tf.nn.log_softmax(rng.normal(size=(3, 5)).astype(np.float32)).numpy()
-    cls = np.array([[2, -1, 0, 3], [-1, -1, -1, -1], [4, 1, -1, -1]], np.int32)
-    share = np.array([[0.75, 0, 1.0, 0.9], [0, 0, 0, 0], [0.5, 0.6, 0, 0]], np.float32)
-    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0]], np.float32)
-    got = duplicates.blend_product(tf.constant(log_probs), tf.constant(cls),
-                                   tf.constant(share), tf.constant(mask), 0.4).numpy()
-    for i in range(3):
-        found = [j for j in range(4) if cls[i, j] >= 0 and mask[i, j] > 0]
-        if not found:
-            np.testing.assert_allclose(got[i], log_probs[i], rtol=1e-6)
-            continue
-        qs = []
-        for j in found:  # slot 3 of product 0 is padding: its entry is ignored
-            q = np.full(5, (1 - share[i, j]) / 4)
-            q[cls[i, j]] = share[i, j]
-            qs.append(q)
-        expected = np.log(0.6 * np.exp(log_probs[i]) + 0.4 * np.mean(qs, axis=0))
-        np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
-
-
 def _recurring_catalogue(folder):
     """Products draw their images from a small pool per category, so train, validation
     and test share exact bytes, as the real catalogue does."""

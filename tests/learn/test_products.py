@@ -87,6 +87,16 @@ def test_a_product_phase_learns_its_pooling_and_exports_through_the_same_rule(
         top = plain.step(batch)["top_k_classes"].numpy()[:, 0]
         real = batch["valid"].numpy() > 0  # filler products get the fallback class
         assert [int(names[c]) for c in top[real]] == ids[real].tolist()
+    # A fusion head on the phase starts from the phase's own scores, and keeps them when
+    # nothing beats them on the held-out quarter (here: nothing is learned).
+    from tfcdisc.learn import fusion
+    head = fusion.train(str(phase), str(tmp_path / "fusion"), checkpoint="last", epochs=1,
+                        learning_rate=0.0)
+    assert head["chosen_epoch"] == 0
+    saved = keras.saving.load_model(tmp_path / "fusion" / fusion.FUSION_MODEL, compile=False)
+    for got, own in zip(saved.get_layer("slot_dense").get_weights(),
+                        image_model.get_layer("slot_dense").get_weights()):
+        np.testing.assert_array_equal(got, own)
 
 
 def test_a_product_phase_trains_under_jax_on_two_devices(dataset, tmp_path):

@@ -144,18 +144,6 @@ def blend(log_probs, duplicate_class, duplicate_share, weight):
     return ops.where(found[..., None], mixed, log_probs)
 
 
-def blend_product(log_probs, duplicate_class, duplicate_share, mask, weight):
-    """Product log-probabilities [B, C] (a fusion head's, which has no per-image ones)
-    blended with the mean of the table's distributions over the product's images found
-    in it [B, N]: log((1 - w) p + w mean(q)). Products with no image found are left."""
-    found = ops.cast((duplicate_class >= 0) & (mask > 0), "float32")
-    q = _table_distribution(duplicate_class, duplicate_share, log_probs.shape[-1])
-    count = ops.sum(found, axis=1)
-    q = ops.sum(q * found[..., None], axis=1) / ops.maximum(count, 1.0)[:, None]
-    mixed = ops.log((1.0 - weight) * ops.exp(log_probs) + weight * q + 1e-30)
-    return ops.where((count > 0)[:, None], mixed, log_probs)
-
-
 def _table_distribution(duplicate_class, duplicate_share, classes: int):
     """q: the table's top class gets its share, the rest is spread evenly."""
     top = ops.one_hot(ops.maximum(duplicate_class, 0), classes, dtype="float32")

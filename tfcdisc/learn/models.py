@@ -293,8 +293,8 @@ def with_tta(image_model: keras.Model, tta: str) -> keras.Model:
     inputs = keras.Input(image_model.input.shape[1:], dtype=image_model.input.dtype,
                          name="image")
     views = [image_model(inputs), image_model(Mirror(name="mirror")(inputs))]
-    # The label in log-probability space; any other output (a product phase's slot
-    # score, a fusion head's embedding) as the views' mean.
+    # The label in log-probability space; any other output (a slot score, an embedding)
+    # as the views' mean.
     outputs = {key: (MeanLogProbs if key == "label" else layers.Average)(
         dtype="float32", name=key)([v[key] for v in views]) for key in image_model.output}
     return keras.Model(inputs, outputs, name=f"{image_model.name}_flip_tta")
@@ -481,7 +481,7 @@ def build_image_model(backbone: str, num_classes: int, *, image_size: int = 180,
         outputs["label_level2"] = layers.Dense(num_level2, dtype="float32",
                                                name="label_level2")(features)
     if slot_score:
-        outputs[SLOT_SCORE] = _slot_score(pooled, outputs["label"])
+        outputs[SLOT_SCORE] = slot_score_of(pooled, outputs["label"])
     model = keras.Model(inputs, outputs, name=f"{backbone}_classifier")
     if bn_momentum is not None:
         _set_bn_momentum(model, bn_momentum)
@@ -542,10 +542,11 @@ class Confidence(layers.Layer):
         return (input_shape[0], 2)
 
 
-def _slot_score(features, logits):
+def slot_score_of(features, logits):
     """Each image's say in its product (`slot_weights`): a linear score of its features
     and its confidence, zero at the start (the mean of log-probabilities), moved
-    `SLOT_SCALE` times faster than the other weights."""
+    `SLOT_SCALE` times faster than the other weights. A product phase learns it with the
+    backbone; the fusion head (`fusion`) learns it on held-out products."""
     evidence = layers.Concatenate(dtype="float32", name="slot_evidence")(
         [features, Confidence(dtype="float32", name="slot_confidence")(logits)])
     score = layers.Dense(1, dtype="float32", kernel_initializer="zeros",

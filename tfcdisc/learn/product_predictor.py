@@ -2,8 +2,8 @@
 its run over product batches under any strategy.
 
 The competition metric is product accuracy, scored by one rule (`product_scores`: a
-product's images combined, or an export's fusion head, the duplicate table's answers
-blended in where batches carry them), which the SavedModel also runs. Validation during
+product's images combined, the duplicate table's answers blended in where batches carry
+them), which the SavedModel also runs. Validation during
 training, `tfcdisc.evaluate`, `tfcdisc.predict` and its Beam pipeline all run this one
 path over `input_pipeline.batch_products` batches under the run's strategy (TensorFlow's default, mirrored, multi-worker or TPU; on JAX,
 data parallel over every device of every process), and keep only small arrays (top-k
@@ -35,15 +35,13 @@ class ProductPredictor:
 
     def __init__(self, image_model: keras.Model, k: int = 5, strategy=None,
                  fallback_class: int = 0, jit_compile: bool | None = None,
-                 duplicate_weight: float = 0.0, weight_grid: Sequence[float] = (),
-                 fusion: keras.Model | None = None):
+                 duplicate_weight: float = 0.0, weight_grid: Sequence[float] = ()):
         self.strategy = strategy or default_strategy()
         self.k = k
         static = static_shapes(self.strategy) or bool(jit_compile)
         scores = scores_fn(image_model, k, static, fallback_class=fallback_class,
-                           fusion=fusion, duplicate_weight=duplicate_weight,
-                           weight_grid=weight_grid)
-        self.step, self._run = compile_step(scores, [image_model, fusion], self.strategy,
+                           duplicate_weight=duplicate_weight, weight_grid=weight_grid)
+        self.step, self._run = compile_step(scores, [image_model], self.strategy,
                                             jit_compile)
 
     def batches(self, dataset, max_batches: int | None = None
@@ -76,7 +74,7 @@ _DEVICE_KEYS = ("images", "mask", "duplicate_class", "duplicate_share")
 
 
 def scores_fn(image_model: keras.Model, k: int, static: bool, *, fallback_class: int = 0,
-              fusion: keras.Model | None = None, duplicate_weight: float = 0.0,
+              duplicate_weight: float = 0.0,
               weight_grid: Sequence[float] = ()) -> Callable:
     """``batch -> product scores`` (`product_scores`) of a product batch's device
     fields; ``static``: every slot goes through the model (XLA), else only real images."""
@@ -84,7 +82,7 @@ def scores_fn(image_model: keras.Model, k: int, static: bool, *, fallback_class:
         mask = batch["mask"]
         return product_scores(
             image_outputs(image_model, batch["images"], None if static else mask),
-            mask, k, fallback_class=fallback_class, fusion=fusion,
+            mask, k, fallback_class=fallback_class,
             duplicate_class=batch.get("duplicate_class"),
             duplicate_share=batch.get("duplicate_share"),
             duplicate_weight=duplicate_weight, weight_grid=weight_grid)
@@ -267,22 +265,11 @@ def _run_on_real_images(image_model, run, flat, mask):
         [rows, tf.constant(widths[key], tf.int64)])) for key, value in scored.items()}
 
 
-def fused_logits(fusion: keras.Model | None, outputs: dict, mask):
-    """The fusion model's product logits from `image_outputs`, or None without one."""
-    if fusion is None:
-        return None
-    return ops.cast(fusion({"embedding": outputs["embedding"], "mask": mask},
-                           training=False)["label"], "float32")
-
-
-def top_k_of(per_image, mask, k: int = 5, product_log_probs=None,
-             slot_scores=None) -> dict:
+def top_k_of(per_image, mask, k: int = 5, slot_scores=None) -> dict:
     """Top-k classes and probabilities of each product, and each image's own top class,
     from per-image log-probabilities [B, N, C] (their masked mean, weighted by
-    ``slot_scores`` where the model learned them), or from ``product_log_probs`` [B, C]
-    where a fusion model gave them."""
-    combined = (models.combine_log_probs(per_image, mask, slot_scores) if product_log_probs is None
-                else ops.log_softmax(product_log_probs, axis=-1))
+    ``slot_scores`` where the model learned them)."""
+    combined = models.combine_log_probs(per_image, mask, slot_scores)
     k = min(k, combined.shape[-1])  # a catalogue may have fewer categories than k
     top_log_probs, top_classes = ops.top_k(combined, k=k)
     # exp of the mean log-probability is a geometric mean; renormalise over classes.
@@ -293,18 +280,18 @@ def top_k_of(per_image, mask, k: int = 5, product_log_probs=None,
 
 
 def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
-                   fusion: keras.Model | None = None, duplicate_class=None,
+                   duplicate_class=None,
                    duplicate_share=None, duplicate_weight: float = 0.0,
                    weight_grid: Sequence[float] = ()) -> dict:
     """The product scoring rule, the one that validation, evaluate, predict and the
     SavedModel all run, from `image_outputs` and the padding ``mask`` [B, N]:
 
     - a product's images are combined by the masked mean of their log-probabilities
-      (weighted by the model's ``slot_score`` where a product phase learned one), or by
-      the ``fusion`` head over their embeddings;
+      (weighted by the model's ``slot_score`` where a product phase or a fusion head
+      learned one);
     - where the duplicate table found an image (``duplicate_class`` >= 0, from
-      `tfcdisc.learn.duplicates.features`) the table's answer is blended in with
-      ``duplicate_weight``: per image, or with a fusion head per product;
+      `tfcdisc.learn.duplicates.features`) the table's answer is blended into that
+      image's with ``duplicate_weight``;
     - a product with no usable image gets ``fallback_class`` with probability 0, and
       padded slots get image class -1.
 
@@ -316,20 +303,15 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
     mask = ops.cast(mask, "float32")
     per_image = outputs["label"]
     slots = outputs[models.SLOT_SCORE][..., 0] if models.SLOT_SCORE in outputs else None
-    fused = fused_logits(fusion, outputs, mask)
     lookup = duplicate_class is not None
 
-    def blended(weight):  # per image; with a fusion head, its product log-probabilities
-        if fused is None:
-            return duplicates.blend(per_image, duplicate_class, duplicate_share, weight)
-        return duplicates.blend_product(ops.log_softmax(fused, axis=-1), duplicate_class,
-                                        duplicate_share, mask, weight)
+    def blended(weight):
+        return duplicates.blend(per_image, duplicate_class, duplicate_share, weight)
 
     if lookup and duplicate_weight:
-        out = (top_k_of(blended(duplicate_weight), mask, k, slot_scores=slots)
-               if fused is None else top_k_of(per_image, mask, k, blended(duplicate_weight)))
+        out = top_k_of(blended(duplicate_weight), mask, k, slots)
     else:
-        out = top_k_of(per_image, mask, k, fused, slots)
+        out = top_k_of(per_image, mask, k, slots)
     has_image = (ops.sum(mask, axis=1) > 0)[:, None]
     result = {
         "top_k_classes": ops.where(has_image, out["top_k_classes"],
@@ -342,7 +324,7 @@ def product_scores(outputs: dict, mask, k: int = 5, *, fallback_class: int = 0,
         result["duplicate_hits"] = ops.sum(found, axis=1)
         if weight_grid:
             result["top1_by_weight"] = ops.stack(
-                [ops.cast(ops.argmax(models.combine_log_probs(blended(w), mask, slots)
-                                     if fused is None else blended(w), axis=-1), "int32")
+                [ops.cast(ops.argmax(models.combine_log_probs(blended(w), mask, slots),
+                                     axis=-1), "int32")
                  for w in weight_grid], axis=1)
     return result

@@ -17,8 +17,9 @@ and the taxonomy is embedded. Signatures:
 
 What an export may add, all in the graph and in the assets: flip TTA or an ensemble
 (inside the image model, `models.with_tta`, `models.ensemble_model`), a duplicate-image
-table (``assets/duplicates.npz``, `tfcdisc.learn.duplicates`), a fusion head
-(``assets/fusion.keras``, `tfcdisc.learn.fusion`).
+table (``assets/duplicates.npz``, `tfcdisc.learn.duplicates`), the learned weights of a
+product's images (a product phase's or a fusion head's ``slot_score``, inside the image
+model, `tfcdisc.learn.fusion`).
 
 Beside it, ``assets/image_model.keras`` and ``assets/tfcdisc.json`` (image size, top k,
 fallback, taxonomy, how the export was made) let `tfcdisc.predict` and
@@ -56,11 +57,9 @@ class ProductClassifier(tf.Module):
 
     def __init__(self, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy,
                  image_size: int, top_k: int, fallback_class: int,
-                 duplicate_table: duplicates.Table | None = None,
-                 fusion_model: keras.Model | None = None):
+                 duplicate_table: duplicates.Table | None = None):
         super().__init__()
         self.image_model = image_model
-        self.fusion_model = fusion_model
         self._duplicates = None
         if duplicate_table is not None and duplicate_table.weight > 0:
             self._duplicates = (duplicates.static_table(duplicate_table),
@@ -93,7 +92,7 @@ class ProductClassifier(tf.Module):
     def _predict(self, images, mask, duplicate_class=None, duplicate_share=None):
         out = product_predictor.product_scores(
             product_predictor.image_outputs(self.image_model, images, mask), mask, self.top_k,
-            fallback_class=self.fallback_class, fusion=self.fusion_model,
+            fallback_class=self.fallback_class,
             duplicate_class=duplicate_class, duplicate_share=duplicate_share,
             duplicate_weight=self._duplicates[3] if self._duplicates else 0.0)
         image_ids = tf.where(mask > 0, tf.gather(self._category_ids,
@@ -118,16 +117,15 @@ class ProductClassifier(tf.Module):
 def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxonomy, *,
           image_size: int, top_k: int, fallback_class: int,
           max_image_pixels: int | None = None,
-          duplicate_table: duplicates.Table | None = None,
-          fusion_model: keras.Model | None = None, **extra) -> dict:
+          duplicate_table: duplicates.Table | None = None, **extra) -> dict:
     """Writes an export of ``image_model`` (uint8 images in, ``label`` logits or
     log-probabilities out): the SavedModel, the Keras model and the metadata that
     `load` reads. ``extra`` goes into the metadata (how the model was made)."""
     top_k = min(top_k, taxonomy.num_classes)
     module = ProductClassifier(image_model, taxonomy, image_size, top_k, fallback_class,
-                               duplicate_table, fusion_model)
-    extra["fusion"] = fusion_model is not None
-    # How a product's images are combined: a product phase's learned weights, or the mean.
+                               duplicate_table)
+    # How a product's images are combined: learned weights (a product phase's, a fusion
+    # head's), or the mean.
     extra["product_pooling"] = "learned" if models.SLOT_SCORE in image_model.output else "mean"
     if duplicate_table is not None:
         extra["duplicates"] = {
@@ -142,10 +140,8 @@ def write(export_dir: str, image_model: keras.Model, taxonomy: taxonomy_lib.Taxo
         tf.saved_model.save(module, target, signatures={
             "serving_default": module.serve, "predict_decoded": module.predict_decoded,
             "metadata": module.metadata})
-        for model, rel in ((image_model, KERAS_MODEL), (fusion_model, FUSION)):
-            if model is not None:
-                with atomic.via_local(f"{target}/{rel}") as local:
-                    model.save(local)
+        with atomic.via_local(f"{target}/{KERAS_MODEL}") as local:
+            image_model.save(local)
         if duplicate_table is not None:
             atomic.write(f"{target}/{DUPLICATES}", duplicate_table.to_bytes())
         meta["files"] = checksums(target)  # every loader checks them (`verify`)
@@ -228,7 +224,6 @@ class Export:
     taxonomy: taxonomy_lib.Taxonomy
     max_image_pixels: int | None = None  # the training catalogue's frame size, if fixed
     duplicate_table: duplicates.Table | None = None  # with its blend weight
-    fusion_model: keras.Model | None = None  # combines the image model's embeddings
 
     @property
     def category_ids(self) -> np.ndarray:
@@ -296,15 +291,15 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
     once its files are checked against its checksums (`verify`)."""
     meta = read_metadata(export_dir)
     verify(export_dir, meta)
+    if FUSION in meta["files"]:
+        raise ValueError(f"{export_dir}: an export with a fusion head of an earlier tfcdisc "
+                         "(a class head over a product's embeddings), which this version no "
+                         "longer runs; train the head again (python -m tfcdisc.train_fusion) "
+                         "and export the run with it")
     path = f"{export_dir.rstrip('/')}/{KERAS_MODEL}"
-    fusion_model = None
     with (strategy or product_predictor.default_strategy()).scope():
         with atomic.local_copy(path) as local:
             model = models.load_model(local)
-        if meta.get("fusion"):
-            from tfcdisc.learn import fusion  # noqa: F401 (registers the head's layers)
-            with atomic.local_copy(f"{export_dir.rstrip('/')}/{FUSION}") as local:
-                fusion_model = keras.saving.load_model(local, compile=False)
     table = None
     if meta.get("duplicates"):
         with tf.io.gfile.GFile(f"{export_dir.rstrip('/')}/{DUPLICATES}", "rb") as f:
@@ -316,6 +311,6 @@ def load(export_dir: str, strategy: tf.distribute.Strategy | None = None) -> Exp
                              f"writes ({e}); export it again") from None
     return Export(export_dir, model, meta["image_size"], meta["top_k"], meta["fallback_class"],
                   taxonomy_lib.Taxonomy.from_dict(meta["taxonomy"]),
-                  meta.get("max_image_pixels"), table, fusion_model)
+                  meta.get("max_image_pixels"), table)
 
 

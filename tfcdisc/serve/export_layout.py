@@ -12,7 +12,7 @@ from tfcdisc.catalogue import paths
 KERAS_MODEL = "assets/image_model.keras"
 METADATA = "assets/tfcdisc.json"
 DUPLICATES = "assets/duplicates.npz"
-FUSION = "assets/fusion.keras"
+FUSION = "assets/fusion.keras"  # an earlier version's fusion head: refused on load
 
 
 def check(export_dir: str) -> None:

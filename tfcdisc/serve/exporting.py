@@ -1,7 +1,7 @@
 """Exporting: a run (or several, as an ensemble) into one export (`export_format`).
 
 From a run folder (`learn.rundir`: the checkpoint's own model in float32, the dataset its
-config names), with flip TTA, a fusion head, or a duplicate-image table whose blend
+config names), with flip TTA, a fusion head (`learn.fusion`), or a duplicate-image table whose blend
 weight is chosen on the validation split (the table stays off unless it helped). A JAX
 process runs `export` in a TensorFlow-backend process (`in_tensorflow_process`): the
 SavedModel is always TensorFlow's own graph. The commands are `tfcdisc.export` and
@@ -41,11 +41,10 @@ def export(model_dir: str, export_dir: str, *, top_k: int = _EXPORT.top_k,
     ``duplicates_from`` (a built dataset of the same taxonomy) embeds a duplicate-image
     table made from its train split, blended with a weight chosen on its validation
     split (`tfcdisc.learn.duplicates`; the weight is 0, the table off, unless it helped).
-    ``fusion_dir`` (of `tfcdisc.train_fusion`) combines each product's image embeddings
-    with its fusion head instead of averaging log-probabilities; it uses the checkpoint
-    the head was trained on. With ``duplicates_from`` as well, the table is blended with
-    the head's product predictions (`duplicates.blend_product`). ``phase`` exports a
-    phase of the run (`training.for_phase`) instead of its main training.
+    ``fusion_dir`` (of `tfcdisc.train_fusion`) weighs each product's images by its
+    fusion head's scores (`fusion.with_head`) instead of equally; it uses the checkpoint
+    the head learned from. ``phase`` exports a phase of the run (`training.for_phase`)
+    instead of its main training.
     """
     if phase:
         model_dir = rundir.phase_dir(model_dir, phase)
@@ -70,29 +69,26 @@ def _export(model_dir: str, export_dir: str, *, top_k: int, checkpoint: str, tta
     if not facts.class_counts.size:
         logging.warning("no class counts in the dataset metadata: falling back to class 0 for "
                         "products without images")
-    fusion_head = None
     if fusion_dir:
         from tfcdisc.learn import fusion
         checkpoint = fusion.load_config(fusion_dir)["checkpoint"]
-        fusion_head = rundir.float32_model(f"{fusion_dir.rstrip('/')}/{fusion.FUSION_MODEL}")
     path = rundir.checkpoint_path(model_dir, checkpoint)
     image_model = rundir.float32_model(path)
     bad = rundir.non_finite_weight(image_model)
     if bad:  # a diverged run's: it would put every product in one category
         raise ValueError(f"{path}: weight {bad} is not finite (the run diverged); export "
                          "another checkpoint, or retrain with a lower --learning_rate")
-    if fusion_head is not None:  # with flip TTA, the head reads the views' mean embedding
-        image_model = fusion.with_embedding(image_model)
+    if fusion_dir:  # before TTA: the views' scores are averaged as their embeddings were
+        image_model = fusion.with_head(image_model, fusion_dir, model_dir)
     image_model = models.with_tta(image_model, tta)
     table = None
     if duplicates_from:
-        table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size,
-                                fusion=fusion_head)
+        table = duplicate_table(duplicates_from, taxonomy, image_model, cfg.image_size)
     summary = export_format.write(
         export_dir, image_model, taxonomy, image_size=cfg.image_size, top_k=top_k,
         fallback_class=facts.fallback_class,
         max_image_pixels=int(np.prod(facts.image_size)) if facts.image_size else None,
-        duplicate_table=table, fusion_model=fusion_head, tta=tta)
+        duplicate_table=table, tta=tta, fusion=bool(fusion_dir))
     return {**summary, "checkpoint": checkpoint}
 
 
@@ -114,13 +110,12 @@ def in_tensorflow_process(fn: Callable[..., dict], *args, **kwargs) -> dict:
 
 
 def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model: keras.Model,
-                    image_size: int, batch_size: int = 256,
-                    fusion: keras.Model | None = None) -> duplicates.Table:
+                    image_size: int, batch_size: int = 256) -> duplicates.Table:
     """The table of ``data_dir``'s train and validation splits (never test), with the
     blend weight that a table of the train split alone scores best with on the validation
-    split (with a ``fusion`` head, blended with the head's product predictions): the
-    weight is chosen by the table that leaves validation out, and the submission's table
-    then knows every labelled image and how often each was seen in each category."""
+    split: the weight is chosen by the table that leaves validation out, and the
+    submission's table then knows every labelled image and how often each was seen in
+    each category."""
     builder = input_pipeline.load_builder(data_dir)
     if not np.array_equal(metadata.read(builder, data_dir).taxonomy.category_ids,
                           taxonomy.category_ids):
@@ -131,7 +126,7 @@ def duplicate_table(data_dir: str, taxonomy: taxonomy_lib.Taxonomy, image_model:
     validation = duplicates.sightings(input_pipeline.image_labels(builder, "validation"))
     train_only = duplicates.table_of(*train)
     grid = duplicates.WEIGHT_GRID
-    predictor = product_predictor.ProductPredictor(image_model, 1, weight_grid=grid, fusion=fusion)
+    predictor = product_predictor.ProductPredictor(image_model, 1, weight_grid=grid)
     hits = np.zeros(len(grid))
     n = builder.info.splits["validation"].num_examples
     batches = product_predictor.distribute_products(
@@ -171,10 +166,6 @@ def _ensemble(members: Sequence[str], export_dir: str, weights: list[float],
               duplicates_from: str | None) -> dict:
     opened = [export_format.load(m) for m in members]
     first = opened[0]
-    for e in opened:
-        if e.fusion_model is not None:
-            raise ValueError(f"{e.path}: an export with a fusion head cannot be an ensemble "
-                             "member yet (its products are not scored image by image)")
     for e in opened[1:]:
         if not np.array_equal(e.taxonomy.category_ids, first.taxonomy.category_ids):
             raise ValueError(f"{e.path}: another taxonomy than {first.path}; an ensemble's "

@@ -173,13 +173,12 @@ def _used_table(export: export_format.Export):
 
 def predictor_for(export: export_format.Export, strategy: tf.distribute.Strategy
                   ) -> product_predictor.ProductPredictor:
-    """The export's scoring (its model, fusion head and duplicate table's weight),
-    compiled once: what local predict, evaluate and each Beam worker run."""
+    """The export's scoring (its model and duplicate table's weight), compiled once:
+    what local predict, evaluate and each Beam worker run."""
     table = _used_table(export)
     return product_predictor.ProductPredictor(export.image_model, export.top_k, strategy,
-                                         export.fallback_class,
-                                         duplicate_weight=table.weight if table else 0.0,
-                                         fusion=export.fusion_model)
+                                              export.fallback_class,
+                                              duplicate_weight=table.weight if table else 0.0)
 
 
 def run_predictions(export: export_format.Export, products: Callable[[], tf.data.Dataset],

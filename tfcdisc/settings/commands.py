@@ -240,8 +240,9 @@ class ExportSettings:
     phase: str | None = setting(None, "Export this phase of the run (`tfcdisc.train "
                                 "--phase`): its own best or last checkpoint.")
     fusion_dir: str | None = setting(None, "A fusion head of this run "
-                                     "(`tfcdisc.train_fusion`): products are scored from "
-                                     "their images' embeddings together.", role="input")
+                                     "(`tfcdisc.train_fusion`): each product's images are "
+                                     "weighed by the head's scores instead of equally.",
+                                     role="input")
     duplicates_from: str | None = setting(
         None, "A built dataset (usually the run's --data_dir): embed a table of its "
         "training and validation images' exact bytes, blended with the model where a "
@@ -276,10 +277,11 @@ def check_ensemble_members(members) -> None:
 @dataclasses.dataclass
 class FusionSettings:
     model_dir: str = setting(None, "A finished train run.", required=True, role="input")
-    fusion_dir: str = setting(None, "Where the feature cache and the head go.", required=True,
+    fusion_dir: str = setting(None, "Where the embeddings' cache and the head go.", required=True,
                               role="output")
-    data_dir: str | None = setting(None, "The built dataset (default: the run's).",
-                                   role="input")
+    data_dir: str | None = setting(None, "The built dataset whose validation split the head "
+                                   "learns on: products the run did not train on (default: "
+                                   "the run's).", role="input")
     checkpoint: str = setting("best", "The run's checkpoint whose embeddings the head learns "
                               "from (export uses the same).", choices=CHECKPOINTS)
     epochs: int = setting(10, "Epochs over the cached embeddings.", lower_bound=1)
