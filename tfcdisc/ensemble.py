@@ -3,8 +3,9 @@
     python -m tfcdisc.ensemble --saved_model=A --saved_model=B [--saved_model=...] \
         [--weights=1,1,...] [--duplicates_from=DATA] --export_dir=ENSEMBLE
 
-Members may differ in backbone, image size and test-time augmentation (`--tta` of
-`tfcdisc.export`); they must share the taxonomy. The result has the same signatures as
+Members may differ in backbone, image size, test-time augmentation (`--tta` of
+`tfcdisc.export`) and fusion heads (`--fusion_dir`: the members' learned image weights are
+averaged); they must share the taxonomy. The result has the same signatures as
 any export, so `tfcdisc.predict` and `tfcdisc.evaluate` take it as it is.
 """
 
