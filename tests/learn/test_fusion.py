@@ -143,7 +143,7 @@ def test_a_head_of_another_checkpoint_or_version_and_an_old_export_are_refused(
     config_path = head_dir / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "checkpoint_sha256": "0" * 64}))
-    with pytest.raises(ValueError, match="learned from .* train the head again"):
+    with pytest.raises(ValueError, match="learned from .* train a head on this run"):
         exporting.export(str(run), str(tmp_path / "export"), fusion_dir=str(head_dir))
     earlier = {k: v for k, v in config.items() if k != "head"}
     config_path.write_text(json.dumps(earlier))

@@ -291,9 +291,9 @@ def with_head(image_model: keras.Model, fusion_dir: str, model_dir: str) -> kera
     if config["checkpoint_sha256"] != atomic.sha256(path):
         raise ValueError(f"{fusion_dir}: its head learned from {config['model_dir']} "
                          f"({config['checkpoint']} checkpoint as it was then), not {path} "
-                         "as it is now; train the head again on this run: python -m "
-                         f"tfcdisc.train_fusion --model_dir={model_dir} "
-                         f"--fusion_dir={fusion_dir}")
+                         "as it is now; train a head on this run (into another "
+                         "--fusion_dir to keep this one): python -m tfcdisc.train_fusion "
+                         f"--model_dir={model_dir} --fusion_dir={fusion_dir}")
     with atomic.local_copy(f"{fusion_dir.rstrip('/')}/{FUSION_MODEL}") as local:
         head = keras.saving.load_model(local, compile=False)
     return with_scorer(image_model, head)
