@@ -96,7 +96,7 @@ docs: $(STAMP)
 
 # ---------------------------------------------------------------------------- checks
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q --durations=15
+	$(PY) -m pytest -n 2 --dist worksteal -q --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

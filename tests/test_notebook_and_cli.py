@@ -23,14 +23,25 @@ def test_notebook_is_stored_without_outputs():
 
 # Each run is one host's branch (as its runtime's variables say) on one backend; "other"
 # is a plain VM or workstation (no host variable), whose defaults are under the home folder.
-@pytest.mark.parametrize("backend,host,variable", [("jax", "kaggle", "KAGGLE_KERNEL_RUN_TYPE"),
-                                                   ("tensorflow", "colab", "COLAB_RELEASE_TAG"),
-                                                   ("tensorflow", "other", None)])
-def test_notebook_runs_in_smoke_mode(backend, host, variable, tmp_path, monkeypatch):
+# What differs by host is the set-up cell (paths, warnings, install commands, backend) and
+# the preflight's target: Colab runs those and the preflight cell (skipped by the user:
+# the same code as Kaggle's but for the target, which test_preflight checks per runtime);
+# the pipeline after them, the same code on every host, runs whole on Kaggle (JAX, the
+# preflight compiled) and on a VM (TensorFlow, the preflight skipped on a CPU runtime).
+@pytest.mark.parametrize("backend,host,variable,preflight,whole", [
+    ("jax", "kaggle", "KAGGLE_KERNEL_RUN_TYPE", True, True),
+    ("tensorflow", "colab", "COLAB_RELEASE_TAG", False, False),
+    ("tensorflow", "other", None, True, True)])
+def test_notebook_runs_in_smoke_mode(backend, host, variable, preflight, whole, tmp_path,
+                                     monkeypatch):
     from nbclient import NotebookClient
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # As papermill injects parameters; JAX on two CPU devices stands in for a TPU's chips.
-    nb.cells.insert(2, nbformat.v4.new_code_cell(f"SMOKE = True\nBACKEND = {backend!r}"))
+    nb.cells.insert(2, nbformat.v4.new_code_cell(
+        f"SMOKE = True\nBACKEND = {backend!r}\nPREFLIGHT = {preflight}"))
+    if not whole:  # up to the preflight cell, without the catalogue it would not use
+        last = next(i for i, c in enumerate(nb.cells) if '"tfcdisc.preflight"' in c.source)
+        nb.cells = [c for c in nb.cells[:last + 1] if '"tfcdisc.synth"' not in c.source]
     for name in ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "COLAB_RELEASE_TAG",
                  "COLAB_GPU", "TPU_NAME", "TPU_ACCELERATOR_TYPE"):
         monkeypatch.delenv(name, raising=False)
@@ -64,15 +75,20 @@ def test_notebook_runs_in_smoke_mode(backend, host, variable, tmp_path, monkeypa
         assert f"WARNING: {tmp_path}/home/tfcdisc/runs/xception is a temporary folder" in text
     assert "is deprecated" not in text  # other libraries' notices (tfds's TensorInfo.dtype)
     assert f"backend: {backend}" in text
+    # Unless skipped, the preflight cell compiled the run for a v5e-1 with the TPU compiler,
+    # whatever backend the notebook trains on (Kaggle is a TPU runtime; a CPU VM is not).
+    if not preflight:
+        assert "preflight: skipped (PREFLIGHT = False)" in text and "| train |" not in text
+    elif host == "other":
+        assert "preflight: skipped on this cpu runtime" in text
+    else:
+        assert all(f"v5e-1 | {step} |" in text for step in ("train", "validation", "predict"))
+        assert "v5e-1 | train | 128 |" in text
+    if not whole:
+        return
     assert "validation product accuracy:" in text and "60 rows in" in text
     assert f"replicas: {2 if backend == 'jax' else 1}" in text and "_id,category_id" in text
     assert "min per epoch of 3 steps" in text  # the epoch-time estimate
-    # The preflight cell compiled the run for a v5e-1 with the TPU compiler, whatever
-    # backend the notebook trains on (Colab and Kaggle are TPU runtimes; a CPU VM is not).
-    if host == "other":
-        assert "preflight: skipped on this cpu runtime" in text
-    else:
-        assert "v5e-1 | train | 128 |" in text and "v5e-1 | validation |" in text
     assert "kaggle competitions submit -c cdiscount-image-classification-challenge" in text
     zipped = tmp_path / "submission.csv.zip"
     import zipfile

@@ -1,14 +1,16 @@
 """Compiles a run's steps with the TPU compiler, before a TPU is rented; no TPU needed.
 
     python -m tfcdisc.preflight --flagfile=experiments/xception_tpu.cfg --target=v5e-1 \
-        --target=v5e-8 [--output=preflight.json] [--fit_eval_batch] [any train flag]
+        --target=v5e-8 [--steps=train,validation,predict] [--output=preflight.json] \
+        [--fit_eval_batch] [any train flag]
 
-For each target and step (train, validation, predict) it prints the HBM each chip needs
-against the chip's, whether it fits, the FLOPs per step, images/s per chip at peak and at
-a stated MFU range, the hours of one epoch of the real catalogue and of the whole run, and
-the images/s each host must decode. A step that does not fit exits 2 with one line naming
-the flag that fixes it (checked by a compile). The TPU compiler comes with libtpu
-(`pip install "jax[tpu]"`); GPU targets are estimates made with it.
+For each target and step (train, validation, predict, or those --steps names) it prints
+the HBM each chip needs against the chip's, whether it fits, the FLOPs per step, images/s
+per chip at peak and at a stated MFU range, the hours of one epoch of the real catalogue
+and of the whole run, and the images/s each host must decode. A step that does not fit
+exits 2 with one line naming the flag that fixes it (checked by a compile). The TPU
+compiler comes with libtpu (`pip install "jax[tpu]"`); GPU targets are estimates made
+with it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def _targets(names: list[str] | None) -> list:
         raise ValueError("not on a TPU VM: name where the run would train with --target (e.g. "
                          f"--target=v5e-1 --target=v5e-8; {', '.join(targets_lib.names())})")
     return [None]
+
+
+def _steps(names: list[str] | None) -> tuple[str, ...]:
+    """The steps to compile, in the table's order; a name it lacks is refused before any
+    compile."""
+    from tfcdisc.learn.preflight import STEPS
+    unknown = [n for n in names or () if n not in STEPS]
+    if unknown:
+        raise ValueError(f"--steps={','.join(names)}: no step {', '.join(unknown)}; choose "
+                         f"from {', '.join(STEPS)}")
+    return tuple(n for n in STEPS if not names or n in names)
 
 
 def _per_chip(cfg: settings.TrainConfig, chips: int) -> tuple[int, int]:
@@ -102,6 +115,7 @@ def _fix(pre, target, step: str, report, cfg) -> str:
 
 def main(s: settings.PreflightSettings) -> None:
     chosen = _targets(s.target)
+    steps = _steps(s.steps)
     if any(t is not None for t in chosen):
         # Described chips: JAX itself stays on the CPU, and libtpu's one-process lock
         # (/tmp/libtpu_lockfile) is not taken, so that the preflight runs beside a process
@@ -125,7 +139,7 @@ def main(s: settings.PreflightSettings) -> None:
         if target is None:
             chips = len(preflight.devices_for(None))
         train_batch, eval_batch = _per_chip(cfg, chips)
-        for step in preflight.STEPS:
+        for step in steps:
             batch = train_batch if step == "train" else eval_batch
             report = pre.step(target, step, batch)
             if step != "train" and s.fit_eval_batch:

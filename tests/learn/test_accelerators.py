@@ -11,7 +11,8 @@ import tomllib
 import numpy as np
 import pytest
 
-from conftest import REPO, free_ports, last_json, run_training, train_config
+from conftest import (REPO, free_ports, last_json, run_training, smallest_member,
+                      train_config)
 from tfcdisc.learn import distribute, runtime
 from tfcdisc import settings
 
@@ -232,19 +233,15 @@ def test_flagfiles_parse_and_make_sense(path):
 def test_tpu_flagfiles_train_and_predict_under_xla(path):
     """What a TPU compiles, compiled with XLA on the CPU: the training step (bfloat16, uint8
     input, crops on the device) and the product prediction step, for the TPU flagfiles'
-    backbones at a small image size. Dynamic shapes or ops XLA lacks fail here. On this
-    route (TensorFlow's TPUStrategy, the second one) an EfficientNetV2 flagfile compiles
-    its family's smallest member: the same layers (MBConv, Fused-MBConv, squeeze-excite),
-    a fraction of the compile time (ConvNeXt: its tiny member); the JAX test compiles the
-    flagfile's own backbone."""
+    backbones (their families' smallest members) at a small image size, on TensorFlow's
+    TPUStrategy route (the second one). Dynamic shapes or ops XLA lacks fail here."""
     import keras
     import tensorflow as tf
     from tfcdisc.learn import input_pipeline, product_predictor, training
     cfg = _parse_flagfile(path)
     size = {"xception": 71}.get(cfg.backbone, 32)
-    backbone = {"efficientnetv2": "efficientnetv2_b0", "convnext": "convnext_tiny"}.get(
-        cfg.backbone.split("_")[0], cfg.backbone)
-    small = dict(cfg.__dict__, backbone=backbone, image_size=size, weights="none",
+    small = dict(cfg.__dict__, backbone=smallest_member(cfg.backbone), image_size=size,
+                 weights="none",
                  steps_per_execution=1)
     cfg = settings.TrainConfig(**small)
     info = {"num_classes": 7, "num_level1": 2, "num_level2": 3}

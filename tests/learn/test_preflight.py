@@ -28,11 +28,10 @@ def _preflight(*args, data_dir=None):
 def test_training_and_validation_steps_compile_for_v5e_1_and_v5e_8(dataset, tmp_path):
     out = tmp_path / "preflight.json"
     run = _preflight("--target=v5e-1", "--target=v5e-8", f"--output={out}",
-                     data_dir=dataset.data_dir)
+                     "--steps=validation,train", data_dir=dataset.data_dir)
     assert run.returncode == 0, run.stderr
     rows = {(r["target"], r["step"]): r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {(t, s) for t in ("v5e-1", "v5e-8")
-                         for s in ("train", "validation", "predict")}
+    assert list(rows) == [(t, s) for t in ("v5e-1", "v5e-8") for s in ("train", "validation")]
     for r in rows.values():
         assert r["fits"] and 0 < r["needed_gib"] < r["hbm_gib"] == 16
         assert r["gflops"] > 0 and r["compile_seconds"] > 0
@@ -49,15 +48,26 @@ def test_training_and_validation_steps_compile_for_v5e_1_and_v5e_8(dataset, tmp_
 
 
 def test_an_eval_batch_that_does_not_fit_is_refused_with_the_flag_that_fixes_it(dataset):
+    """Only the step the change touched is compiled (--steps), then its fix."""
     run = _preflight("--target=v5e-1", "--per_replica_eval_batch_size=131072",
-                     "--image_size=64", "--decode_size=64", data_dir=dataset.data_dir)
+                     "--image_size=64", "--decode_size=64", "--steps=validation",
+                     data_dir=dataset.data_dir)
     assert run.returncode == 2
     line = run.stderr.strip().splitlines()[-1]
     assert line.startswith("preflight: v5e-1: the validation step needs ") and \
         "GiB per chip, 15.75 GiB available: pass --per_replica_eval_batch_size=" in line
     fixed = int(line.split("--per_replica_eval_batch_size=")[1].split()[0])
-    assert 8 <= fixed < 131072 and "it fits" in line
+    assert 8 <= fixed < 131072 and "it fits" in line and "more: see the table" not in line
     assert "v5e-1 | validation | 131072 |" in run.stdout and "| NO |" in run.stdout
+    assert "| train |" not in run.stdout and "| predict |" not in run.stdout
+
+
+def test_an_unknown_step_is_refused_before_any_compile():
+    run = _preflight("--target=v5e-1", "--steps=validation,eval")
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.strip().splitlines()[-1] == (
+        "preflight: --steps=validation,eval: no step eval; choose from train, validation, "
+        "predict")
 
 
 def test_the_missing_compiler_names_the_install(monkeypatch):

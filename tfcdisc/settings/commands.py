@@ -386,6 +386,10 @@ class PreflightSettings(TrainConfig):
         repeated=True)
     output: str | None = setting(None, "Also write every figure as JSON (local or gs://).",
                                  path=True)
+    steps: list[str] | None = setting(
+        None, "Compile only these steps: train, validation, predict (default: all three), "
+        "e.g. --steps=validation,predict after a change of --per_replica_eval_batch_size "
+        "(a large model's training step takes minutes to compile).")
     fit_eval_batch: bool = setting(False, "Find the largest --per_replica_eval_batch_size "
                                    "that fits each target (a few more compiles).")
     tta: str = setting("none", "The export's test-time augmentation, for the predict step "
