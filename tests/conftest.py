@@ -88,13 +88,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def smallest_member(backbone: str) -> str:
-    """A backbone family's smallest member: the same layers (MBConv, Fused-MBConv and
-    squeeze-excite; ConvNeXt blocks) in a fraction of the compile time, for tests that
-    compile a flagfile's model on the CPU (the preflight benchmark compiles the flagfile's
-    own backbone for its TPU)."""
-    return {"efficientnetv2": "efficientnetv2_b0", "convnext": "convnext_tiny"}.get(
-        backbone.split("_")[0], backbone)
+def small_model(backbone: str) -> dict:
+    """``backbone`` and ``image_size`` for tests that compile a flagfile's model on the
+    CPU: its family's smallest member (the same layers: MBConv, Fused-MBConv and
+    squeeze-excite; ConvNeXt blocks) in a fraction of the compile time, at a small size
+    (Xception's smallest, 71). The preflight benchmark compiles the flagfile's own
+    backbone for its TPU."""
+    return {"backbone": {"efficientnetv2": "efficientnetv2_b0", "convnext": "convnext_tiny"}.get(
+                backbone.split("_")[0], backbone),
+            "image_size": 71 if backbone == "xception" else 32}
 
 
 def train_config(dataset, model_dir, **overrides):

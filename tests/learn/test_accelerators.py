@@ -11,8 +11,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from conftest import (REPO, free_ports, last_json, run_training, smallest_member,
-                      train_config)
+from conftest import REPO, free_ports, last_json, run_training, small_model, train_config
 from tfcdisc.learn import distribute, runtime
 from tfcdisc import settings
 
@@ -239,11 +238,8 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
     import tensorflow as tf
     from tfcdisc.learn import input_pipeline, product_predictor, training
     cfg = _parse_flagfile(path)
-    size = {"xception": 71}.get(cfg.backbone, 32)
-    small = dict(cfg.__dict__, backbone=smallest_member(cfg.backbone), image_size=size,
-                 weights="none",
-                 steps_per_execution=1)
-    cfg = settings.TrainConfig(**small)
+    cfg = settings.TrainConfig(**{**cfg.__dict__, **small_model(cfg.backbone),
+                                  "weights": "none", "steps_per_execution": 1})
     info = {"num_classes": 7, "num_level1": 2, "num_level2": 3}
     keras.mixed_precision.set_global_policy(cfg.mixed_precision)
     try:
@@ -256,7 +252,7 @@ def test_tpu_flagfiles_train_and_predict_under_xla(path):
         predictor = product_predictor.ProductPredictor(model, 5, jit_compile=True)
         jpeg = tf.io.encode_jpeg(tf.constant(x[0])).numpy()
         images = tf.constant([[jpeg, jpeg, b"", b""], [jpeg, b"", b"", b""]])
-        batch = {"images": input_pipeline.decode_products(images, size),
+        batch = {"images": input_pipeline.decode_products(images, cfg.image_size),
                  "mask": input_pipeline.padding_mask(images),
                  "product_id": tf.constant([1, 2], tf.int64), "valid": tf.ones([2])}
         out = predictor.step(batch)

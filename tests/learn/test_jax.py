@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import (REPO, free_ports, last_json, once_per_run, run_training,
-                      serve_without_tfcdisc, slots, smallest_member, train_config)
+                      serve_without_tfcdisc, slots, small_model, train_config)
 from tfcdisc import settings
 
 _DEVICES = "--xla_force_host_platform_device_count=2"
@@ -22,9 +22,7 @@ _DEVICES = "--xla_force_host_platform_device_count=2"
 def _flagfile_config(path, dataset, model_dir):
     cfg = settings.parse(settings.TrainConfig, [f"--flagfile={path}", f"--data_dir={dataset.data_dir}",
                                             f"--model_dir={model_dir}"])
-    size = 71 if cfg.backbone == "xception" else 32  # small, as XLA sees it on a TPU
-    return settings.TrainConfig(**{**cfg.__dict__, "backbone": smallest_member(cfg.backbone),
-                                 "image_size": size, "decode_size": 48,
+    return settings.TrainConfig(**{**cfg.__dict__, **small_model(cfg.backbone), "decode_size": 48,
                                  "weights": "none", "strategy": "default", "epochs": 1,
                                  "steps_per_epoch": 2, "per_replica_batch_size": 4,
                                  "steps_per_execution": 2, "eval_batch_size": 16,
